@@ -1,0 +1,107 @@
+"""All server settings in one place.
+
+Each field can be set by a command-line flag (``--max-sessions``) or an environment variable
+with the ``LSTMD_`` prefix (``LSTMD_MAX_SESSIONS``); a flag wins over the environment, which
+wins over the default. The CLI only chooses settings; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import TypeVar
+
+BUNDLED_MODELS = Path(__file__).parent / "models"
+
+
+T = TypeVar("T")
+
+
+def _setting(default: T, help: str, choices: Sequence[str] | None = None) -> T:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("[::]", "address to bind the gRPC server to")
+    port: int = _setting(50051, "gRPC port (0 picks a free one)")
+    metrics_port: int = _setting(9464, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
+    models_dir: str = _setting(str(BUNDLED_MODELS), "folder holding one sub-folder per model")
+    default_model: str = _setting("", "model used when a request names none (empty: the only or first model)")
+    max_sessions: int = _setting(100_000, "most sessions held at once")
+    at_capacity: str = _setting(
+        "evict",
+        "at max_sessions: 'evict' the least recently used idle session, or 'reject' new ones",
+        ["evict", "reject"],
+    )
+    session_ttl_s: float = _setting(3600.0, "idle sessions expire after this many seconds")
+    sweep_interval_s: float = _setting(10.0, "how often the sweeper looks for expired sessions")
+    max_batch_size: int = _setting(256, "most single-token steps run in one ONNX Runtime call")
+    max_batch_wait_ms: float = _setting(
+        1.0, "how long a step may wait for company, only while other steps are in flight"
+    )
+    default_top_k: int = _setting(5, "candidates per prediction when the request and session name none")
+    max_top_k: int = _setting(100, "largest top_k a request may ask for")
+    max_feed_tokens: int = _setting(4096, "most tokens in one feed")
+    max_generate_tokens: int = _setting(1024, "largest max_tokens a Generate may ask for")
+    intra_op_threads: int = _setting(0, "ONNX Runtime intra-op threads (0: one per core)")
+    graph_optimization: str = _setting(
+        "all", "ONNX Runtime graph optimisation level", ["disable", "basic", "extended", "all"]
+    )
+    providers: str = _setting("cpu", "ONNX Runtime execution providers, comma separated: cpu, cuda")
+    grace_s: float = _setting(10.0, "on SIGTERM, seconds in-flight calls get to finish")
+    log_level: str = _setting("info", "log level", ["debug", "info", "warning", "error"])
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        parser = argparse.ArgumentParser(
+            prog="lstmd-server",
+            description="Serve LSTM language models over gRPC. Every flag can also be set by the "
+            "environment variable shown in brackets.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            env = "LSTMD_" + f.name.upper()
+            kind = type(f.default) if f.default is not MISSING else str
+            default = f.default
+            if env in environ:
+                try:
+                    default = kind(environ[env])
+                except ValueError:
+                    parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=kind,
+                default=default,
+                choices=f.metadata["choices"],
+                help=f"{f.metadata['help']} [{env}]",
+            )
+        args = parser.parse_args(argv)
+        for f in fields(cls):
+            values[f.name] = getattr(args, f.name)
+        settings = cls(**values)  # type: ignore[arg-type]
+        problems = settings.problems()
+        if problems:
+            parser.error("; ".join(problems))
+        return settings
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_sessions < 1:
+            out.append("--max-sessions must be at least 1")
+        if self.max_batch_size < 1:
+            out.append("--max-batch-size must be at least 1")
+        if self.max_batch_wait_ms < 0:
+            out.append("--max-batch-wait-ms must not be negative")
+        if not 1 <= self.default_top_k <= self.max_top_k:
+            out.append("--default-top-k must be between 1 and --max-top-k")
+        if self.session_ttl_s <= 0 or self.sweep_interval_s <= 0:
+            out.append("--session-ttl-s and --sweep-interval-s must be positive")
+        if set(self.providers.split(",")) - {"cpu", "cuda"}:
+            out.append("--providers takes a comma-separated list of: cpu, cuda")
+        return out
