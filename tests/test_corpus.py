@@ -1,0 +1,72 @@
+"""Corpus loading in any common encoding, and the deterministic document-level split."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+from export.corpus import cut_blocks, decode_bytes, load_corpus, split_documents, unwrap
+
+
+def test_decodes_utf8_latin1_cp1252_crlf_and_gzip(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/utf8.txt").write_bytes("naïve café\n".encode())
+    (tmp_path / "a/latin1.txt").write_bytes("caf\xe9 na\xefve\r\n".encode("latin-1"))
+    (tmp_path / "a/cp1252.txt").write_bytes("\u201cquoted\u201d\r\nline two\r\n".encode("cp1252"))
+    (tmp_path / "a/packed.txt.gz").write_bytes(gzip.compress(b"zipped words\n"))
+    (tmp_path / "a/ignored.md").write_text("not a corpus file")
+    docs = {d.name: d for d in load_corpus(tmp_path)}
+    assert sorted(docs) == ["a/cp1252.txt", "a/latin1.txt", "a/packed.txt", "a/utf8.txt"]
+    assert docs["a/utf8.txt"].words == ["naïve", "café", "<eos>"]
+    assert docs["a/latin1.txt"].words == ["café", "naïve", "<eos>"]
+    assert docs["a/cp1252.txt"].words == ['"', "quoted", '"', "<eos>", "line", "two", "<eos>"]
+    assert docs["a/packed.txt"].words == ["zipped", "words", "<eos>"]
+    assert "\r" not in docs["a/cp1252.txt"].text
+
+
+def test_decode_bytes_never_fails() -> None:
+    assert decode_bytes(bytes(range(256)))
+
+
+def test_unwrap_joins_prose_and_keeps_verse() -> None:
+    prose = (
+        "This is a long line of prose that was hard wrapped at a width\nof about seventy characters, like Gutenberg.\n"
+    )
+    verse = "Tyger Tyger, burning bright,\nIn the forests of the night;\n"
+    text = unwrap(prose + "\n" + verse)
+    assert text.splitlines() == [
+        prose.replace("\n", " ").strip(),
+        "Tyger Tyger, burning bright,",
+        "In the forests of the night;",
+    ]
+
+
+def _corpus(tmp_path: Path) -> Path:
+    for folder, count in (("books", 6), ("speeches", 12)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            (tmp_path / folder / f"doc{i}.txt").write_text(f"{folder} {i} " * (100 + 37 * i) + "\n")
+    return tmp_path
+
+
+def test_split_is_by_document_deterministic_and_stratified(tmp_path: Path) -> None:
+    docs = load_corpus(_corpus(tmp_path))
+    split = split_documents(docs)
+    names = {s: [d.name for d in ds] for s, ds in split.items()}
+    all_names = [n for ns in names.values() for n in ns]
+    assert sorted(all_names) == sorted(d.name for d in docs), "every document in exactly one split"
+    for s in ("valid", "test"):
+        folders = {n.split("/")[0] for n in names[s]}
+        assert folders == {"books", "speeches"}, f"{s} holds documents of every folder"
+    again = split_documents(list(reversed(load_corpus(tmp_path))))
+    assert {s: [d.name for d in ds] for s, ds in again.items()} == names
+
+
+def test_long_documents_are_cut_into_contiguous_blocks(tmp_path: Path) -> None:
+    lines = [f"line {i} " + "word " * 20 for i in range(500)]
+    (tmp_path / "book.txt").write_text("\n\n".join(lines) + "\n")  # paragraphs
+    (tmp_path / "short.txt").write_text("short text\n")
+    blocks = cut_blocks(load_corpus(tmp_path), block_words=2000)
+    names = [b.name for b in blocks]
+    assert names[-1] == "short.txt" and len(names) > 3
+    assert "".join(b.text for b in blocks if b.name.startswith("book.txt#")) == load_corpus(tmp_path)[0].text

@@ -1,0 +1,67 @@
+"""The tokenizer and vocabulary shared by training and the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from export.tokenizer import EOS, UNK, Vocab, detokenize, tokenize
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", []),
+        ("   ", []),
+        ("?!...", ["?", "!", ".", ".", "."]),
+        ("The Clouds are in the SKY.", ["the", "clouds", "are", "in", "the", "sky", "."]),
+        ("don't, twenty-one", ["don't", ",", "twenty-one"]),
+        ("In 1945 it cost 3.5 or 1,000.", ["in", "1945", "it", "cost", "3.5", "or", "1,000", "."]),
+        ("one\r\ntwo\rthree\nfour", ["one", EOS, "two", EOS, "three", EOS, "four"]),
+        ("Café Ünïcode naïve", ["café", "ünïcode", "naïve"]),
+        ("\u201cHi,\u201d she said \u2018so\u2019", ['"', "hi", ",", '"', "she", "said", "'", "so", "'"]),
+        ("_italic_ text", ["italic", "text"]),
+    ],
+)
+def test_tokenize(text: str, words: list[str]) -> None:
+    assert tokenize(text) == words
+
+
+def test_very_long_word_stays_one_token() -> None:
+    word = "a" * 10_000
+    assert tokenize(word) == [word]
+
+
+def test_detokenize_reads_naturally() -> None:
+    text = 'he said, "the end (of it)." then: why? 50% of $ 3!'
+    assert detokenize(tokenize(text)) == 'he said, "the end (of it)." then: why? 50% of $3!'
+    assert detokenize(["one", EOS, "two", "."]) == "one\ntwo."
+
+
+@given(st.text(max_size=200))
+def test_tokenize_detokenize_round_trip_is_stable(text: str) -> None:
+    """Re-tokenizing detokenized text gives the same tokens (apart from lost spacing)."""
+    words = tokenize(text)
+    assert tokenize(detokenize(words)) == words
+
+
+def test_vocab_build_encode_decode_and_save(tmp_path: Path) -> None:
+    words = tokenize("the cat saw the dog . the end .")
+    vocab = Vocab.build(words, max_size=5)
+    assert vocab.words[:2] == [UNK, EOS]
+    assert vocab.words[2:] == ["the", ".", "cat"]  # most frequent first, ties alphabetical
+    assert len(vocab) == 5
+    ids = vocab.encode_text("the zebra.\n")
+    assert ids == [vocab.ids["the"], vocab.unk_id, vocab.ids["."], vocab.eos_id]
+    assert vocab.decode(ids) == ["the", UNK, ".", EOS]
+    vocab.save(tmp_path / "vocab.txt")
+    assert Vocab.load(tmp_path / "vocab.txt").words == vocab.words
+
+
+@pytest.mark.parametrize("words", [["a", "b"], [UNK, "a"], [UNK, EOS, "a", "a"]])
+def test_vocab_rejects_missing_specials_and_duplicates(words: list[str]) -> None:
+    with pytest.raises(ValueError, match=r"special|duplicate"):
+        Vocab(words)
