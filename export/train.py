@@ -1,0 +1,240 @@
+"""Training: truncated BPTT over a corpus split by document, with early stopping.
+
+The classic recipe (pytorch/examples ``word_language_model``): the token stream of each
+split is cut into ``batch_size`` parallel streams; each step trains on ``bptt`` tokens of
+every stream and carries (h, c) into the next step, detached from the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from export.corpus import SPLITS, Document, cut_blocks, load_corpus, split_documents
+from export.model import LSTMLanguageModel, ModelConfig
+from export.ngram import KneserNey
+from export.tokenizer import Vocab
+
+
+@dataclass
+class TrainConfig:
+    corpus: str
+    out_dir: str
+    vocab_size: int = 10000
+    block_words: int = 20000
+    batch_size: int = 64
+    bptt: int = 35
+    lr: float = 2e-3
+    clip: float = 0.25
+    max_epochs: int = 40
+    patience: int = 2  # epochs without validation improvement before stopping
+    max_minutes: float = 0.0  # 0 = no time budget; otherwise stop after the epoch that passes it
+    max_train_tokens: int = 0  # 0 = all; for quick smoke runs
+    seed: int = 1
+    baseline_order: int = 3  # Kneser-Ney n-gram baseline fitted on the same split and vocabulary
+    threads: int = 0  # 0 = torch's default
+    model: dict[str, object] = field(default_factory=dict)  # ModelConfig fields
+
+
+def batchify(ids: list[int], batch_size: int) -> torch.Tensor:
+    """(batch, steps): ``batch_size`` contiguous streams; the tail that does not fit is dropped."""
+    steps = len(ids) // batch_size
+    if steps < 2:
+        raise ValueError(f"{len(ids)} tokens are too few for batch size {batch_size}")
+    return torch.tensor(ids[: steps * batch_size], dtype=torch.long).view(batch_size, steps)
+
+
+def split_ids(docs: list[Document], vocab: Vocab) -> list[int]:
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(vocab.encode(doc.words))
+    return ids
+
+
+def split_ids_from_run(corpus: str, run: Path) -> tuple[dict[str, list[int]], int]:
+    """The token ids of each split of an earlier training run (from its split.json and vocab.txt)."""
+    record = json.loads((run / "split.json").read_text())
+    vocab = Vocab.load(run / "vocab.txt")
+    docs = {d.name: d for d in cut_blocks(load_corpus(corpus), record.get("block_words", 20000))}
+    return {s: split_ids([docs[name] for name in record[s]], vocab) for s in SPLITS}, len(vocab)
+
+
+@torch.no_grad()
+def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int) -> float:
+    """Perplexity of ``data`` (batch, steps), carrying state across windows."""
+    model.eval()
+    state = model.init_state(data.size(0))
+    total_loss, total_tokens = 0.0, 0
+    for i in range(0, data.size(1) - 1, bptt):
+        x = data[:, i : i + bptt]
+        y = data[:, i + 1 : i + 1 + bptt]
+        x = x[:, : y.size(1)]
+        logits, state = model(x, state)
+        total_loss += nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+        ).item()
+        total_tokens += y.numel()
+    return math.exp(total_loss / total_tokens)
+
+
+def kneser_ney_baseline(ids: dict[str, list[int]], vocab_size: int, order: int) -> dict[str, object]:
+    """Interpolated Kneser-Ney perplexities on the same split and vocabulary as the LSTM."""
+    started = time.monotonic()
+    kn = KneserNey(order=order).fit(ids["train"], vocab_size)
+    return {
+        "kind": "interpolated Kneser-Ney",
+        "order": order,
+        "valid_ppl": kn.perplexity(ids["valid"]),
+        "test_ppl": kn.perplexity(ids["test"]),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or platform.system()}"
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
+    """Train and write ``out_dir``: vocab.txt, split.json, checkpoint.pt, best.pt, report.json."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    docs = cut_blocks(load_corpus(cfg.corpus), cfg.block_words)
+    splits = split_documents(docs)
+    vocab = Vocab.build((w for d in splits["train"] for w in d.words), cfg.vocab_size)
+    vocab.save(out / "vocab.txt")
+    split_record = {"block_words": cfg.block_words, **{s: [d.name for d in ds] for s, ds in splits.items()}}
+    (out / "split.json").write_text(json.dumps(split_record, indent=1))
+    ids = {s: split_ids(ds, vocab) for s, ds in splits.items()}
+    if cfg.max_train_tokens:
+        ids = {s: v[: cfg.max_train_tokens] for s, v in ids.items()}
+    train_data = batchify(ids["train"], cfg.batch_size)
+    valid_data = batchify(ids["valid"], 10)
+    test_data = batchify(ids["test"], 10)
+
+    model = LSTMLanguageModel(ModelConfig(vocab_size=len(vocab), **cfg.model))  # type: ignore[arg-type]
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.25, patience=0)
+    history: list[dict[str, float]] = []
+    best_ppl, epoch, elapsed = math.inf, 0, 0.0
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        history, best_ppl, epoch, elapsed = ckpt["history"], ckpt["best_ppl"], ckpt["epoch"], ckpt["elapsed"]
+        print(f"resumed after epoch {epoch} (best validation perplexity {best_ppl:.1f})")
+
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"{len(vocab)} words, {params / 1e6:.2f}M parameters, train/valid/test tokens "
+        f"{len(ids['train'])}/{len(ids['valid'])}/{len(ids['test'])}"
+    )
+    stale = 0  # epochs since the best one
+    if history:
+        best_epoch = min(range(len(history)), key=lambda i: history[i]["valid_ppl"])
+        stale = len(history) - 1 - best_epoch
+    loss_fn = nn.CrossEntropyLoss()
+    while epoch < cfg.max_epochs and stale < cfg.patience:
+        if cfg.max_minutes and elapsed / 60 >= cfg.max_minutes:
+            print(f"time budget of {cfg.max_minutes} minutes reached")
+            break
+        epoch += 1
+        model.train()
+        state = model.init_state(cfg.batch_size)
+        started = time.monotonic()
+        steps = range(0, train_data.size(1) - 1, cfg.bptt)
+        bar = tqdm(steps, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, mininterval=1.0)
+        run_loss, run_tokens = 0.0, 0
+        for i in bar:
+            x = train_data[:, i : i + cfg.bptt]
+            y = train_data[:, i + 1 : i + 1 + cfg.bptt]
+            x = x[:, : y.size(1)]
+            state = (state[0].detach(), state[1].detach())  # truncated BPTT
+            logits, state = model(x, state)
+            loss = loss_fn(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            run_loss += loss.item() * y.numel()
+            run_tokens += y.numel()
+            rate = run_tokens / (time.monotonic() - started)
+            bar.set_postfix(
+                loss=f"{run_loss / run_tokens:.3f}", ppl=f"{math.exp(run_loss / run_tokens):.0f}", tok_s=f"{rate:.0f}"
+            )
+        bar.close()
+        valid_ppl = evaluate(model, valid_data, cfg.bptt)
+        elapsed += time.monotonic() - started
+        scheduler.step(valid_ppl)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_ppl": math.exp(run_loss / run_tokens),
+                "valid_ppl": valid_ppl,
+                "lr": optimizer.param_groups[0]["lr"],
+                "minutes": elapsed / 60,
+            }
+        )
+        print(
+            f"epoch {epoch}: train ppl {history[-1]['train_ppl']:.1f}, valid ppl {valid_ppl:.1f}, "
+            f"{elapsed / 60:.1f} min"
+        )
+        if valid_ppl < best_ppl:
+            best_ppl, stale = valid_ppl, 0
+            torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, out / "best.pt")
+        else:
+            stale += 1
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "best_ppl": best_ppl,
+                "epoch": epoch,
+                "elapsed": elapsed,
+            },
+            ckpt_path,
+        )
+
+    best = torch.load(out / "best.pt", weights_only=False)
+    model.load_state_dict(best["model"])
+    report = {
+        "model": best["config"],
+        "parameters": params,
+        "train": {k: v for k, v in cfg.__dict__.items() if k not in ("corpus", "out_dir")},
+        "corpus": Path(cfg.corpus).name,
+        "split": {s: len(ds) for s, ds in splits.items()},
+        "split_documents": {s: [d.name for d in ds] for s, ds in splits.items()},
+        "tokens": {s: len(v) for s, v in ids.items()},
+        "history": history,
+        "valid_ppl": evaluate(model, valid_data, cfg.bptt),
+        "test_ppl": evaluate(model, test_data, cfg.bptt),
+        "training_minutes": round(elapsed / 60, 1),
+        "machine": _machine(),
+        "baseline": kneser_ney_baseline(ids, len(vocab), cfg.baseline_order),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    baseline = report["baseline"]
+    print(
+        f"best model: valid ppl {report['valid_ppl']:.1f}, test ppl {report['test_ppl']:.1f}; "
+        f"Kneser-Ney order {cfg.baseline_order}: test ppl {baseline['test_ppl']:.1f}"
+    )
+    return report
