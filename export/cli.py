@@ -6,6 +6,8 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from export.tokenizer import Vocab
+
 DEFAULT_CORPUS = "export/data/pd-english"
 
 
@@ -63,10 +65,130 @@ def _run_train(args: argparse.Namespace) -> None:
     print(json.dumps({k: report[k] for k in ("valid_ppl", "test_ppl", "training_minutes")}))
 
 
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="PyTorch checkpoint (lstmd-export train's best.pt, a state dict, or a pickled module)",
+    )
+    p.add_argument(
+        "--model-class", help="module:Class or file.py:Class of your model, when the checkpoint is a state dict"
+    )
+    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for --model-class")
+    p.add_argument("--vocab", required=True, help="vocabulary file: one word per line, <unk> and <eos> included")
+    p.add_argument("--text", default=DEFAULT_CORPUS, help="text file or folder for the real-input check")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed absolute difference")
+
+
+def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "onnx",
+        help="export a PyTorch LSTM language model to a model folder, then verify it",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_source(p)
+    p.add_argument("--out", required=True, help="models folder; the model goes to OUT/NAME/VERSION")
+    p.add_argument("--name", required=True, help="model name clients ask for")
+    p.add_argument("--version", default="1")
+    p.add_argument("--run", help="the folder lstmd-export train wrote: training facts and perplexities for the card")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus --run was trained on (for --quantize)")
+    p.add_argument(
+        "--quantize",
+        action="store_true",
+        help="also write int8 dynamic quantization as "
+        "OUT/NAME-int8/VERSION and measure its perplexity (needs --run) and speed",
+    )
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "verify",
+        help="check a model folder against its PyTorch model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_source(p)
+    p.add_argument("model_dir", help="the model folder (holding model.onnx)")
+
+
+def _real_ids(text: str, vocab: Vocab) -> list[int]:
+    from export.corpus import load_corpus
+
+    docs = load_corpus(text)
+    return vocab.encode(docs[-1].words[:256])
+
+
+def _run_verify(args: argparse.Namespace) -> dict[str, float]:
+    from pathlib import Path
+
+    from export.onnx_export import load_torch_model
+    from export.verify import verify
+
+    vocab = Vocab.load(args.vocab)
+    lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
+    report = verify(lm, Path(args.model_dir), len(vocab), _real_ids(args.text, vocab), args.tolerance)
+    print("verified: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
+    return report
+
+
+def _run_onnx(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from export.model_format import write_card
+    from export.onnx_export import load_torch_model, read_report, write_model_dir
+
+    vocab = Vocab.load(args.vocab)
+    lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
+    training, ppl = read_report(Path(args.run) / "report.json") if args.run else ({}, {})
+    folder = Path(args.out) / args.name / args.version
+    card = write_model_dir(lm, vocab, folder, args.name, args.version, training, ppl)
+    print(f"wrote {folder} ({(folder / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
+    args.model_dir = str(folder)
+    card.verification = {"max_abs_difference": _run_verify(args), "tolerance": args.tolerance}
+    if args.quantize:
+        from export.quantize import quantize_model_dir
+        from export.train import split_ids_from_run
+
+        if not args.run:
+            raise SystemExit("lstmd-export onnx: --quantize needs --run to measure perplexity on the test split")
+        test_ids = split_ids_from_run(args.corpus, Path(args.run))[0]["test"]
+        card.quantization = quantize_model_dir(folder, Path(args.out) / f"{args.name}-int8" / args.version, test_ids)
+    write_card(folder, card)
+
+
+def _add_baseline(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "baseline",
+        help="Kneser-Ney n-gram perplexity on a training run's split and vocabulary (added to its report.json)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--corpus", default=DEFAULT_CORPUS)
+    p.add_argument("--run", required=True, help="the folder lstmd-export train wrote")
+    p.add_argument("--order", type=int, default=3)
+
+
+def _run_baseline(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from export.train import kneser_ney_baseline, split_ids_from_run
+
+    run = Path(args.run)
+    ids, vocab_size = split_ids_from_run(args.corpus, run)
+    baseline = kneser_ney_baseline(ids, vocab_size, args.order)
+    print(json.dumps(baseline))
+    report_path = run / "report.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        report["baseline"] = baseline
+        report_path.write_text(json.dumps(report, indent=1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lstmd-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_onnx(sub)
+    _add_verify(sub)
+    _add_baseline(sub)
     args = parser.parse_args(argv)
-    {"train": _run_train}[args.command](args)
+    {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify, "baseline": _run_baseline}[args.command](args)
     return 0
