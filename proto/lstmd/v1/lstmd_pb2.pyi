@@ -476,8 +476,7 @@ class Prediction(_message.Message):
     @_builtins.property
     def token_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """With return_token_logprobs: natural-log probability of each fed token given everything
-        before it, one per token. NaN for the first token when the distribution before it is
-        not known (the session's previous feed did not ask for log-probabilities).
+        before it in the session, one per token.
         """
 
     def __init__(
@@ -529,7 +528,10 @@ class GenerateRequest(_message.Message):
     seed: _builtins.int
     """Same seed, same session state and settings: same words."""
     expected_position: _builtins.int
-    """Exactly-once, as in FeedRequest: the session must be at this position before the prompt."""
+    """When set, generate only if the session is at this position (before the prompt); else
+    FAILED_PRECONDITION. Unlike Feed, a retry is not replayed: generation already applied
+    moved the position, so the retry is refused and the client re-reads the session.
+    """
     allow_eos: _builtins.bool
     """Never sample these special tokens: "<unk>" always; "<eos>" unless allow_eos."""
     @_builtins.property
