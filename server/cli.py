@@ -1,25 +1,23 @@
-"""``lstmd-server``: parse settings, then run the server until SIGTERM or Ctrl-C."""
+"""``lstmd-server``: parse settings, load the models, serve until SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
+from server.app import configure_logging, run
+from server.models import ModelError, load_models
 from server.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    models = Path(settings.models_dir)
-    if not models.is_dir() or not any(models.iterdir()):
-        print(
-            f"lstmd-server: no models in {models}. The bundled default model is not built yet; "
-            "see README (lstmd-export train / onnx) or pass --models-dir.",
-            file=sys.stderr,
-        )
+    configure_logging(settings)
+    try:
+        registry = load_models(settings)
+    except ModelError as e:
+        print(f"lstmd-server: {e}", file=sys.stderr)
         return 2
-    print("lstmd-server: serving is not implemented yet", file=sys.stderr)
-    return 2
+    asyncio.run(run(settings, registry))
+    return 0

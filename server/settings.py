@@ -46,6 +46,8 @@ class Settings:
     default_top_k: int = _setting(5, "candidates per prediction when the request and session name none")
     max_top_k: int = _setting(100, "largest top_k a request may ask for")
     max_feed_tokens: int = _setting(4096, "most tokens in one feed")
+    max_text_chars: int = _setting(100_000, "longest text in one feed or prompt, in characters")
+    max_message_bytes: int = _setting(1 << 20, "largest gRPC message the server accepts, in bytes")
     max_generate_tokens: int = _setting(1024, "largest max_tokens a Generate may ask for")
     intra_op_threads: int = _setting(0, "ONNX Runtime intra-op threads (0: one per core)")
     graph_optimization: str = _setting(
@@ -54,6 +56,7 @@ class Settings:
     providers: str = _setting("cpu", "ONNX Runtime execution providers, comma separated: cpu, cuda")
     grace_s: float = _setting(10.0, "on SIGTERM, seconds in-flight calls get to finish")
     log_level: str = _setting("info", "log level", ["debug", "info", "warning", "error"])
+    log_format: str = _setting("text", "log line format", ["text", "json"])
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

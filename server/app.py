@@ -1,0 +1,113 @@
+"""Assembling and running the server: gRPC (lstmd, health, reflection), metrics over HTTP,
+the engine, and graceful shutdown on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
+from prometheus_client import start_http_server
+
+from server import metrics
+from server.engine import Engine
+from server.interceptors import MetricsInterceptor
+from server.models import ModelRegistry
+from server.servicer import LstmdServicer
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = lstmd_pb2.DESCRIPTOR.services_by_name["Lstmd"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    engine: Engine
+    health: health.aio.HealthServicer
+    port: int
+    metrics_http: WSGIServer | None
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics_http.server_port if self.metrics_http else -1
+
+    async def stop(self, grace: float) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.engine.stop()
+        if self.metrics_http:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+
+
+async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
+    """Start everything and return once the server accepts calls."""
+    engine = Engine(settings, registry)
+    await engine.start()
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=[MetricsInterceptor()], options=options)
+    lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+    metrics_http = start_http_server(settings.metrics_port)[0] if settings.metrics_port >= 0 else None
+    for card, is_default in registry.cards():
+        metrics.model_info.labels(card.name, card.version, card.precision, str(is_default).lower()).set(1)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(server, engine, health_servicer, port, metrics_http)
+    names = ", ".join(registry.models)
+    log.info("serving %s on %s:%d, metrics on :%d/metrics", names, settings.host, port, running.metrics_port)
+    return running
+
+
+async def run(settings: Settings, registry: ModelRegistry) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    running = await start(settings, registry)
+    await stopping.wait()
+    log.info("shutting down: finishing in-flight calls (up to %g s)", settings.grace_s)
+    await running.stop(settings.grace_s)
+    log.info("stopped")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)

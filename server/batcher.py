@@ -1,0 +1,176 @@
+"""Batching the steps of many sessions into one ONNX Runtime call.
+
+Every feed reaches the model as steps: a single-token step (the common case while streaming)
+or a prompt (many tokens of one session, run as one call). A worker per model takes whatever is
+queued, up to ``max_batch_size``, and runs it:
+
+- single-token steps of different sessions share one call;
+- prompts of the same length share a call; prompts are never padded, so no padding can leak
+  into any session's state;
+- a lone request never waits: the worker only waits (up to ``max_batch_wait_ms``) for more
+  requests when the previous batch was larger than what is queued now, i.e. when other
+  sessions are active and about to send their next step.
+
+The worker runs ONNX Runtime and the post-processing (top-k in the graph, sampling here, both
+over the whole batch) in a thread, so the event loop keeps serving while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server import metrics
+from server.models import Model
+
+
+@dataclass
+class Sampling:
+    """How to draw the next word from a step's distribution."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0  # 1: no limit
+    banned: tuple[int, ...] = ()  # token ids never drawn
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+
+@dataclass
+class StepResult:
+    logprobs: np.ndarray  # (vocab,): log-probabilities of the next word
+    top_ids: np.ndarray  # (k,) most likely first
+    top_logprobs: np.ndarray  # (k,)
+    state: np.ndarray  # (2, layers, hidden): h and c after the step
+    sampled: int = -1  # with Sampling: the drawn word
+    sampled_prob: float = 0.0  # and its probability under the sampling distribution
+
+
+@dataclass
+class _Request:
+    tokens: np.ndarray  # (time,) int64
+    state: np.ndarray  # (2, layers, hidden)
+    top_k: int
+    sampling: Sampling | None
+    future: asyncio.Future[StepResult]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, model: Model, executor: Executor, max_batch_size: int, max_wait_s: float):
+        self.model = model
+        self._executor = executor
+        self._max_batch = max_batch_size
+        self._max_wait = max_wait_s
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._last_batch = 0
+        self._worker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run_forever(), name=f"batcher-{self.model.name}")
+
+    async def stop(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    async def run(
+        self, tokens: list[int], state: np.ndarray, top_k: int, sampling: Sampling | None = None
+    ) -> StepResult:
+        """Run ``tokens`` (one or more) of one session from ``state``."""
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Request(np.asarray(tokens, np.int64), state, max(top_k, 1), sampling, future))
+        return await future
+
+    async def _run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            deadline = loop.time() + self._max_wait
+            while len(batch) < min(self._last_batch, self._max_batch) and (remaining := deadline - loop.time()) > 0:
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            self._last_batch = len(batch)
+            live = [r for r in batch if not r.future.done()]  # the caller may have been cancelled
+            for group in _group_by_length(live):
+                results: list[StepResult | Exception]
+                try:
+                    results = list(await loop.run_in_executor(self._executor, self._compute, group))
+                except Exception as e:  # reported to every caller of this batch
+                    results = [e] * len(group)
+                for request, result in zip(group, results, strict=True):
+                    if request.future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        request.future.set_exception(result)
+                    else:
+                        request.future.set_result(result)
+
+    def _compute(self, group: list[_Request]) -> list[StepResult]:
+        """One ONNX Runtime call for requests of equal length, then vectorised post-processing."""
+        started = time.perf_counter()
+        name, steps = self.model.name, group[0].tokens.size
+        phase = "step" if steps == 1 else "prompt"
+        for r in group:
+            metrics.queue_wait.labels(name).observe(started - r.queued_at)
+        tokens = np.stack([r.tokens for r in group])  # (batch, time)
+        state = np.stack([r.state for r in group], axis=2)  # (2, layers, batch, hidden)
+        k = max(r.top_k for r in group)
+        out = self.model.run(tokens, state[0], state[1], k)
+        new_state = np.stack([out.h, out.c]).transpose(2, 0, 1, 3)  # (batch, 2, layers, hidden)
+        results = [
+            StepResult(out.logprobs[i], out.top_ids[i, : r.top_k], out.top_logprobs[i, : r.top_k], new_state[i].copy())
+            for i, r in enumerate(group)
+        ]
+        sampled = [i for i, r in enumerate(group) if r.sampling is not None]
+        if sampled:
+            words, probs = sample(out.logprobs[sampled], [group[i].sampling for i in sampled])  # type: ignore[misc]
+            for i, word, prob in zip(sampled, words, probs, strict=True):
+                results[i].sampled, results[i].sampled_prob = int(word), float(prob)
+        metrics.inference_seconds.labels(name, phase).observe(time.perf_counter() - started)
+        metrics.batch_size.labels(name, phase).observe(len(group))
+        metrics.tokens.labels(name, phase).inc(len(group) * steps)
+        return results
+
+
+def _group_by_length(requests: list[_Request]) -> list[list[_Request]]:
+    groups: dict[int, list[_Request]] = {}
+    for r in requests:
+        groups.setdefault(r.tokens.size, []).append(r)
+    return list(groups.values())
+
+
+def sample(logprobs: np.ndarray, params: list[Sampling]) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one word per row of ``logprobs`` (rows, vocab), each row with its own settings.
+
+    Temperature, top-k, top-p and banned words are applied to all rows at once; only the
+    uniform draw comes from each row's own generator (so a seed reproduces a row's words
+    whatever else shares its batch). Returns the words and their sampling probabilities.
+    """
+    rows, vocab = logprobs.shape
+    scaled = logprobs / np.array([p.temperature for p in params], np.float32)[:, None]
+    for i, p in enumerate(params):
+        scaled[i, list(p.banned)] = -np.inf
+    order = np.argsort(-scaled, axis=1, kind="stable")  # (rows, vocab) most likely first
+    ranked = np.take_along_axis(scaled, order, axis=1)
+    probs = np.exp(ranked - ranked[:, :1])
+    probs /= probs.sum(axis=1, keepdims=True)
+    top_k = np.array([p.top_k or vocab for p in params])[:, None]
+    top_p = np.array([p.top_p if 0 < p.top_p < 1 else 1.0 for p in params])[:, None]
+    # keep a word if it is within top_k and the words ranked above it hold less than top_p
+    before = np.cumsum(probs, axis=1) - probs
+    keep = (np.arange(vocab)[None, :] < top_k) & (before < top_p)
+    probs = np.where(keep, probs, 0.0)
+    probs /= probs.sum(axis=1, keepdims=True)
+    draws = np.array([p.rng.random() for p in params])[:, None]
+    last_kept = (probs > 0).sum(axis=1) - 1  # kept words are a prefix of the ranking
+    index = np.minimum((np.cumsum(probs, axis=1) < draws).sum(axis=1), last_kept)
+    picked = np.arange(rows)
+    return order[picked, index], probs[picked, index]

@@ -1,0 +1,96 @@
+"""protobuf <-> domain conversion, in one place: nothing else in the server touches messages
+except the servicer, and the domain code never imports the generated stubs."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from lstmd.v1 import lstmd_pb2 as pb
+
+from export.model_format import ModelCard
+from server.engine import FeedArgs, GenerateArgs, GeneratedWord, Prediction
+from server.sessions import Session
+
+_FINISH = {
+    "": pb.FINISH_REASON_UNSPECIFIED,
+    "max_tokens": pb.FINISH_REASON_MAX_TOKENS,
+    "stop_word": pb.FINISH_REASON_STOP_WORD,
+}
+
+
+def model_info(card: ModelCard, is_default: bool) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=card.name,
+        version=card.version,
+        vocab_size=card.vocab_size,
+        num_layers=card.num_layers,
+        hidden_size=card.hidden_size,
+        state_bytes=2 * card.state_bytes,  # the state after and before the last token
+        is_default=is_default,
+        precision=card.precision,
+        test_perplexity=card.perplexity.get("test", 0.0),
+    )
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def session(s: Session) -> pb.Session:
+    return pb.Session(
+        session_id=s.id,
+        model=s.model.name,
+        model_version=s.model.version,
+        position=s.position,
+        top_k=s.top_k,
+        created=_timestamp(s.created),
+        last_used=_timestamp(s.last_used),
+    )
+
+
+def feed_args(request: pb.FeedRequest | pb.StreamRequest) -> FeedArgs:
+    which = request.WhichOneof("input")
+    return FeedArgs(
+        text=request.text if which == "text" else None,
+        token_ids=list(request.tokens.ids) if which == "tokens" else None,
+        expected_position=request.expected_position if request.HasField("expected_position") else None,
+        top_k=request.top_k,
+        want_logprobs=request.return_token_logprobs,
+    )
+
+
+def prediction(p: Prediction) -> pb.Prediction:
+    return pb.Prediction(
+        session_id=p.session_id,
+        position=p.position,
+        tokens=[pb.Token(id=t.id, word=t.word, unknown=t.unknown) for t in p.tokens],
+        candidates=[pb.Candidate(word=c.word, token_id=c.token_id, probability=c.probability) for c in p.candidates],
+        token_logprobs=p.token_logprobs,
+        replayed=p.replayed,
+    )
+
+
+def generate_args(request: pb.GenerateRequest) -> GenerateArgs:
+    return GenerateArgs(
+        prompt=request.prompt,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+        expected_position=request.expected_position if request.HasField("expected_position") else None,
+        allow_eos=request.allow_eos,
+    )
+
+
+def generated(w: GeneratedWord) -> pb.GeneratedToken:
+    return pb.GeneratedToken(
+        session_id=w.session_id,
+        word=w.word,
+        token_id=w.token_id,
+        probability=w.probability,
+        position=w.position,
+        finish_reason=_FINISH[w.finish],
+    )

@@ -1,0 +1,281 @@
+"""The server's domain core: sessions, feeds and generation over batched model steps.
+
+The gRPC servicer only converts messages and calls this; nothing here knows about protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from export.tokenizer import normalize, tokenize
+from server.batcher import Batcher, Sampling, StepResult
+from server.errors import InvalidInput, NotFound, PositionMismatch
+from server.models import Model, ModelRegistry
+from server.sessions import Session, SessionStore
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    word: str
+    unknown: bool
+
+
+@dataclass(frozen=True)
+class Candidate:
+    word: str
+    token_id: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    session_id: str
+    position: int
+    tokens: list[Token]
+    candidates: list[Candidate]
+    token_logprobs: list[float]
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class FeedArgs:
+    text: str | None = None
+    token_ids: list[int] | None = None
+    expected_position: int | None = None
+    top_k: int = 0  # 0: the session's default
+    want_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    prompt: str = ""
+    max_tokens: int = 0
+    temperature: float = 0.0  # 0: 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    expected_position: int | None = None
+    allow_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GeneratedWord:
+    session_id: str
+    word: str
+    token_id: int
+    probability: float
+    position: int
+    finish: str = ""  # on the last word: "max_tokens" or "stop_word"
+
+
+class Engine:
+    def __init__(self, settings: Settings, registry: ModelRegistry):
+        self.settings = settings
+        self.registry = registry
+        self.sessions = SessionStore(settings.max_sessions, settings.at_capacity, settings.session_ttl_s)
+        self._executor = ThreadPoolExecutor(max_workers=len(registry.models), thread_name_prefix="onnxruntime")
+        self._batchers = {
+            name: Batcher(model, self._executor, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
+            for name, model in registry.models.items()
+        }
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="session-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for batcher in self._batchers.values():
+            await batcher.stop()
+        self._executor.shutdown(wait=True)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            self.sessions.sweep()
+
+    # sessions
+
+    def create_session(self, model_name: str = "", top_k: int = 0) -> Session:
+        model = self.registry.get(model_name)
+        return self.sessions.create(model, self._top_k(model, top_k, self.settings.default_top_k))
+
+    def get_session(self, session_id: str) -> Session:
+        return self.sessions.get(session_id)
+
+    def delete_session(self, session_id: str) -> None:
+        self.sessions.delete(session_id)
+
+    def fork_session(self, session_id: str) -> Session:
+        return self.sessions.fork(self.sessions.get(session_id))
+
+    @contextlib.asynccontextmanager
+    async def stream_session(self, session_id: str, model_name: str) -> AsyncIterator[Session]:
+        """The session a stream works on: an existing one, or an ephemeral one freed at the end."""
+        session = self.sessions.get(session_id) if session_id else self.create_session(model_name)
+        session.users += 1
+        try:
+            yield session
+        finally:
+            session.users -= 1
+            if not session_id:
+                self.sessions.discard(session)
+
+    # feeding
+
+    async def feed(self, session: Session, args: FeedArgs) -> Prediction:
+        tokens = self._tokens(session.model, args.text, args.token_ids)
+        top_k = self._top_k(session.model, args.top_k, session.top_k)
+        key = (args.expected_position, tuple(t.id for t in tokens), top_k, args.want_logprobs)
+        session.users += 1
+        try:
+            async with session.lock:
+                self._check_alive(session)
+                if args.expected_position is not None and args.expected_position != session.position:
+                    if session.last_request is not None and session.last_request[0] == key:
+                        answered: Prediction = session.last_request[1]
+                        return replace(answered, replayed=True)
+                    raise PositionMismatch(args.expected_position, session.position)
+                ids = [t.id for t in tokens]
+                result, logprobs = await self._apply(session, ids, top_k, args.want_logprobs)
+                prediction = Prediction(session.id, session.position, tokens, _candidates(session.model, result),
+                                        logprobs)  # fmt: skip
+                if args.expected_position is not None:
+                    session.last_request = (key, prediction)
+                return prediction
+        finally:
+            session.users -= 1
+            self.sessions.touch(session)
+
+    async def _apply(
+        self, session: Session, ids: list[int], top_k: int, want_logprobs: bool, sampling: Sampling | None = None
+    ) -> tuple[StepResult, list[float]]:
+        """Run ``ids`` through the model from the session's state and store the new state.
+
+        Without log-probabilities: the prompt minus its last token in one call, then the last
+        token as a single-token step (batched with other sessions), which also yields the state
+        before the last token. With them: one step per token, starting by recomputing the
+        distribution before the first token from the state before the session's last token.
+        """
+        batcher = self._batchers[session.model.name]
+        prev_state = session.state
+        logprobs: list[float] = []
+        if want_logprobs:
+            result = await batcher.run([session.last_token], session.prev_state, 1)
+            state = session.state
+            for token in ids:
+                logprobs.append(float(result.logprobs[token]))
+                prev_state = state
+                result = await batcher.run([token], state, top_k, sampling)
+                state = result.state
+        else:
+            if len(ids) > 1:
+                prev_state = (await batcher.run(ids[:-1], session.state, 1)).state
+            result = await batcher.run(ids[-1:], prev_state, top_k, sampling)
+        session.prev_state, session.state = prev_state, result.state
+        session.last_token = ids[-1]
+        session.position += len(ids)
+        return result, logprobs
+
+    # generation
+
+    async def generate(self, session: Session, args: GenerateArgs) -> AsyncIterator[GeneratedWord]:
+        model = session.model
+        if not 1 <= args.max_tokens <= self.settings.max_generate_tokens:
+            raise InvalidInput(f"max_tokens must be between 1 and {self.settings.max_generate_tokens}")
+        if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+            raise InvalidInput("temperature must be a finite number >= 0 (0 means 1.0)")
+        if not 0 <= args.top_p <= 1:
+            raise InvalidInput("top_p must be between 0 and 1 (0 or 1: no nucleus limit)")
+        if args.top_k > model.vocab_size:
+            raise InvalidInput(f"top_k must be at most the vocabulary size, {model.vocab_size}")
+        banned = [model.vocab.unk_id] + ([] if args.allow_eos else [model.vocab.eos_id])
+        sampling = Sampling(
+            args.temperature or 1.0, args.top_k, args.top_p, tuple(banned), np.random.default_rng(args.seed)
+        )
+        stop = {normalize(w).strip() for w in args.stop}
+        prompt = self._tokens(model, args.prompt, None) if args.prompt else []
+        batcher = self._batchers[model.name]
+        session.users += 1
+        try:
+            async with session.lock:
+                self._check_alive(session)
+                if args.expected_position is not None and args.expected_position != session.position:
+                    raise PositionMismatch(args.expected_position, session.position)
+                if prompt:
+                    result, _ = await self._apply(session, [t.id for t in prompt], 1, False, sampling)
+                else:
+                    result = await batcher.run([session.last_token], session.prev_state, 1, sampling)
+                for i in range(args.max_tokens):
+                    word_id, probability = result.sampled, result.sampled_prob
+                    result, _ = await self._apply(session, [word_id], 1, False, sampling)
+                    self.sessions.touch(session)
+                    word = model.vocab.words[word_id]
+                    finish = "stop_word" if word in stop else "max_tokens" if i == args.max_tokens - 1 else ""
+                    yield GeneratedWord(session.id, word, word_id, probability, session.position, finish)
+                    if finish:
+                        return
+        finally:
+            session.users -= 1
+            self.sessions.touch(session)
+
+    # validation
+
+    def _check_alive(self, session: Session) -> None:
+        if not self.sessions.contains(session):
+            raise NotFound(f"session {session.id} was deleted or expired while this request waited")
+
+    def _tokens(self, model: Model, text: str | None, token_ids: list[int] | None) -> list[Token]:
+        limit = self.settings.max_feed_tokens
+        if text is not None:
+            if len(text) > self.settings.max_text_chars:
+                raise InvalidInput(f"text is {len(text)} characters, the limit is {self.settings.max_text_chars}")
+            words = tokenize(text)
+            if len(words) > limit:
+                raise InvalidInput(f"text is {len(words)} tokens, the limit per feed is {limit}; split it")
+            ids = model.vocab.encode(words)
+            tokens = [Token(i, w, i == model.vocab.unk_id and w != "<unk>") for i, w in zip(ids, words, strict=True)]
+        else:
+            token_ids = token_ids or []
+            if len(token_ids) > limit:
+                raise InvalidInput(f"{len(token_ids)} token ids, the limit per feed is {limit}; split them")
+            bad = next((i for i in token_ids if not 0 <= i < model.vocab_size), None)
+            if bad is not None:
+                raise InvalidInput(
+                    f"token id {bad} is outside the vocabulary of {model.name} (0..{model.vocab_size - 1})"
+                )
+            tokens = [Token(i, model.vocab.words[i], False) for i in token_ids]
+        if not tokens:
+            raise InvalidInput("the input is empty: give text with at least one word or punctuation mark, or token ids")
+        return tokens
+
+    def _top_k(self, model: Model, asked: int, default: int) -> int:
+        limit = min(self.settings.max_top_k, model.vocab_size)
+        if asked < 0 or asked > limit:
+            raise InvalidInput(f"top_k {asked} is out of range: 1 to {limit} (0: the default)")
+        return asked or min(default, limit)
+
+
+def _candidates(model: Model, result: StepResult) -> list[Candidate]:
+    words = model.vocab.words
+    return [
+        Candidate(words[i], int(i), float(math.exp(lp)))
+        for i, lp in zip(result.top_ids.tolist(), result.top_logprobs.tolist(), strict=True)
+    ]

@@ -1,0 +1,47 @@
+"""The server's error tree. Domain code raises these; one table maps them to gRPC codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class LstmdError(Exception):
+    """Base class: the message is shown to the client and must say what to change."""
+
+
+class InvalidInput(LstmdError):
+    pass
+
+
+class NotFound(LstmdError):
+    pass
+
+
+class PositionMismatch(LstmdError):
+    def __init__(self, expected: int, actual: int):
+        super().__init__(
+            f"expected_position {expected} does not match the session's position {actual}: "
+            f"re-read the session and retry with expected_position={actual}"
+        )
+        self.actual = actual
+
+
+class CapacityExceeded(LstmdError):
+    pass
+
+
+class ShuttingDown(LstmdError):
+    pass
+
+
+STATUS = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    PositionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(error: LstmdError) -> grpc.StatusCode:
+    return STATUS[type(error)]

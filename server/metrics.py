@@ -1,0 +1,37 @@
+"""Every Prometheus metric the server exports, defined once. Labels are low-cardinality
+(model, method, code, phase): never a session id."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Sub-millisecond to seconds: a single-token step takes ~0.1-10 ms, a long prompt or a
+# Generate call up to seconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+_RPC = ("grpc_type", "grpc_service", "grpc_method")
+rpc_started = Counter("grpc_server_started_total", "RPCs started on the server.", _RPC)
+rpc_handled = Counter(
+    "grpc_server_handled_total", "RPCs completed on the server, by status code.", (*_RPC, "grpc_code")
+)
+rpc_seconds = Histogram(
+    "grpc_server_handling_seconds", "Time from the start of an RPC to its end.", _RPC, buckets=LATENCY_BUCKETS
+)
+
+batch_size = Histogram(
+    "lstmd_batch_size", "Sequences per ONNX Runtime call.", ("model", "phase"), buckets=BATCH_BUCKETS
+)
+queue_wait = Histogram(
+    "lstmd_queue_wait_seconds", "Time a step waited for its ONNX Runtime call.", ("model",), buckets=LATENCY_BUCKETS
+)
+inference_seconds = Histogram(
+    "lstmd_inference_seconds", "Duration of one ONNX Runtime call.", ("model", "phase"), buckets=LATENCY_BUCKETS
+)
+tokens = Counter("lstmd_tokens_total", "Tokens run through a model, by phase (prompt or step).", ("model", "phase"))
+sessions_active = Gauge("lstmd_sessions_active", "Sessions held in memory.")
+sessions_created = Counter("lstmd_sessions_created_total", "Sessions created (forks and stream sessions included).")
+sessions_deleted = Counter("lstmd_sessions_deleted_total", "Sessions deleted by clients or freed at stream end.")
+sessions_expired = Counter("lstmd_sessions_expired_total", "Sessions removed after their idle time-to-live.")
+sessions_evicted = Counter("lstmd_sessions_evicted_total", "Idle sessions evicted to make room at the session limit.")
+model_info = Gauge("lstmd_model_info", "Models served (value 1).", ("model", "version", "precision", "default"))

@@ -1,0 +1,109 @@
+"""The lstmd.v1.Lstmd service: a thin adapter from gRPC to the Engine.
+
+Each method converts the request, calls the engine, converts the answer. Domain errors become
+status codes through one table (server.errors.STATUS); anything else is logged with its
+traceback and becomes INTERNAL, without touching other calls or sessions.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from lstmd.v1 import lstmd_pb2 as pb
+from lstmd.v1 import lstmd_pb2_grpc
+
+from server import convert
+from server.engine import Engine
+from server.errors import LstmdError, status_of
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _abort(context: Context, error: Exception, method: str) -> None:
+    if isinstance(error, LstmdError):
+        await context.abort(status_of(error), str(error))
+    log.exception("internal error in %s", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has the details")
+
+
+def unary(method: F) -> F:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, e, method.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(method: F) -> F:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, e, method.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @unary
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model_info(c, d) for c, d in self.engine.registry.cards()])
+
+    @unary
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:
+        return convert.session(self.engine.create_session(request.model, request.top_k))
+
+    @unary
+    async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
+        return convert.session(self.engine.get_session(request.session_id))
+
+    @unary
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Context) -> pb.DeleteSessionResponse:
+        self.engine.delete_session(request.session_id)
+        return pb.DeleteSessionResponse()
+
+    @unary
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: Context) -> pb.Session:
+        return convert.session(self.engine.fork_session(request.session_id))
+
+    @unary
+    async def Feed(self, request: pb.FeedRequest, context: Context) -> pb.Prediction:
+        session = self.engine.get_session(request.session_id)
+        return convert.prediction(await self.engine.feed(session, convert.feed_args(request)))
+
+    @streaming
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context
+    ) -> AsyncIterator[pb.Prediction]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        async with self.engine.stream_session(first.session_id, first.model) as session:
+            request: pb.StreamRequest | None = first
+            while request is not None:
+                yield convert.prediction(await self.engine.feed(session, convert.feed_args(request)))
+                request = await anext(aiter(request_iterator), None)
+
+    @streaming
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GeneratedToken]:
+        async with self.engine.stream_session(request.session_id, request.model) as session:
+            async for word in self.engine.generate(session, convert.generate_args(request)):
+                yield convert.generated(word)

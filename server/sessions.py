@@ -1,0 +1,134 @@
+"""Sessions: each one text's LSTM state on the server, and the bounded store that holds them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from server import metrics
+from server.errors import CapacityExceeded, InvalidInput, NotFound
+from server.models import Model
+
+log = logging.getLogger(__name__)
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(eq=False)
+class Session:
+    """One text's state. Besides (h, c) after the last token it keeps the state before that token,
+    so the distribution of the next word can be recomputed (for Generate without a prompt and for
+    the log-probability of a feed's first token) without storing a vocabulary-sized vector."""
+
+    id: str
+    model: Model
+    top_k: int
+    state: np.ndarray  # (2, layers, hidden): h and c after the last token
+    prev_state: np.ndarray  # (2, layers, hidden): before the last token
+    last_token: int
+    position: int = 0
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    last_request: tuple[Any, Any] | None = None  # (request key, its answer): exactly-once replays
+    users: int = 0  # open streams and calls using it: never expired or evicted while > 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # feeds apply one at a time, in order
+
+    def busy(self) -> bool:
+        return self.users > 0 or self.lock.locked()
+
+
+class SessionStore:
+    """All sessions, least recently used first. Bounded: at the limit a new session either
+    evicts the least recently used idle one (``evict``) or is refused (``reject``)."""
+
+    def __init__(self, max_sessions: int, at_capacity: str, ttl_s: float):
+        self.max_sessions = max_sessions
+        self.at_capacity = at_capacity
+        self.ttl_s = ttl_s
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, model: Model, top_k: int) -> Session:
+        self._make_room()
+        state, prev_state, last_token = model.initial_state()
+        session = Session(secrets.token_hex(16), model, top_k, state, prev_state, last_token)
+        return self._add(session)
+
+    def fork(self, source: Session) -> Session:
+        self._make_room()
+        copy = Session(
+            secrets.token_hex(16), source.model, source.top_k, source.state.copy(), source.prev_state.copy(),
+            source.last_token, source.position,
+        )  # fmt: skip
+        return self._add(copy)
+
+    def get(self, session_id: str) -> Session:
+        if not _ID.fullmatch(session_id):
+            raise InvalidInput(f"malformed session id {session_id[:40]!r}: expected 32 lowercase hex characters")
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(
+                f"session {session_id} not found: it was deleted, expired after {self.ttl_s:g} s idle, "
+                "or was evicted; create a new one"
+            )
+        return session
+
+    def touch(self, session: Session) -> None:
+        session.last_used = time.time()
+        if session.id in self._sessions:
+            self._sessions.move_to_end(session.id)
+
+    def delete(self, session_id: str) -> None:
+        self._remove(self.get(session_id), metrics.sessions_deleted)
+
+    def discard(self, session: Session) -> None:
+        """Remove a session if it is still here (ephemeral sessions at stream end)."""
+        if self._sessions.get(session.id) is session:
+            self._remove(session, metrics.sessions_deleted)
+
+    def contains(self, session: Session) -> bool:
+        return self._sessions.get(session.id) is session
+
+    def sweep(self, now: float | None = None) -> int:
+        """Remove sessions idle for longer than the TTL. Returns how many."""
+        cutoff = (now or time.time()) - self.ttl_s
+        expired = [s for s in self._sessions.values() if s.last_used < cutoff and not s.busy()]
+        for session in expired:
+            self._remove(session, metrics.sessions_expired)
+        if expired:
+            log.info("expired %d idle sessions (%d left)", len(expired), len(self._sessions))
+        return len(expired)
+
+    def _add(self, session: Session) -> Session:
+        self._sessions[session.id] = session
+        metrics.sessions_created.inc()
+        metrics.sessions_active.set(len(self._sessions))
+        return session
+
+    def _remove(self, session: Session, counter: Any) -> None:
+        del self._sessions[session.id]
+        counter.inc()
+        metrics.sessions_active.set(len(self._sessions))
+
+    def _make_room(self) -> None:
+        if len(self._sessions) < self.max_sessions:
+            return
+        if self.at_capacity == "evict":
+            victim = next((s for s in self._sessions.values() if not s.busy()), None)  # least recently used first
+            if victim is not None:
+                self._remove(victim, metrics.sessions_evicted)
+                return
+        raise CapacityExceeded(
+            f"the server holds its maximum of {self.max_sessions} sessions"
+            + (" and all are in use" if self.at_capacity == "evict" else "")
+            + ": delete sessions you no longer need, or retry later"
+        )

@@ -1,0 +1,108 @@
+"""Shared fixtures: a small real model (random weights, exported to ONNX like any other) and
+real servers on free ports with real channels."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from lstmd.v1 import lstmd_pb2_grpc
+
+from export.model import LSTMLanguageModel, ModelConfig
+from export.onnx_export import write_model_dir
+from export.tokenizer import EOS, UNK, Vocab
+from export.verify import ort_session, run_ort
+from server.app import RunningServer, start
+from server.models import load_models
+from server.settings import Settings
+
+WORDS = """
+the a an of to in and is was it he she they we you i that this on for with as at by from be have not but or
+his her their our my your cat dog sat ran saw mat log house tree river city day night time year man woman
+child world life hand eye head heart love war peace king queen ship sea whale clouds are sky sun moon star
+rain snow wind fire water stone . , ; : ! ? ' " ( )
+""".split()  # noqa: SIM905
+LAYERS, HIDDEN = 2, 24
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder holding "tiny" (and "tiny2", to test model choice)."""
+    root = tmp_path_factory.mktemp("models")
+    vocab = Vocab([UNK, EOS, *WORDS])
+    for seed, name in ((0, "tiny"), (1, "tiny2")):
+        torch.manual_seed(seed)
+        lm = LSTMLanguageModel(ModelConfig(len(vocab), HIDDEN, HIDDEN, LAYERS, dropout=0.0))
+        with torch.no_grad():  # larger weights than the default init, so distributions differ clearly
+            for p in lm.parameters():
+                p.mul_(8)
+        write_model_dir(lm.eval(), vocab, root / name / "1", name, "1")
+    return root
+
+
+class Reference:
+    """Runs a model's ONNX file directly, the way a session would see it, for comparison."""
+
+    def __init__(self, folder: Path):
+        self.vocab = Vocab.load(folder / "vocab.txt")
+        self.session = ort_session(folder / "model.onnx")
+
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        """The next-word log-probabilities after ``ids``, fed whole to a new session."""
+        zero = np.zeros((LAYERS, 1, HIDDEN), np.float32)
+        tokens = np.array([[self.vocab.eos_id, *ids]], np.int64)  # sessions start after "<eos>"
+        logprobs: np.ndarray = run_ort(self.session, tokens, zero, zero)["logprobs"][0]
+        return logprobs
+
+    def ids(self, text: str) -> list[int]:
+        return self.vocab.encode_text(text)
+
+
+@pytest.fixture(scope="session")
+def reference(models_dir: Path) -> Reference:
+    return Reference(models_dir / "tiny" / "1")
+
+
+def settings_for(models_dir: Path, **overrides: Any) -> Settings:
+    base = Settings(host="127.0.0.1", port=0, metrics_port=0, models_dir=str(models_dir), default_model="tiny")
+    return dataclasses.replace(base, **overrides)
+
+
+ServerFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[RunningServer, Any]]]
+
+
+@pytest.fixture(scope="session")
+def make_server(models_dir: Path) -> ServerFactory:
+    """``async with make_server(max_sessions=2) as (server, stub)``: a fresh server with settings."""
+
+    @contextlib.asynccontextmanager
+    async def factory(**overrides: Any) -> AsyncIterator[tuple[RunningServer, Any]]:
+        settings = settings_for(models_dir, **overrides)
+        running = await start(settings, load_models(settings))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        try:
+            yield running, lstmd_pb2_grpc.LstmdStub(channel)
+        finally:
+            await channel.close()
+            await running.stop(0)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+async def shared(make_server: ServerFactory) -> AsyncIterator[tuple[RunningServer, Any]]:
+    """One server with default settings, shared by tests that do not change settings."""
+    async with make_server() as pair:
+        yield pair
+
+
+@pytest.fixture
+def stub(shared: tuple[RunningServer, Any]) -> Any:
+    return shared[1]
