@@ -1,0 +1,37 @@
+"""lstmd's Python client: blocking (``Client``) and asyncio (``AsyncClient``) flavours with the
+same shape, typed results, and one small exception tree."""
+
+from client._async import AsyncClient, AsyncSession, AsyncStream
+from client._errors import (
+    CapacityError,
+    DeadlineExceeded,
+    InvalidInput,
+    LstmdError,
+    NotFound,
+    PositionMismatch,
+    Unavailable,
+)
+from client._sync import Client, Session, Stream
+from client._types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo, Token
+
+__all__ = [
+    "AsyncClient",
+    "AsyncSession",
+    "AsyncStream",
+    "Candidate",
+    "CapacityError",
+    "Client",
+    "DeadlineExceeded",
+    "GeneratedToken",
+    "InvalidInput",
+    "LstmdError",
+    "ModelInfo",
+    "NotFound",
+    "PositionMismatch",
+    "Prediction",
+    "Session",
+    "SessionInfo",
+    "Stream",
+    "Token",
+    "Unavailable",
+]

@@ -1,53 +1,188 @@
-"""``lstmd``: the command-line client."""
+"""``lstmd``: the command-line client (also ``python -m client``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
-
-DEFAULT_TARGET = "localhost:50051"
-
-
-def _health(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-        except grpc.RpcError as e:
-            print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{args.target}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+from client._errors import LstmdError
+from client._sync import DEFAULT_TARGET, Client
+from client._types import Prediction
+from export.tokenizer import detokenize
 
 
-def _models(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
-        try:
-            reply = lstmd_pb2_grpc.LstmdStub(channel).ListModels(lstmd_pb2.ListModelsRequest(), timeout=args.timeout)
-        except grpc.RpcError as e:
-            print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    for m in reply.models:
-        print(f"{m.name}:{m.version} vocab={m.vocab_size} layers={m.num_layers} hidden={m.hidden_size}")
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, timeout=args.timeout)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table; columns of numbers are right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [bool(rows) and all(isinstance(row[i], int | float) or str(row[i])[:1].isdigit() for row in rows)
+               for i in range(len(headers))]  # fmt: skip
+    lines = ["  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric, strict=True))
+             for row in cells]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _prediction_json(p: Prediction) -> dict[str, object]:
+    return {
+        "position": p.position,
+        "tokens": [{"id": t.id, "word": t.word, "unknown": t.unknown} for t in p.tokens],
+        "candidates": [{"word": c.word, "token_id": c.token_id, "probability": c.probability} for c in p.candidates],
+    }
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    with _client(args) as client, client.open_stream(args.session, args.model, args.top_k) as stream:
+        prediction = stream.feed(args.text)
+    if args.json:
+        print(json.dumps(_prediction_json(prediction)))
+        return 0
+    unknown = [t.word for t in prediction.tokens if t.unknown]
+    if unknown:
+        print(f"(not in the vocabulary, read as <unk>: {', '.join(unknown)})")
+    rows = [(i, c.word, f"{c.probability:.1%}") for i, c in enumerate(prediction.candidates, start=1)]
+    print(table(["rank", "next word", "probability"], rows))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
+    words: list[str] = []
+    shown = ""
+    print(args.prompt, end="", flush=True)
+    with _client(args) as client:
+        for token in client.generate(args.prompt, session_id=args.session, model=args.model, max_tokens=args.max_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     seed=args.seed, stop=args.stop):  # fmt: skip
+            words.append(token.word)
+            text = detokenize(["x", *words])[1:]  # spacing as after a word of the prompt
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+    print()
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+    lines = [line + "\n" for line in text.splitlines() if line.strip()]
+    total, count, unknown = 0.0, 0, 0
+    with _client(args) as client:
+        for prediction in client.stream(lines, model=args.model, top_k=1, token_logprobs=True):
+            total += sum(prediction.token_logprobs)
+            count += len(prediction.token_logprobs)
+            unknown += sum(t.unknown for t in prediction.tokens)
+    if not count:
+        print(f"lstmd: {args.file} holds no words", file=sys.stderr)
+        return 1
+    result = {
+        "tokens": count,
+        "unknown": unknown,
+        "perplexity": math.exp(-total / count),
+        "mean_logprob": total / count,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(table(["tokens", "unknown words", "perplexity"],
+                    [(count, f"{unknown} ({unknown / count:.1%})", f"{result['perplexity']:.1f}")]))  # fmt: skip
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.health(args.service)
+    print(f"{args.target}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+    if args.json:
+        print(json.dumps([m.__dict__ for m in models]))
+        return 0
+    rows = [(m.name + (" (default)" if m.is_default else ""), m.version, m.vocab_size, m.num_layers, m.hidden_size,
+             m.state_bytes, m.precision, f"{m.test_perplexity:.1f}") for m in models]  # fmt: skip
+    print(table(["model", "version", "words", "layers", "hidden", "state bytes", "precision", "test ppl"], rows))
+    return 0
+
+
+def cmd_type(args: argparse.Namespace) -> int:
+    from client._interactive import run_interactive
+
+    with _client(args) as client:
+        return run_interactive(client, args.model, args.top_k)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from client.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstmd", description="Talk to an lstmd server.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, help in [("health", _health, "ask the gRPC health service"), ("models", _models, "list models")]:
-        p = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: object, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
-        p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
-        if name == "health":
-            p.add_argument("--service", default="", help="service name ('' = the whole server)")
+        p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, in seconds")
         p.set_defaults(func=func)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+        return p
+
+    p = command("predict", cmd_predict, "the most likely next words after a text")
+    p.add_argument("text")
+    p.add_argument("--session", default="", help="continue this session (default: a new, temporary one)")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--top-k", type=int, default=5, help="how many words")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("type", cmd_type, "interactive: next-word suggestions update as you type")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--top-k", type=int, default=5, help="how many suggestions")
+
+    p = command("generate", cmd_generate, "continue a text by sampling, word by word")
+    p.add_argument("prompt")
+    p.add_argument("--session", default="", help="continue this session (default: a new, temporary one)")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--max-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely words (0: all)")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--stop", action="append", help="stop after this word (repeatable)")
+
+    p = command("score", cmd_score, "perplexity of a text file under a served model")
+    p.add_argument("file")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("health", cmd_health, "ask the gRPC health service (exit 0 when SERVING)")
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+
+    p = command("models", cmd_models, "list the served models")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    from client.bench import add_bench_arguments
+
+    add_bench_arguments(command("bench", cmd_bench, "load generator: concurrent streams, per-token latency"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LstmdError as e:
+        print(f"lstmd: {e.code}: {e.details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

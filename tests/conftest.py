@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +109,25 @@ async def shared(make_server: ServerFactory) -> AsyncIterator[tuple[RunningServe
 @pytest.fixture
 def stub(shared: tuple[RunningServer, Any]) -> Any:
     return shared[1]
+
+
+def start_process(models_dir: Path, *flags: str) -> tuple[subprocess.Popen[str], int]:
+    """Start ``python -m server`` on a free port; return it once it serves, with its port."""
+    command = [sys.executable, "-m", "server", "--models-dir", str(models_dir), "--host", "127.0.0.1",
+               "--port", "0", "--metrics-port", "0", *flags]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    for line in process.stderr:
+        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            return process, int(match.group(1))
+    raise AssertionError(f"server did not start: exit code {process.wait()}")
+
+
+@pytest.fixture(scope="session")
+def server_target(models_dir: Path) -> Iterator[str]:
+    """``host:port`` of an lstmd-server process serving the tiny models, for blocking clients and the CLI."""
+    process, port = start_process(models_dir)
+    yield f"127.0.0.1:{port}"
+    process.terminate()
+    process.communicate(timeout=30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -18,18 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 
-
-def start_process(models_dir: Path, *flags: str) -> tuple[subprocess.Popen[str], int]:
-    """Start ``python -m server`` on a free port; return it once it serves, with its port."""
-    command = [sys.executable, "-m", "server", "--models-dir", str(models_dir), "--host", "127.0.0.1",
-               "--port", "0", "--metrics-port", "0", *flags]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    assert process.stderr is not None
-    for line in process.stderr:
-        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", line)
-        if match:
-            return process, int(match.group(1))
-    raise AssertionError(f"server did not start: exit code {process.wait()}")
+from tests.conftest import start_process
 
 
 @pytest.fixture

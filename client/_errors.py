@@ -1,0 +1,63 @@
+"""The client's exception tree: callers handle these, never ``grpc.RpcError``."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+
+
+class LstmdError(Exception):
+    """Base class. ``code`` is the gRPC status code name, ``details`` the server's message."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidInput(LstmdError):
+    """The request was malformed (INVALID_ARGUMENT); the message says what to change."""
+
+
+class NotFound(LstmdError):
+    """Unknown model or session; a session may have expired or been evicted (NOT_FOUND)."""
+
+
+class CapacityError(LstmdError):
+    """The server is at its session limit, or the message was too large (RESOURCE_EXHAUSTED)."""
+
+
+class PositionMismatch(LstmdError):
+    """``expected_position`` did not match (FAILED_PRECONDITION). ``actual_position`` is the
+    session's real position, when the server said it."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(code, details)
+        match = re.search(r"session's position (\d+)", details)
+        self.actual_position = int(match.group(1)) if match else None
+
+
+class Unavailable(LstmdError):
+    """The server cannot be reached or is shutting down (UNAVAILABLE)."""
+
+
+class DeadlineExceeded(LstmdError):
+    """The call took longer than its deadline (DEADLINE_EXCEEDED)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[LstmdError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
+    grpc.StatusCode.FAILED_PRECONDITION: PositionMismatch,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+RETRYABLE = (Unavailable, DeadlineExceeded)
+
+
+def from_rpc_error(error: grpc.RpcError) -> LstmdError:
+    code = error.code()
+    details = error.details() or ""
+    return _BY_CODE.get(code, LstmdError)(code.name, details)

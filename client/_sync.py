@@ -1,0 +1,233 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lstmd.v1 import lstmd_pb2 as pb
+from lstmd.v1 import lstmd_pb2_grpc
+
+from client._errors import RETRYABLE, NotFound, from_rpc_error
+from client._types import (
+    GeneratedToken,
+    Input,
+    ModelInfo,
+    Prediction,
+    SessionInfo,
+    feed_request,
+    generate_request,
+    stream_request,
+)
+
+T = TypeVar("T")
+Metadata = Sequence[tuple[str, str]]
+DEFAULT_TARGET = "localhost:50051"
+
+
+def make_credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    return grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
+
+
+class Client:
+    """A connection to an lstmd server.
+
+    >>> with Client("localhost:50051") as client:
+    ...     with client.create_session() as session:
+    ...         print(session.feed("the clouds are in the").candidates[0].word)
+
+    ``timeout`` is the default deadline of each call in seconds (streams and generation: of
+    the whole call, None for no deadline). Calls that are safe to repeat (reads, and feeds
+    that carry ``expected_position``) are retried ``retries`` times on UNAVAILABLE and
+    DEADLINE_EXCEEDED, with exponential back-off.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        metadata: Metadata = (),
+        timeout: float | None = 10.0,
+        retries: int = 3,
+    ):
+        credentials = make_credentials(tls, root_certificates)
+        self._channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        self._stub = lstmd_pb2_grpc.LstmdStub(self._channel)
+        self.target, self.metadata, self.timeout, self.retries = target, tuple(metadata), timeout, retries
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., T], request: Any, retry: bool = True) -> T:
+        attempts = self.retries + 1 if retry else 1
+        for attempt in range(attempts):
+            try:
+                return method(request, timeout=self.timeout, metadata=self.metadata)
+            except grpc.RpcError as e:
+                error = from_rpc_error(e)
+                if not isinstance(error, RETRYABLE) or attempt == attempts - 1:
+                    raise error from None
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def health(self, service: str = "") -> str:
+        """The server's health status name, e.g. "SERVING"."""
+        reply = self._call(
+            health_pb2_grpc.HealthStub(self._channel).Check, health_pb2.HealthCheckRequest(service=service)
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo.from_pb(m) for m in self._call(self._stub.ListModels, pb.ListModelsRequest()).models]
+
+    def create_session(self, model: str = "", top_k: int = 0) -> Session:
+        """A new session (not retried: a retry could leave an orphan session behind)."""
+        info = self._call(self._stub.CreateSession, pb.CreateSessionRequest(model=model, top_k=top_k), retry=False)
+        return Session(self, SessionInfo.from_pb(info))
+
+    def get_session(self, session_id: str) -> Session:
+        return Session(
+            self, SessionInfo.from_pb(self._call(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id)))
+        )
+
+    def delete_session(self, session_id: str) -> None:
+        self._call(self._stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id), retry=False)
+
+    def fork_session(self, session_id: str) -> Session:
+        info = self._call(self._stub.ForkSession, pb.ForkSessionRequest(session_id=session_id), retry=False)
+        return Session(self, SessionInfo.from_pb(info))
+
+    def feed(
+        self,
+        session_id: str,
+        data: Input,
+        *,
+        expected_position: int | None = None,
+        top_k: int = 0,
+        token_logprobs: bool = False,
+    ) -> Prediction:
+        """Append text (or token ids) to a session; the prediction after its last token.
+        Retried only with ``expected_position``, which makes a retry unable to apply twice."""
+        request = feed_request(session_id, data, expected_position, top_k, token_logprobs)
+        return Prediction.from_pb(self._call(self._stub.Feed, request, retry=expected_position is not None))
+
+    def stream(self, inputs: Iterable[Input], *, session_id: str = "", model: str = "", top_k: int = 0,
+               token_logprobs: bool = False) -> Iterator[Prediction]:  # fmt: skip
+        """Feed each input in turn on one stream; yields one prediction per input. Without a
+        ``session_id`` the stream uses an ephemeral session, freed when it ends."""
+        requests = (stream_request(data, top_k, token_logprobs, session_id, model) for data in inputs)
+        try:
+            for reply in self._stub.Stream(requests, timeout=None, metadata=self.metadata):
+                yield Prediction.from_pb(reply)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def open_stream(self, session_id: str = "", model: str = "", top_k: int = 0) -> Stream:
+        """A stream to feed interactively: ``stream.feed(text)`` returns each prediction."""
+        return Stream(self, session_id, model, top_k)
+
+    def generate(
+        self,
+        prompt: str = "",
+        *,
+        session_id: str = "",
+        model: str = "",
+        max_tokens: int = 50,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        expected_position: int | None = None,
+    ) -> Iterator[GeneratedToken]:
+        """Sample words after ``prompt`` (and the session's text), yielding each as it comes."""
+        request = generate_request(session_id, prompt, max_tokens, temperature, top_k, top_p, seed, stop, model,
+                                   expected_position)  # fmt: skip
+        try:
+            for reply in self._stub.Generate(request, timeout=None, metadata=self.metadata):
+                yield GeneratedToken.from_pb(reply)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+
+class Stream:
+    """One bidirectional stream fed one input at a time. Close it (or use ``with``) when done."""
+
+    def __init__(self, client: Client, session_id: str, model: str, top_k: int):
+        self._requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+        self._session_id, self._model, self._top_k = session_id, model, top_k
+        self._replies = client._stub.Stream(iter(self._requests.get, None), metadata=client.metadata)
+
+    def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
+        request = stream_request(data, top_k or self._top_k, token_logprobs, self._session_id, self._model)
+        self._requests.put(request)
+        try:
+            return Prediction.from_pb(next(self._replies))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._replies.cancel()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Session:
+    """A server session. Feeds carry ``expected_position``, so they are exactly-once and safely
+    retried. As a context manager it deletes itself on exit."""
+
+    def __init__(self, client: Client, info: SessionInfo):
+        self.client = client
+        self.info = info
+        self.id = info.session_id
+        self.position = info.position
+
+    def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
+        prediction = self.client.feed(self.id, data, expected_position=self.position, top_k=top_k,
+                                      token_logprobs=token_logprobs)  # fmt: skip
+        self.position = prediction.position
+        return prediction
+
+    def generate(self, prompt: str = "", **options: Any) -> Iterator[GeneratedToken]:
+        for token in self.client.generate(prompt, session_id=self.id, expected_position=self.position, **options):
+            self.position = token.position
+            yield token
+
+    def fork(self) -> Session:
+        return self.client.fork_session(self.id)
+
+    def refresh(self) -> SessionInfo:
+        self.info = self.client.get_session(self.id).info
+        self.position = self.info.position
+        return self.info
+
+    def delete(self) -> None:
+        self.client.delete_session(self.id)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with contextlib.suppress(NotFound):
+            self.delete()

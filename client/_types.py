@@ -1,0 +1,130 @@
+"""Typed results, converted from the protobuf messages in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+from lstmd.v1 import lstmd_pb2 as pb
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    state_bytes: int
+    is_default: bool
+    precision: str
+    test_perplexity: float
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
+        return cls(m.name, m.version, m.vocab_size, m.num_layers, m.hidden_size, m.state_bytes, m.is_default,
+                   m.precision, m.test_perplexity)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    model: str
+    model_version: str
+    position: int
+    top_k: int
+
+    @classmethod
+    def from_pb(cls, s: pb.Session) -> SessionInfo:
+        return cls(s.session_id, s.model, s.model_version, s.position, s.top_k)
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    word: str
+    unknown: bool
+
+
+@dataclass(frozen=True)
+class Candidate:
+    word: str
+    token_id: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    session_id: str
+    position: int
+    tokens: list[Token]
+    candidates: list[Candidate]
+    token_logprobs: list[float]
+    replayed: bool
+
+    @classmethod
+    def from_pb(cls, p: pb.Prediction) -> Prediction:
+        return cls(
+            p.session_id,
+            p.position,
+            [Token(t.id, t.word, t.unknown) for t in p.tokens],
+            [Candidate(c.word, c.token_id, c.probability) for c in p.candidates],
+            list(p.token_logprobs),
+            p.replayed,
+        )
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    session_id: str
+    word: str
+    token_id: int
+    probability: float
+    position: int
+    finish_reason: str  # "", "max_tokens" or "stop_word"
+
+    @classmethod
+    def from_pb(cls, t: pb.GeneratedToken) -> GeneratedToken:
+        reason = pb.FinishReason.Name(t.finish_reason).removeprefix("FINISH_REASON_").lower()
+        return cls(t.session_id, t.word, t.token_id, t.probability, t.position,
+                   "" if reason == "unspecified" else reason)  # fmt: skip
+
+
+Input = str | list[int]  # text, or token ids of the session's model
+
+
+def _with_input(request: R, data: Input) -> R:
+    if isinstance(data, str):
+        request.text = data
+    else:
+        request.tokens.ids.extend(data)
+    return request
+
+
+R = TypeVar("R", pb.FeedRequest, pb.StreamRequest)
+
+
+def feed_request(
+    session_id: str, data: Input, expected_position: int | None, top_k: int, token_logprobs: bool
+) -> pb.FeedRequest:
+    request = pb.FeedRequest(session_id=session_id, expected_position=expected_position, top_k=top_k,
+                             return_token_logprobs=token_logprobs)  # fmt: skip
+    return _with_input(request, data)
+
+
+def stream_request(
+    data: Input, top_k: int, token_logprobs: bool, session_id: str = "", model: str = ""
+) -> pb.StreamRequest:
+    """A stream message; ``session_id`` and ``model`` only count on a stream's first message."""
+    request = pb.StreamRequest(session_id=session_id, model=model, top_k=top_k, return_token_logprobs=token_logprobs)
+    return _with_input(request, data)
+
+
+def generate_request(
+    session_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
+    seed: int | None, stop: list[str] | None, model: str, expected_position: int | None = None,
+) -> pb.GenerateRequest:  # fmt: skip
+    return pb.GenerateRequest(
+        session_id=session_id, model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, stop=stop or [], expected_position=expected_position,
+    )  # fmt: skip

@@ -1,0 +1,117 @@
+"""The ``lstmd`` command line against a real server process, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from client import Client
+
+LSTMD = shutil.which("lstmd", path=str(Path(sys.executable).parent)) or "lstmd"
+
+
+def lstmd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([LSTMD, *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_predict_table_and_json(server_target: str) -> None:
+    out = lstmd("predict", "the cat sat on the", "--target", server_target, "--top-k", "3").stdout
+    lines = out.splitlines()
+    assert lines[0].split() == ["rank", "next", "word", "probability"] and len(lines) == 5
+    data = json.loads(lstmd("predict", "the cat sat on the", "--target", server_target, "--json").stdout)
+    assert len(data["candidates"]) == 5 and lines[2].split()[1] == data["candidates"][0]["word"]
+    assert data["candidates"] == sorted(data["candidates"], key=lambda c: -c["probability"])
+    data = json.loads(lstmd("predict", "the cat zyzzyva", "--target", server_target, "--json").stdout)
+    assert data["position"] == 3 and data["tokens"][2] == {"id": 0, "word": "zyzzyva", "unknown": True}
+
+
+def test_generate_streams_reproducible_text(server_target: str) -> None:
+    args = (
+        "generate",
+        "the king",
+        "--target",
+        server_target,
+        "--max-tokens",
+        "12",
+        "--seed",
+        "1",
+        "--temperature",
+        "0.8",
+    )
+    first, second = lstmd(*args).stdout, lstmd(*args).stdout
+    assert first == second and first.startswith("the king") and len(first.split()) >= 8
+
+
+def test_score_matches_the_library(server_target: str, tmp_path: Path) -> None:
+    text = "the cat sat on the mat .\nthe dog ran to the river .\n"
+    (tmp_path / "text.txt").write_text(text)
+    data = json.loads(lstmd("score", str(tmp_path / "text.txt"), "--target", server_target, "--json").stdout)
+    assert data["tokens"] == 16 and data["unknown"] == 0  # 7 tokens and "<eos>" per line
+    with Client(server_target) as c, c.create_session() as session:
+        total = sum(sum(session.feed(line + "\n", token_logprobs=True).token_logprobs) for line in text.splitlines())
+    assert math.isclose(data["perplexity"], math.exp(-total / 16), rel_tol=1e-5)
+
+
+def test_health_and_models(server_target: str) -> None:
+    assert lstmd("health", "--target", server_target).stdout.strip() == f"{server_target}: SERVING"
+    models = lstmd("models", "--target", server_target).stdout
+    assert "tiny (default)" in models and "tiny2" in models
+    assert {m["name"] for m in json.loads(lstmd("models", "--json", "--target", server_target).stdout)} == {
+        "tiny",
+        "tiny2",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["health", "--target", "127.0.0.1:1", "--timeout", "2"], 1, "UNAVAILABLE"),
+        (["predict", "the", "--session", "0" * 32], 1, "NOT_FOUND: session 000"),
+        (["predict", "the", "--top-k", "many"], 2, "invalid int value"),
+        (["generate", "the", "--max-tokens", "0"], 1, "INVALID_ARGUMENT: max_tokens"),
+    ],
+)
+def test_errors_exit_non_zero_with_a_message(server_target: str, args: list[str], code: int, message: str) -> None:
+    if "--target" not in args:
+        args = [*args, "--target", server_target]
+    result = lstmd(*args, check=False)
+    assert result.returncode == code and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_json_figures_add_up(server_target: str) -> None:
+    result = lstmd("bench", "--target", server_target, "--streams", "64", "--tokens", "20", "--json", "--quiet")
+    report = json.loads(result.stdout)
+    assert report["feeds"] == 64 * 20 == report["tokens"] and report["errors"] == {}
+    assert report["tokens_per_s"] > 0 and 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    assert report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    prompts = json.loads(lstmd("bench", "--target", server_target, "--streams", "4", "--tokens", "3",
+                               "--prompt-tokens", "50", "--processes", "2", "--json", "--quiet").stdout)  # fmt: skip
+    assert prompts["tokens"] == 4 * 3 * 50 and prompts["feeds"] == 12 and prompts["processes"] == 2
+
+
+def test_type_interactively_in_a_pseudo_terminal(server_target: str) -> None:
+    child = pexpect.spawn(LSTMD, ["type", "--target", server_target, "--top-k", "3"], encoding="utf-8", timeout=20)
+    try:
+        child.expect("Ctrl-D or Esc quits")
+        child.send("the ")
+        child.expect(r"the\s*\x1b\[2m  \[(\S+) \d+%")  # suggestions after the first word
+        child.send("cat sat")
+        child.expect(r"cat sat\x1b\[2m")  # filtered by the word being typed, or none
+        child.send(" \t")
+        child.expect(r"sat \w+ ")  # Tab took the first suggestion
+        child.send("\x04")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
