@@ -126,6 +126,7 @@ class SessionStore:
             victim = next((s for s in self._sessions.values() if not s.busy()), None)  # least recently used first
             if victim is not None:
                 self._remove(victim, metrics.sessions_evicted)
+                log.info("evicted idle session %s… to make room (limit %d)", victim.id[:8], self.max_sessions)
                 return
         raise CapacityExceeded(
             f"the server holds its maximum of {self.max_sessions} sessions"
