@@ -1,0 +1,27 @@
+# lstmd-server image: the server's runtime dependencies and the bundled model, nothing else
+# (no torch, no compilers, no tests). Build: docker build -t lstmd .
+FROM python:3.11-slim AS build
+WORKDIR /src
+RUN python -m venv /opt/lstmd
+COPY pyproject.toml README.md ./
+COPY proto proto
+COPY server server
+COPY client client
+COPY export export
+RUN /opt/lstmd/bin/pip install --no-cache-dir --disable-pip-version-check . \
+ && rm -rf /opt/lstmd/lib/python3.11/site-packages/server/models
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --no-create-home lstmd
+COPY --from=build /opt/lstmd /opt/lstmd
+COPY server/models /models
+ENV PATH=/opt/lstmd/bin:$PATH \
+    LSTMD_HOST=0.0.0.0 \
+    LSTMD_MODELS_DIR=/models \
+    PYTHONUNBUFFERED=1
+USER lstmd
+EXPOSE 50051 9464
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["lstmd", "health", "--target", "localhost:50051", "--timeout", "3"]
+# exec form: lstmd-server is PID 1 and receives SIGTERM itself (graceful shutdown)
+ENTRYPOINT ["lstmd-server"]

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Smoke test of the real deployment: build the image, bring up lstmd and Prometheus with
+# docker-compose, wait for health, predict and run a short load through the published port,
+# then ask Prometheus that it scrapes lstmd and counted the tokens. Tears down on any exit.
+# Needs root (docker) and the project's virtual environment (for the lstmd CLI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+lstmd=${LSTMD_CLI:-.venv/bin/lstmd}
+project=lstmd-smoke
+images=(python:3.11-slim prom/prometheus:v2.53.0)
+
+say() { printf '\n== smoke: %s ==\n' "$*"; }
+
+if ! command -v docker-compose >/dev/null || ! docker info >/dev/null 2>&1 \
+   || ! timeout 20 docker pull -q "${images[0]}" >/dev/null 2>&1; then
+  say "no registry reachable: building local stand-ins for ${images[*]}"
+  bash ../shared/docker/offline-images.sh "${images[@]}"
+fi
+compose=(docker-compose -p "$project" -f docker-compose.yml)
+trap '"${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true' EXIT
+
+say "build"
+"${compose[@]}" build lstmd
+docker image ls lstmd:latest --format 'image lstmd:latest: {{.Size}}'
+docker run --rm --entrypoint sh lstmd:latest -c \
+  '! python -c "import torch" 2>/dev/null && ! command -v gcc && ! test -e /opt/lstmd/tests && echo "runtime image: no torch, no compiler, no tests; runs as uid $(id -u)"'
+
+say "up: lstmd and prometheus"
+"${compose[@]}" up -d lstmd prometheus
+container=$("${compose[@]}" ps -q lstmd)
+for _ in $(seq 90); do
+  status=$(docker inspect -f '{{.State.Health.Status}}' "$container")
+  [ "$status" = healthy ] && break
+  sleep 1
+done
+echo "lstmd container health: $status"
+[ "$status" = healthy ] || { "${compose[@]}" logs lstmd; exit 1; }
+
+say "predict through the published port"
+"$lstmd" predict "the clouds are in the" --target localhost:50051
+say "bench: 8 streams x 50 tokens"
+"$lstmd" bench --target localhost:50051 --streams 8 --tokens 50 --quiet
+
+say "Prometheus"
+query() { curl -sf --get "http://localhost:9090/api/v1/query" --data-urlencode "query=$1" \
+            | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "none")'; }
+for _ in $(seq 60); do
+  up=$(query 'up{job="lstmd"}' || echo none)
+  tokens=$(query 'sum(lstmd_tokens_total{job="lstmd"})' || echo none)
+  [ "$up" = 1 ] && [ "$tokens" != none ] && [ "${tokens%.*}" -ge 405 ] && break
+  sleep 1
+done
+echo "up{job=\"lstmd\"} = $up"
+echo "sum(lstmd_tokens_total{job=\"lstmd\"}) = $tokens (expected at least 405: 5 predicted + 400 bench tokens)"
+[ "$up" = 1 ] && [ "${tokens%.*}" -ge 405 ] || { echo "smoke: Prometheus did not see lstmd as expected" >&2; exit 1; }
+
+say "graceful stop"
+"${compose[@]}" stop -t 20 lstmd
+echo "lstmd exit code: $(docker inspect -f '{{.State.ExitCode}}' "$container")"
+[ "$(docker inspect -f '{{.State.ExitCode}}' "$container")" = 0 ]
+say "passed"
