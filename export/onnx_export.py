@@ -10,8 +10,8 @@ with ``tokens`` (batch, time) int64, ``h`` / ``c`` (layers, batch, hidden) and `
 ``hidden_size`` attributes, or else from its first ``nn.LSTM``.
 
 The exported graph adds the post-processing the server needs: log-softmax of the last step
-and its top-k (in the graph, because ONNX Runtime's TopK beats NumPy's argpartition on the
-server's hot path: see README), and returns the new state. Per-step log-probabilities are left
+and its top-k (in the graph: ONNX Runtime's TopK beats NumPy's argpartition several times over,
+see bench/postprocessing.py), and returns the new state. Per-step log-probabilities are left
 out: ONNX Runtime computes every output of a graph on each call, so they would multiply the
 decoder's cost of every prompt by its length; the server scores text step by step instead.
 """
