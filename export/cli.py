@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from export.tokenizer import Vocab
 
-DEFAULT_CORPUS = "export/data/pd-english"
+DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "pd-english")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -118,8 +119,6 @@ def _real_ids(text: str, vocab: Vocab) -> list[int]:
 
 
 def _run_verify(args: argparse.Namespace) -> dict[str, float]:
-    from pathlib import Path
-
     from export.onnx_export import load_torch_model
     from export.verify import verify
 
@@ -131,8 +130,6 @@ def _run_verify(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _run_onnx(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from export.model_format import write_card
     from export.onnx_export import load_torch_model, read_report, write_model_dir
 
@@ -167,8 +164,6 @@ def _add_baseline(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def _run_baseline(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from export.train import kneser_ney_baseline, split_ids_from_run
 
     run = Path(args.run)
