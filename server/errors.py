@@ -30,16 +30,11 @@ class CapacityExceeded(LstmdError):
     pass
 
 
-class ShuttingDown(LstmdError):
-    pass
-
-
 STATUS = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     PositionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
 
 

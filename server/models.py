@@ -51,13 +51,7 @@ class Model:
         self.name, self.version = self.card.name, self.card.version
         self.layers, self.hidden = self.card.num_layers, self.card.hidden_size
         self.session = _ort_session(folder / ONNX_FILE, settings)
-        shapes = {a.name: list(a.shape) for a in self.session.get_inputs()}
-        out_shapes = {a.name: list(a.shape) for a in self.session.get_outputs()}
-        check_graph(
-            {k: [d if isinstance(d, int) else None for d in v] for k, v in shapes.items()},
-            {k: [d if isinstance(d, int) else None for d in v] for k, v in out_shapes.items()},
-            self.card,
-        )
+        check_graph(_shapes(self.session.get_inputs()), _shapes(self.session.get_outputs()), self.card)
         self._output_names = [o.name for o in self.session.get_outputs()]
         # A new session starts as if after the end of a paragraph: the state after "<eos>".
         eos = self.vocab.eos_id
@@ -83,6 +77,11 @@ class Model:
         feeds = {"tokens": tokens, "h0": h, "c0": c, "top_k": np.array(k, np.int64)}
         values = dict(zip(self._output_names, self.session.run(None, feeds), strict=True))
         return Outputs(values["logprobs"], values["top_logprobs"], values["top_ids"], values["h1"], values["c1"])
+
+
+def _shapes(args: list[ort.NodeArg]) -> dict[str, list[int | None]]:
+    """Names to shapes, with None for dynamic dimensions."""
+    return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
 
 
 def _ort_session(path: Path, settings: Settings) -> ort.InferenceSession:

@@ -98,9 +98,9 @@ class SessionStore:
     def contains(self, session: Session) -> bool:
         return self._sessions.get(session.id) is session
 
-    def sweep(self, now: float | None = None) -> int:
+    def sweep(self) -> int:
         """Remove sessions idle for longer than the TTL. Returns how many."""
-        cutoff = (now or time.time()) - self.ttl_s
+        cutoff = time.time() - self.ttl_s
         expired = [s for s in self._sessions.values() if s.last_used < cutoff and not s.busy()]
         for session in expired:
             self._remove(session, metrics.sessions_expired)
