@@ -12,10 +12,15 @@ from export.tokenizer import Vocab
 DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "pd-english")
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
-        "train", help="train a word-level LSTM language model", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+def _parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    return parser
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = _parser(sub, "train", "train a word-level LSTM language model")
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="text file or folder of .txt/.txt.gz files")
     p.add_argument("--out", required=True, help="work folder: vocab, split, checkpoints, report")
     p.add_argument("--vocab-size", type=int, default=10000)
@@ -82,11 +87,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
-        "onnx",
-        help="export a PyTorch LSTM language model to a model folder, then verify it",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _parser(sub, "onnx", "export a PyTorch LSTM language model to a model folder, then verify it")
     _add_model_source(p)
     p.add_argument("--out", required=True, help="models folder; the model goes to OUT/NAME/VERSION")
     p.add_argument("--name", required=True, help="model name clients ask for")
@@ -102,11 +103,7 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
-        "verify",
-        help="check a model folder against its PyTorch model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _parser(sub, "verify", "check a model folder against its PyTorch model")
     _add_model_source(p)
     p.add_argument("model_dir", help="the model folder (holding model.onnx)")
 
@@ -153,10 +150,10 @@ def _run_onnx(args: argparse.Namespace) -> None:
 
 
 def _add_baseline(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = _parser(
+        sub,
         "baseline",
-        help="Kneser-Ney n-gram perplexity on a training run's split and vocabulary (added to its report.json)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "Kneser-Ney n-gram perplexity on a training run's split and vocabulary (added to its report.json)",
     )
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
     p.add_argument("--run", required=True, help="the folder lstmd-export train wrote")
