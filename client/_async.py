@@ -152,6 +152,7 @@ class AsyncStream:
         try:
             request = stream_request(data, top_k or self._top_k, token_logprobs, self._session_id, self._model)
             await self._call.write(request)
+            self._session_id = self._model = ""  # the server reads them from the first message only
             reply = await self._call.read()
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None

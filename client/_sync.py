@@ -175,6 +175,7 @@ class Stream:
     def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
         request = stream_request(data, top_k or self._top_k, token_logprobs, self._session_id, self._model)
         self._requests.put(request)
+        self._session_id = self._model = ""  # the server reads them from the first message only
         try:
             return Prediction.from_pb(next(self._replies))
         except grpc.RpcError as e:
