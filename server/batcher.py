@@ -12,7 +12,9 @@ queued, up to ``max_batch_size``, and runs it:
   sessions are active and about to send their next step.
 
 The worker runs ONNX Runtime and the post-processing (top-k in the graph, sampling here, both
-over the whole batch) in a thread, so the event loop keeps serving while the model runs.
+over the whole batch) in a thread, so the event loop keeps serving while the model runs. A
+lone single-token step runs on the event loop itself: it takes about as long as the hop to a
+thread and back, and nothing else is waiting.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Sampling:
 
 @dataclass
 class StepResult:
-    logprobs: np.ndarray  # (vocab,): log-probabilities of the next word
+    logprobs: np.ndarray  # (vocab,): log-probabilities of the next word; empty unless asked for
     top_ids: np.ndarray  # (k,) most likely first
     top_logprobs: np.ndarray  # (k,)
     state: np.ndarray  # (2, layers, hidden): h and c after the step
@@ -55,8 +57,9 @@ class _Request:
     state: np.ndarray  # (2, layers, hidden)
     top_k: int
     sampling: Sampling | None
+    logprobs: bool  # the caller needs the whole distribution
     future: asyncio.Future[StepResult]
-    queued_at: float = field(default_factory=time.perf_counter)
+    queued_at: float
 
 
 class Batcher:
@@ -68,6 +71,14 @@ class Batcher:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._last_batch = 0
         self._worker: asyncio.Task[None] | None = None
+        # labelled metric children, looked up once rather than per step
+        name = model.name
+        self._queue_wait = metrics.queue_wait.labels(name)
+        self._metrics = {
+            phase: (metrics.inference_seconds.labels(name, phase), metrics.batch_size.labels(name, phase),
+                    metrics.tokens.labels(name, phase))
+            for phase in ("step", "prompt")
+        }  # fmt: skip
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run_forever(), name=f"batcher-{self.model.name}")
@@ -78,11 +89,14 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
 
     async def run(
-        self, tokens: list[int], state: np.ndarray, top_k: int, sampling: Sampling | None = None
+        self, tokens: list[int], state: np.ndarray, top_k: int, sampling: Sampling | None = None, logprobs: bool = False
     ) -> StepResult:
-        """Run ``tokens`` (one or more) of one session from ``state``."""
+        """Run ``tokens`` (one or more) of one session from ``state``. With ``logprobs`` (or
+        ``sampling``) the result carries the whole distribution after the last token."""
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Request(np.asarray(tokens, np.int64), state, max(top_k, 1), sampling, future))
+        ids = np.asarray(tokens, np.int64)
+        full = logprobs or sampling is not None
+        self._queue.put_nowait(_Request(ids, state, max(top_k, 1), sampling, full, future, time.perf_counter()))
         return await future
 
     async def _run_forever(self) -> None:
@@ -102,7 +116,10 @@ class Batcher:
             for group in _group_by_length(live):
                 results: list[StepResult | Exception]
                 try:
-                    results = list(await loop.run_in_executor(self._executor, self._compute, group))
+                    if len(live) == 1 and group[0].tokens.size == 1:
+                        results = list(self._compute(group))
+                    else:
+                        results = list(await loop.run_in_executor(self._executor, self._compute, group))
                 except Exception as e:  # reported to every caller of this batch
                     results = [e] * len(group)
                 for request, result in zip(group, results, strict=True):
@@ -116,14 +133,13 @@ class Batcher:
     def _compute(self, group: list[_Request]) -> list[StepResult]:
         """One ONNX Runtime call for requests of equal length, then vectorised post-processing."""
         started = time.perf_counter()
-        name, steps = self.model.name, group[0].tokens.size
-        phase = "step" if steps == 1 else "prompt"
+        steps = group[0].tokens.size
         for r in group:
-            metrics.queue_wait.labels(name).observe(started - r.queued_at)
+            self._queue_wait.observe(started - r.queued_at)
         tokens = np.stack([r.tokens for r in group])  # (batch, time)
         state = np.stack([r.state for r in group], axis=2)  # (2, layers, batch, hidden)
         k = max(r.top_k for r in group)
-        out = self.model.run(tokens, state[0], state[1], k)
+        out = self.model.run(tokens, state[0], state[1], k, with_logprobs=any(r.logprobs for r in group))
         new_state = np.stack([out.h, out.c]).transpose(2, 0, 1, 3)  # (batch, 2, layers, hidden)
         results = [
             StepResult(out.logprobs[i], out.top_ids[i, : r.top_k], out.top_logprobs[i, : r.top_k], new_state[i].copy())
@@ -134,9 +150,10 @@ class Batcher:
             words, probs = sample(out.logprobs[sampled], [group[i].sampling for i in sampled])  # type: ignore[misc]
             for i, word, prob in zip(sampled, words, probs, strict=True):
                 results[i].sampled, results[i].sampled_prob = int(word), float(prob)
-        metrics.inference_seconds.labels(name, phase).observe(time.perf_counter() - started)
-        metrics.batch_size.labels(name, phase).observe(len(group))
-        metrics.tokens.labels(name, phase).inc(len(group) * steps)
+        seconds, batch_size, tokens_total = self._metrics["step" if steps == 1 else "prompt"]
+        seconds.observe(time.perf_counter() - started)
+        batch_size.observe(len(group))
+        tokens_total.inc(len(group) * steps)
         return results
 
 

@@ -25,21 +25,23 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+# The types below are created for every token streamed: plain slotted dataclasses, which
+# construct about twice as fast as frozen ones.
+@dataclass(slots=True)
 class Token:
     id: int
     word: str
     unknown: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
     word: str
     token_id: int
     probability: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prediction:
     session_id: str
     position: int
@@ -49,7 +51,7 @@ class Prediction:
     replayed: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FeedArgs:
     text: str | None = None
     token_ids: list[int] | None = None
@@ -71,7 +73,7 @@ class GenerateArgs:
     allow_eos: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GeneratedWord:
     session_id: str
     word: str
@@ -178,12 +180,12 @@ class Engine:
         prev_state = session.state
         logprobs: list[float] = []
         if want_logprobs:
-            result = await batcher.run([session.last_token], session.prev_state, 1)
+            result = await batcher.run([session.last_token], session.prev_state, 1, logprobs=True)
             state = session.state
             for token in ids:
                 logprobs.append(float(result.logprobs[token]))
                 prev_state = state
-                result = await batcher.run([token], state, top_k, sampling)
+                result = await batcher.run([token], state, top_k, sampling, logprobs=True)
                 state = result.state
         else:
             if len(ids) > 1:

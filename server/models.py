@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.model_format import ONNX_FILE, ModelCard, ModelFormatError, check_graph, read_model_dir
+from export.model_format import ONNX_FILE, OUTPUTS, ModelCard, ModelFormatError, check_graph, read_model_dir
 from server.errors import NotFound
 from server.settings import Settings
 
@@ -52,7 +52,6 @@ class Model:
         self.layers, self.hidden = self.card.num_layers, self.card.hidden_size
         self.session = _ort_session(folder / ONNX_FILE, settings)
         check_graph(_shapes(self.session.get_inputs()), _shapes(self.session.get_outputs()), self.card)
-        self._output_names = [o.name for o in self.session.get_outputs()]
         # A new session starts as if after the end of a paragraph: the state after "<eos>".
         eos = self.vocab.eos_id
         zero = self.zero_state(1)
@@ -72,11 +71,16 @@ class Model:
         """Zero (h, c) for ``batch`` sequences: (2, layers, batch, hidden)."""
         return np.zeros((2, self.layers, batch, self.hidden), np.float32)
 
-    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, k: int) -> Outputs:
-        """One ONNX Runtime call: ``tokens`` (batch, time), ``h``/``c`` (layers, batch, hidden). Blocking."""
+    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, k: int, with_logprobs: bool = True) -> Outputs:
+        """One ONNX Runtime call: ``tokens`` (batch, time), ``h``/``c`` (layers, batch, hidden). Blocking.
+
+        Without ``with_logprobs`` the (batch, vocab) log-probabilities are not copied out (the graph
+        still computes them for top-k); ``Outputs.logprobs`` is then empty."""
         feeds = {"tokens": tokens, "h0": h, "c0": c, "top_k": np.array(k, np.int64)}
-        values = dict(zip(self._output_names, self.session.run(None, feeds), strict=True))
-        return Outputs(values["logprobs"], values["top_logprobs"], values["top_ids"], values["h1"], values["c1"])
+        names = list(OUTPUTS if with_logprobs else OUTPUTS[1:])
+        values = dict(zip(names, self.session.run(names, feeds), strict=True))
+        logprobs = values.get("logprobs", np.empty((tokens.shape[0], 0), np.float32))
+        return Outputs(logprobs, values["top_logprobs"], values["top_ids"], values["h1"], values["c1"])
 
 
 def _shapes(args: list[ort.NodeArg]) -> dict[str, list[int | None]]:
@@ -88,6 +92,8 @@ def _ort_session(path: Path, settings: Settings) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = 1
+    # Idle intra-op threads spin by default, burning a core the gRPC event loop needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = _OPTIMIZATION[settings.graph_optimization]
     wanted = [_PROVIDERS[p] for p in settings.providers.split(",")]
     missing = set(wanted) - set(ort.get_available_providers())

@@ -49,7 +49,9 @@ class Settings:
     max_text_chars: int = _setting(100_000, "longest text in one feed or prompt, in characters")
     max_message_bytes: int = _setting(1 << 20, "largest gRPC message the server accepts, in bytes")
     max_generate_tokens: int = _setting(1024, "largest max_tokens a Generate may ask for")
-    intra_op_threads: int = _setting(0, "ONNX Runtime intra-op threads (0: one per core)")
+    intra_op_threads: int = _setting(
+        1, "ONNX Runtime intra-op threads (0: one per core); 1 leaves the other cores to gRPC and Python"
+    )
     graph_optimization: str = _setting(
         "all", "ONNX Runtime graph optimisation level", ["disable", "basic", "extended", "all"]
     )

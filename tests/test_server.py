@@ -414,7 +414,7 @@ async def test_an_internal_error_is_contained(shared: tuple[RunningServer, Any],
     model = running.engine.registry.get("tiny")
     real_run = model.run
 
-    def broken(*args: Any) -> Any:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         model.run = real_run  # type: ignore[method-assign]
         raise RuntimeError("injected fault")
 
