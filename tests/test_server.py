@@ -418,7 +418,7 @@ async def test_an_internal_error_is_contained(shared: tuple[RunningServer, Any],
         model.run = real_run  # type: ignore[method-assign]
         raise RuntimeError("injected fault")
 
-    model.run = broken  # type: ignore[method-assign, assignment]
+    model.run = broken  # type: ignore[method-assign]
     code, message = await code_of(stub.Feed(pb.FeedRequest(session_id=victim.session_id, text="the dog")))
     assert code == grpc.StatusCode.INTERNAL and "server log" in message and "injected" not in message
     assert (await stub.GetSession(pb.GetSessionRequest(session_id=victim.session_id))).position == 0
