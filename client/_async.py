@@ -38,16 +38,19 @@ class AsyncClient:
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         metadata: Metadata = (),
         timeout: float | None = 10.0,
         retries: int = 3,
     ):
-        credentials = make_credentials(tls, root_certificates)
+        credentials = make_credentials(tls, root_certificates, certificate_chain, private_key)
         self._channel = (
             grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
         )
         self._stub = lstmd_pb2_grpc.LstmdStub(self._channel)
-        self.target, self.metadata, self.timeout, self.retries = target, tuple(metadata), timeout, retries
+        self.target, self.timeout, self.retries = target, timeout, retries
+        self.metadata = tuple(metadata)
 
     async def __aenter__(self) -> AsyncClient:
         return self

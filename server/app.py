@@ -20,6 +20,7 @@ from server import metrics
 from server.engine import Engine
 from server.interceptors import MetricsInterceptor
 from server.models import ModelRegistry
+from server.security import server_credentials
 from server.servicer import LstmdServicer
 from server.settings import Settings
 
@@ -50,7 +51,9 @@ class RunningServer:
 
 
 async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
-    """Start everything and return once the server accepts calls."""
+    """Start everything and return once the server accepts calls. Raises SecurityConfigError
+    for unusable TLS files, before anything starts."""
+    credentials = server_credentials(settings)
     engine = Engine(settings, registry)
     await engine.start()
     options = [
@@ -64,7 +67,8 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     metrics_http = start_http_server(settings.metrics_port)[0] if settings.metrics_port >= 0 else None
@@ -76,6 +80,8 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     running = RunningServer(server, engine, health_servicer, port, metrics_http)
     names = ", ".join(registry.models)
     log.info("serving %s on %s:%d, metrics on :%d/metrics", names, settings.host, port, running.metrics_port)
+    tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"
+    log.info("TLS %s", tls)
     return running
 
 

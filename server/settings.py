@@ -57,6 +57,11 @@ class Settings:
     grace_s: float = _setting(10.0, "on SIGTERM, seconds in-flight calls get to finish")
     log_level: str = _setting("info", "log level", ["debug", "info", "warning", "error"])
     log_format: str = _setting("text", "log line format", ["text", "json"])
+    tls_cert_file: str = _setting("", "PEM certificate chain of the server; with --tls-key-file turns on TLS")
+    tls_key_file: str = _setting("", "PEM private key of --tls-cert-file")
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA certificates: clients must present a certificate they signed (mutual TLS)"
+    )
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -107,4 +112,8 @@ class Settings:
             out.append("--session-ttl-s and --sweep-interval-s must be positive")
         if set(self.providers.split(",")) - {"cpu", "cuda"}:
             out.append("--providers takes a comma-separated list of: cpu, cuda")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            out.append("--tls-cert-file and --tls-key-file go together: give both, or neither for plaintext")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            out.append("--tls-client-ca-file (mutual TLS) needs TLS: give --tls-cert-file and --tls-key-file too")
         return out
