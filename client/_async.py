@@ -14,7 +14,7 @@ from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 
 from client._errors import RETRYABLE, NotFound, from_rpc_error
-from client._sync import DEFAULT_TARGET, Metadata, make_credentials
+from client._sync import DEFAULT_TARGET, Metadata, call_metadata, make_credentials
 from client._types import (
     GeneratedToken,
     Input,
@@ -40,6 +40,7 @@ class AsyncClient:
         root_certificates: bytes | None = None,
         certificate_chain: bytes | None = None,
         private_key: bytes | None = None,
+        api_key: str | None = None,
         metadata: Metadata = (),
         timeout: float | None = 10.0,
         retries: int = 3,
@@ -50,7 +51,7 @@ class AsyncClient:
         )
         self._stub = lstmd_pb2_grpc.LstmdStub(self._channel)
         self.target, self.timeout, self.retries = target, timeout, retries
-        self.metadata = tuple(metadata)
+        self.metadata = call_metadata(metadata, api_key)
 
     async def __aenter__(self) -> AsyncClient:
         return self

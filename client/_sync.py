@@ -42,6 +42,11 @@ def make_credentials(
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
+def call_metadata(metadata: Metadata, api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata sent with every call: ``metadata``, and the API key as a bearer token."""
+    return (*metadata, *((("authorization", f"Bearer {api_key}"),) if api_key else ()))
+
+
 class Client:
     """A connection to an lstmd server.
 
@@ -54,9 +59,10 @@ class Client:
     that carry ``expected_position``) are retried ``retries`` times on UNAVAILABLE and
     DEADLINE_EXCEEDED, with exponential back-off.
 
-    TLS: ``tls=True`` verifies the server against the system's CAs, ``root_certificates`` (PEM
-    bytes) against those instead; ``certificate_chain`` and ``private_key`` (PEM bytes) present
-    a client certificate, for servers that require one.
+    Security: ``api_key`` is sent as ``authorization: Bearer <key>`` with every call (use TLS
+    beyond localhost, or the key travels in clear). ``tls=True`` verifies the server against the
+    system's CAs, ``root_certificates`` (PEM bytes) against those instead; ``certificate_chain``
+    and ``private_key`` (PEM bytes) present a client certificate, for servers that require one.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class Client:
         root_certificates: bytes | None = None,
         certificate_chain: bytes | None = None,
         private_key: bytes | None = None,
+        api_key: str | None = None,
         metadata: Metadata = (),
         timeout: float | None = 10.0,
         retries: int = 3,
@@ -75,7 +82,7 @@ class Client:
         self._channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
         self._stub = lstmd_pb2_grpc.LstmdStub(self._channel)
         self.target, self.timeout, self.retries = target, timeout, retries
-        self.metadata = tuple(metadata)
+        self.metadata = call_metadata(metadata, api_key)
 
     def __enter__(self) -> Client:
         return self

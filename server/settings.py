@@ -20,8 +20,10 @@ BUNDLED_MODELS = Path(__file__).parent / "models"
 T = TypeVar("T")
 
 
-def _setting(default: T, help: str, choices: Sequence[str] | None = None) -> T:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _setting(default: T, help: str, choices: Sequence[str] | None = None, secret: bool = False) -> T:
+    """A field with its help text. A ``secret`` one is left out of the repr and of ``--help``'s
+    defaults, so its value (read from the environment) is never printed."""
+    return field(default=default, repr=not secret, metadata={"help": help, "choices": choices, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,15 @@ class Settings:
     tls_client_ca_file: str = _setting(
         "", "PEM CA certificates: clients must present a certificate they signed (mutual TLS)"
     )
+    api_keys_file: str = _setting(
+        "", "file of API keys, one '[name:]key' a line, '#' comments; any key turns on API-key checks"
+    )
+    api_keys: str = _setting(
+        "", "API keys, comma separated, each '[name:]key' (prefer the environment variable to the flag)", secret=True
+    )
+    keyless_services: str = _setting(
+        "health,reflection", "with API keys: services callable without one, comma separated: health, reflection"
+    )
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,10 +85,12 @@ class Settings:
         )
         values: dict[str, object] = {}
         for f in fields(cls):
-            env = "LSTMD_" + f.name.upper()
+            env = env_name(f.name)
             kind = type(f.default) if f.default is not MISSING else str
             default = f.default
-            if env in environ:
+            if f.metadata["secret"]:
+                default = argparse.SUPPRESS  # never shown by --help; read from the environment below
+            elif env in environ:
                 try:
                     default = kind(environ[env])
                 except ValueError:
@@ -91,7 +104,7 @@ class Settings:
             )
         args = parser.parse_args(argv)
         for f in fields(cls):
-            values[f.name] = getattr(args, f.name)
+            values[f.name] = getattr(args, f.name, environ.get(env_name(f.name), f.default))
         settings = cls(**values)  # type: ignore[arg-type]
         problems = settings.problems()
         if problems:
@@ -116,4 +129,10 @@ class Settings:
             out.append("--tls-cert-file and --tls-key-file go together: give both, or neither for plaintext")
         if self.tls_client_ca_file and not self.tls_cert_file:
             out.append("--tls-client-ca-file (mutual TLS) needs TLS: give --tls-cert-file and --tls-key-file too")
+        if set(filter(None, self.keyless_services.split(","))) - {"health", "reflection"}:
+            out.append("--keyless-services takes a comma-separated list of: health, reflection (or nothing)")
         return out
+
+
+def env_name(setting: str) -> str:
+    return "LSTMD_" + setting.upper()
