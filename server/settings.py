@@ -70,6 +70,7 @@ class Settings:
     api_keys: str = _setting(
         "", "API keys, comma separated, each '[name:]key' (prefer the environment variable to the flag)", secret=True
     )
+    max_sessions_per_key: int = _setting(0, "with API keys: most sessions one key may hold at once (0: no limit)")
     keyless_services: str = _setting(
         "health,reflection", "with API keys: services callable without one, comma separated: health, reflection"
     )
@@ -129,6 +130,8 @@ class Settings:
             out.append("--tls-cert-file and --tls-key-file go together: give both, or neither for plaintext")
         if self.tls_client_ca_file and not self.tls_cert_file:
             out.append("--tls-client-ca-file (mutual TLS) needs TLS: give --tls-cert-file and --tls-key-file too")
+        if self.max_sessions_per_key < 0:
+            out.append("--max-sessions-per-key must not be negative (0: no limit)")
         if set(filter(None, self.keyless_services.split(","))) - {"health", "reflection"}:
             out.append("--keyless-services takes a comma-separated list of: health, reflection (or nothing)")
         return out

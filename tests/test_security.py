@@ -1,9 +1,10 @@
 """Access control and transport security, for real: TLS and mutual TLS with certificates made
-here by the openssl command, API keys over real channels, and keys kept out of logs, metrics
-and --help."""
+here by the openssl command, API keys over real channels, sessions owned by keys, per-key
+quotas, and keys kept out of logs, metrics and --help."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -26,9 +27,9 @@ from client import AsyncClient, Client
 from server.app import RunningServer
 from server.security import SecurityConfigError, load_keys
 from server.settings import Settings
-from tests.conftest import ServerFactory, start_process
+from tests.conftest import Reference, ServerFactory, start_process
 from tests.test_cli import LSTMD, lstmd
-from tests.test_server import code_of
+from tests.test_server import assert_matches, code_of
 
 KEY_A = "alice-key-5wWq8mJ3xTz9"  # distinctive, so a search of logs and metrics finds any copy
 KEY_B = "bob-key-Lk2p7Rv4QsYn0c"
@@ -92,10 +93,10 @@ def tls_settings(pki: Pki, mutual: bool = False) -> dict[str, str]:
 
 
 def test_tls_and_key_settings_come_from_flags_and_environment(capsys: pytest.CaptureFixture[str]) -> None:
-    environ = {"LSTMD_API_KEYS": KEYS, "LSTMD_TLS_CLIENT_CA_FILE": "ca.pem"}
+    environ = {"LSTMD_API_KEYS": KEYS, "LSTMD_TLS_CLIENT_CA_FILE": "ca.pem", "LSTMD_MAX_SESSIONS_PER_KEY": "7"}
     settings = Settings.from_args(["--tls-cert-file", "s.pem", "--tls-key-file", "s.key"], environ)
     assert (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) == ("s.pem", "s.key", "ca.pem")
-    assert settings.api_keys == KEYS
+    assert settings.api_keys == KEYS and settings.max_sessions_per_key == 7
     assert settings.keyless_services == "health,reflection"
     assert KEY_A not in repr(settings)
     assert Settings.from_args(["--api-keys", "x:" + KEY_B], {"LSTMD_API_KEYS": KEYS}).api_keys == "x:" + KEY_B
@@ -106,6 +107,7 @@ def test_tls_and_key_settings_come_from_flags_and_environment(capsys: pytest.Cap
         (["--tls-cert-file", "s.pem"], "--tls-cert-file and --tls-key-file go together"),
         (["--tls-client-ca-file", "ca.pem"], "needs TLS"),
         (["--keyless-services", "health,lstmd"], "--keyless-services takes"),
+        (["--max-sessions-per-key", "-1"], "must not be negative"),
     ]:
         with pytest.raises(SystemExit):
             Settings.from_args(flags, {})
@@ -270,6 +272,79 @@ async def test_keyless_services_setting_can_put_health_behind_a_key(make_server:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_another_key_sees_not_found_and_changes_nothing(
+    keyed: tuple[RunningServer, grpc.aio.Channel], reference: Reference
+) -> None:
+    running, channel = keyed
+    alice, bob = As(channel, KEY_A), As(channel, KEY_B)
+    session = await alice.CreateSession(pb.CreateSessionRequest())
+    sid = session.session_id
+    await alice.Feed(pb.FeedRequest(session_id=sid, text="the cat", expected_position=0))
+    before = await alice.GetSession(pb.GetSessionRequest(session_id=sid))
+    count = len(running.engine.sessions)
+    _, missing = await code_of(bob.GetSession(pb.GetSessionRequest(session_id=NOBODY)))
+
+    attempts = {
+        "GetSession": bob.GetSession(pb.GetSessionRequest(session_id=sid)),
+        "DeleteSession": bob.DeleteSession(pb.DeleteSessionRequest(session_id=sid)),
+        "ForkSession": bob.ForkSession(pb.ForkSessionRequest(session_id=sid)),
+        "Feed": bob.Feed(pb.FeedRequest(session_id=sid, text="the dog")),
+        "Feed replay": bob.Feed(pb.FeedRequest(session_id=sid, text="the cat", expected_position=0)),
+        "Stream": bob.Stream(iter([pb.StreamRequest(session_id=sid, text="the dog")])).read(),
+        "Generate": bob.Generate(pb.GenerateRequest(session_id=sid, max_tokens=3)).read(),
+    }
+    for name, call in attempts.items():
+        code, message = await code_of(call)
+        assert code == grpc.StatusCode.NOT_FOUND, name
+        assert message.replace(sid, NOBODY) == missing, f"{name}: the message must not tell a foreign session apart"
+
+    assert await alice.GetSession(pb.GetSessionRequest(session_id=sid)) == before  # position, last use: untouched
+    assert len(running.engine.sessions) == count, "no fork, no ephemeral session left behind"
+    after = await alice.Feed(pb.FeedRequest(session_id=sid, text="sat", expected_position=2))
+    assert after.position == 3 and not after.replayed
+    assert_matches(after, reference.logprobs(reference.ids("the cat sat")))
+
+
+async def test_concurrent_calls_of_different_keys_each_get_their_own_identity(
+    keyed: tuple[RunningServer, grpc.aio.Channel],
+) -> None:
+    _, channel = keyed
+    callers = [As(channel, key) for key in (KEY_A, KEY_B, KEY_C)] * 8
+    created = await asyncio.gather(*(c.CreateSession(pb.CreateSessionRequest()) for c in callers))
+    owners = await asyncio.gather(*(c.GetSession(pb.GetSessionRequest(session_id=s.session_id))
+                                    for c, s in zip(callers, created, strict=True)))  # fmt: skip
+    assert [o.session_id for o in owners] == [s.session_id for s in created]
+    for i, session in enumerate(created):
+        other = callers[(i + 1) % len(callers)]
+        code, _ = await code_of(other.GetSession(pb.GetSessionRequest(session_id=session.session_id)))
+        assert code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_per_key_quota_is_resource_exhausted_for_every_way_to_make_a_session(make_server: ServerFactory) -> None:
+    async with make_server(api_keys=KEYS, max_sessions_per_key=2) as (running, _), open_channel(running) as channel:
+        alice, bob = As(channel, KEY_A), As(channel, KEY_B)
+        first = await alice.CreateSession(pb.CreateSessionRequest())
+        await alice.ForkSession(pb.ForkSessionRequest(session_id=first.session_id))
+        refused = {
+            "CreateSession": alice.CreateSession(pb.CreateSessionRequest()),
+            "ForkSession": alice.ForkSession(pb.ForkSessionRequest(session_id=first.session_id)),
+            "Stream": alice.Stream(iter([pb.StreamRequest(text="the")])).read(),
+            "Generate": alice.Generate(pb.GenerateRequest(prompt="the", max_tokens=2)).read(),
+        }
+        for name, call in refused.items():
+            code, message = await code_of(call)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, name
+            assert "API key 'alice' holds its maximum of 2 sessions" in message
+            assert "delete sessions" in message and "--max-sessions-per-key" in message
+        assert len(running.engine.sessions) == 2
+        # another key is not held back, and a deleted session frees its place
+        assert len([r async for r in bob.Stream(iter([pb.StreamRequest(text="the")]))]) == 1
+        for _ in range(2):
+            await bob.CreateSession(pb.CreateSessionRequest())
+        await alice.DeleteSession(pb.DeleteSessionRequest(session_id=first.session_id))
+        await alice.CreateSession(pb.CreateSessionRequest())
+
+
 async def test_keys_never_reach_logs_or_metrics(
     keyed: tuple[RunningServer, grpc.aio.Channel], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -280,6 +355,7 @@ async def test_keys_never_reach_logs_or_metrics(
     session = await alice.CreateSession(pb.CreateSessionRequest())
     await alice.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat"))
     await code_of(alice.Feed(pb.FeedRequest(session_id=session.session_id, text="")))  # logged INVALID_ARGUMENT
+    await code_of(As(channel, KEY_B).GetSession(pb.GetSessionRequest(session_id=session.session_id)))  # NOT_FOUND
     await code_of(As(channel, wrong).ListModels(pb.ListModelsRequest()))
     await code_of(As(channel, None).CreateSession(pb.CreateSessionRequest()))
     with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5) as reply:
@@ -320,7 +396,8 @@ def test_sync_client_with_mutual_tls_and_a_key(secure_target: str, pki: Pki) -> 
             assert stream.feed("on").position == 4
         assert session.refresh().position == 4
         assert [t.position for t in session.generate(max_tokens=2, seed=1)] == [5, 6]
-        assert [m.name for m in bob.list_models()] == [m.name for m in alice.list_models()]
+        with pytest.raises(client.NotFound):
+            bob.get_session(session.id)
     with Client(secure_target, retries=0, **tls) as nobody, pytest.raises(client.Unauthenticated, match="API key"):
         nobody.list_models()
     no_cert = Client(secure_target, api_key=KEY_A, root_certificates=pki.read("ca.pem"), retries=0, timeout=5)
