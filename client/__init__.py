@@ -9,6 +9,7 @@ from client._errors import (
     LstmdError,
     NotFound,
     PositionMismatch,
+    Unauthenticated,
     Unavailable,
 )
 from client._sync import Client, Session, Stream
@@ -33,5 +34,6 @@ __all__ = [
     "SessionInfo",
     "Stream",
     "Token",
+    "Unauthenticated",
     "Unavailable",
 ]

@@ -14,7 +14,7 @@ from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 
 from client._errors import RETRYABLE, NotFound, from_rpc_error
-from client._sync import DEFAULT_TARGET, Metadata, make_credentials
+from client._sync import DEFAULT_TARGET, Metadata, call_metadata, make_credentials
 from client._types import (
     GeneratedToken,
     Input,
@@ -38,16 +38,20 @@ class AsyncClient:
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        api_key: str | None = None,
         metadata: Metadata = (),
         timeout: float | None = 10.0,
         retries: int = 3,
     ):
-        credentials = make_credentials(tls, root_certificates)
+        credentials = make_credentials(tls, root_certificates, certificate_chain, private_key)
         self._channel = (
             grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
         )
         self._stub = lstmd_pb2_grpc.LstmdStub(self._channel)
-        self.target, self.metadata, self.timeout, self.retries = target, tuple(metadata), timeout, retries
+        self.target, self.timeout, self.retries = target, timeout, retries
+        self.metadata = call_metadata(metadata, api_key)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -46,6 +46,10 @@ class DeadlineExceeded(LstmdError):
     """The call took longer than its deadline (DEADLINE_EXCEEDED)."""
 
 
+class Unauthenticated(LstmdError):
+    """The server wants an API key and got none, or a wrong one (UNAUTHENTICATED)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[LstmdError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -53,6 +57,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LstmdError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: PositionMismatch,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 RETRYABLE = (Unavailable, DeadlineExceeded)
 

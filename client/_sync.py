@@ -31,8 +31,20 @@ Metadata = Sequence[tuple[str, str]]
 DEFAULT_TARGET = "localhost:50051"
 
 
-def make_credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
-    return grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
+def make_credentials(
+    tls: bool, root_certificates: bytes | None, certificate_chain: bytes | None, private_key: bytes | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any TLS option is given (a client certificate and key: mutual TLS)."""
+    if bool(certificate_chain) != bool(private_key):
+        raise ValueError("certificate_chain and private_key go together (mutual TLS): give both or neither")
+    if not (tls or root_certificates or certificate_chain):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def call_metadata(metadata: Metadata, api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata sent with every call: ``metadata``, and the API key as a bearer token."""
+    return (*metadata, *((("authorization", f"Bearer {api_key}"),) if api_key else ()))
 
 
 class Client:
@@ -46,6 +58,11 @@ class Client:
     the whole call, None for no deadline). Calls that are safe to repeat (reads, and feeds
     that carry ``expected_position``) are retried ``retries`` times on UNAVAILABLE and
     DEADLINE_EXCEEDED, with exponential back-off.
+
+    Security: ``api_key`` is sent as ``authorization: Bearer <key>`` with every call (use TLS
+    beyond localhost, or the key travels in clear). ``tls=True`` verifies the server against the
+    system's CAs, ``root_certificates`` (PEM bytes) against those instead; ``certificate_chain``
+    and ``private_key`` (PEM bytes) present a client certificate, for servers that require one.
     """
 
     def __init__(
@@ -54,14 +71,18 @@ class Client:
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        api_key: str | None = None,
         metadata: Metadata = (),
         timeout: float | None = 10.0,
         retries: int = 3,
     ):
-        credentials = make_credentials(tls, root_certificates)
+        credentials = make_credentials(tls, root_certificates, certificate_chain, private_key)
         self._channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
         self._stub = lstmd_pb2_grpc.LstmdStub(self._channel)
-        self.target, self.metadata, self.timeout, self.retries = target, tuple(metadata), timeout, retries
+        self.target, self.timeout, self.retries = target, timeout, retries
+        self.metadata = call_metadata(metadata, api_key)
 
     def __enter__(self) -> Client:
         return self

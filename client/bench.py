@@ -22,6 +22,7 @@ import numpy as np
 
 from client._async import AsyncClient
 from client._errors import LstmdError
+from client.cli import client_options
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,7 +73,7 @@ async def _one_stream(client: AsyncClient, args: argparse.Namespace, vocab: int,
 
 
 async def _run(args: argparse.Namespace, streams: int, first_seed: int, progress: Any) -> Tally:
-    async with AsyncClient(args.target, timeout=args.timeout) as client:
+    async with AsyncClient(args.target, timeout=args.timeout, **client_options(args)) as client:
         models = await client.list_models()
         model = next(m for m in models if m.name == args.model or (not args.model and m.is_default))
         deadline = time.monotonic() + args.duration

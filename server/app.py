@@ -18,13 +18,16 @@ from prometheus_client import start_http_server
 
 from server import metrics
 from server.engine import Engine
-from server.interceptors import MetricsInterceptor
+from server.interceptors import AuthInterceptor, MetricsInterceptor
 from server.models import ModelRegistry
+from server.security import load_keys, server_credentials
 from server.servicer import LstmdServicer
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = lstmd_pb2.DESCRIPTOR.services_by_name["Lstmd"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+KEYLESS = {"health": HEALTH_SERVICE_NAME, "reflection": reflection.SERVICE_NAME}  # --keyless-services
 
 
 @dataclass
@@ -50,21 +53,27 @@ class RunningServer:
 
 
 async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
-    """Start everything and return once the server accepts calls."""
+    """Start everything and return once the server accepts calls. Raises SecurityConfigError
+    for unusable TLS files or API keys, before anything starts."""
+    credentials = server_credentials(settings)
+    keys = load_keys(settings)
     engine = Engine(settings, registry)
     await engine.start()
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[MetricsInterceptor()], options=options)
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]  # first: it counts refused calls too
+    if keys:
+        keyless = [KEYLESS[name] for name in settings.keyless_services.split(",") if name]
+        interceptors.append(AuthInterceptor(keys, keyless))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     metrics_http = start_http_server(settings.metrics_port)[0] if settings.metrics_port >= 0 else None
@@ -76,6 +85,8 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     running = RunningServer(server, engine, health_servicer, port, metrics_http)
     names = ", ".join(registry.models)
     log.info("serving %s on %s:%d, metrics on :%d/metrics", names, settings.host, port, running.metrics_port)
+    tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"
+    log.info("TLS %s; API keys %s", tls, f"on: {len(keys)} ({', '.join(k.id for k in keys.keys)})" if keys else "off")
     return running
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from server.app import configure_logging, run
 from server.models import ModelError, load_models
+from server.security import SecurityConfigError
 from server.settings import Settings
 
 
@@ -19,5 +20,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelError as e:
         print(f"lstmd-server: {e}", file=sys.stderr)
         return 2
-    asyncio.run(run(settings, registry))
+    try:
+        asyncio.run(run(settings, registry))
+    except SecurityConfigError as e:
+        print(f"lstmd-server: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -87,7 +87,9 @@ class Engine:
     def __init__(self, settings: Settings, registry: ModelRegistry):
         self.settings = settings
         self.registry = registry
-        self.sessions = SessionStore(settings.max_sessions, settings.at_capacity, settings.session_ttl_s)
+        self.sessions = SessionStore(
+            settings.max_sessions, settings.at_capacity, settings.session_ttl_s, settings.max_sessions_per_key
+        )
         self._executor = ThreadPoolExecutor(max_workers=len(registry.models), thread_name_prefix="onnxruntime")
         self._batchers = {
             name: Batcher(model, self._executor, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
@@ -113,25 +115,25 @@ class Engine:
             await asyncio.sleep(self.settings.sweep_interval_s)
             self.sessions.sweep()
 
-    # sessions
+    # sessions: ``owner`` is the caller's API key id ("" when keys are off); a caller sees only its own
 
-    def create_session(self, model_name: str = "", top_k: int = 0) -> Session:
+    def create_session(self, model_name: str, top_k: int, owner: str) -> Session:
         model = self.registry.get(model_name)
-        return self.sessions.create(model, self._top_k(model, top_k, self.settings.default_top_k))
+        return self.sessions.create(model, self._top_k(model, top_k, self.settings.default_top_k), owner)
 
-    def get_session(self, session_id: str) -> Session:
-        return self.sessions.get(session_id)
+    def get_session(self, session_id: str, owner: str) -> Session:
+        return self.sessions.get(session_id, owner)
 
-    def delete_session(self, session_id: str) -> None:
-        self.sessions.delete(session_id)
+    def delete_session(self, session_id: str, owner: str) -> None:
+        self.sessions.delete(session_id, owner)
 
-    def fork_session(self, session_id: str) -> Session:
-        return self.sessions.fork(self.sessions.get(session_id))
+    def fork_session(self, session_id: str, owner: str) -> Session:
+        return self.sessions.fork(self.sessions.get(session_id, owner))
 
     @contextlib.asynccontextmanager
-    async def stream_session(self, session_id: str, model_name: str) -> AsyncIterator[Session]:
+    async def stream_session(self, session_id: str, model_name: str, owner: str) -> AsyncIterator[Session]:
         """The session a stream works on: an existing one, or an ephemeral one freed at the end."""
-        session = self.sessions.get(session_id) if session_id else self.create_session(model_name)
+        session = self.sessions.get(session_id, owner) if session_id else self.create_session(model_name, 0, owner)
         session.users += 1
         try:
             yield session

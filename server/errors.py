@@ -30,11 +30,16 @@ class CapacityExceeded(LstmdError):
     pass
 
 
+class Unauthenticated(LstmdError):
+    """No API key, or a wrong one. The message never holds the key."""
+
+
 STATUS = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     PositionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 

@@ -1,16 +1,37 @@
-"""Per-RPC Prometheus metrics with the grpc-ecosystem names, for every service on the server
-(lstmd, health, reflection)."""
+"""The server's interceptors: per-RPC Prometheus metrics with the grpc-ecosystem names, for every
+service on the server (lstmd, health, reflection), and API-key checks."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from typing import Any, TypeAlias
 
 import grpc
 
 from server import metrics
+from server.errors import Unauthenticated, status_of
+from server.security import KeyRing, caller
+
+log = logging.getLogger(__name__)
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the type stubs only
+_FACTORY = {
+    "unary": grpc.unary_unary_rpc_method_handler,
+    "client_stream": grpc.stream_unary_rpc_method_handler,
+    "server_stream": grpc.unary_stream_rpc_method_handler,
+    "bidi_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _kind(handler: Handler) -> str:
+    return {
+        (False, False): "unary",
+        (True, False): "client_stream",
+        (False, True): "server_stream",
+        (True, True): "bidi_stream",
+    }[(handler.request_streaming, handler.response_streaming)]
 
 
 def _code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
@@ -32,12 +53,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
-        kind = {
-            (False, False): "unary",
-            (True, False): "client_stream",
-            (False, True): "server_stream",
-            (True, True): "bidi_stream",
-        }[(handler.request_streaming, handler.response_streaming)]
+        kind = _kind(handler)
         labels = (kind, service, method)
 
         def begin() -> float:
@@ -77,14 +93,54 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     end(started, context, error)
 
             behavior = unary_behavior
-        factory = {
-            "unary": grpc.unary_unary_rpc_method_handler,
-            "client_stream": grpc.stream_unary_rpc_method_handler,
-            "server_stream": grpc.unary_stream_rpc_method_handler,
-            "bidi_stream": grpc.stream_stream_rpc_method_handler,
-        }[kind]
-        return factory(
+        return _FACTORY[kind](
             behavior,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Lets a call through only with a valid API key (``authorization: Bearer <key>``), except
+    calls to the ``keyless`` services; sets ``security.caller`` to the key's id for the handler.
+
+    An interceptor rather than a check in the servicer: one place guards every service on the
+    server, health and reflection included when they are not keyless, and a refused call never
+    reaches any handler. A refused call ends UNAUTHENTICATED; the log line names the method, the
+    peer and the reason, never the key."""
+
+    def __init__(self, keys: KeyRing, keyless: Collection[str]):
+        self.keys = keys
+        self.keyless = frozenset(keyless)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        if details.method.lstrip("/").rpartition("/")[0] in self.keyless:
+            return await continuation(details)
+        try:
+            caller.set(self.keys.identify(details.invocation_metadata or ()))
+        except Unauthenticated as error:
+            handler = await continuation(details)
+            return None if handler is None else _refusal(handler, error, details.method)
+        return await continuation(details)
+
+
+def _refusal(handler: Handler, error: Unauthenticated, method: str) -> Handler:
+    """A handler of the same kind as ``handler`` that ends the call with ``error``."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        log.info("%s refused for %s: %s", method, context.peer(), error)
+        await context.abort(status_of(error), str(error))
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await refuse(request, context)
+        yield  # never reached: a response-streaming behavior is an async generator, as other interceptors expect
+
+    return _FACTORY[_kind(handler)](
+        refuse_stream if handler.response_streaming else refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

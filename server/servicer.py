@@ -2,7 +2,9 @@
 
 Each method converts the request, calls the engine, converts the answer. Domain errors become
 status codes through one table (server.errors.STATUS); anything else is logged with its
-traceback and becomes INTERNAL, without touching other calls or sessions.
+traceback and becomes INTERNAL, without touching other calls or sessions. The caller's API key
+id (``security.caller``, set by the AuthInterceptor; "" when keys are off) goes with every
+session call, so the engine shows each caller its own sessions only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lstmd.v1 import lstmd_pb2_grpc
 from server import convert
 from server.engine import Engine
 from server.errors import LstmdError, status_of
+from server.security import caller
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,24 +73,24 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:
-        return convert.session(self.engine.create_session(request.model, request.top_k))
+        return convert.session(self.engine.create_session(request.model, request.top_k, caller.get()))
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
-        return convert.session(self.engine.get_session(request.session_id))
+        return convert.session(self.engine.get_session(request.session_id, caller.get()))
 
     @unary
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Context) -> pb.DeleteSessionResponse:
-        self.engine.delete_session(request.session_id)
+        self.engine.delete_session(request.session_id, caller.get())
         return pb.DeleteSessionResponse()
 
     @unary
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Context) -> pb.Session:
-        return convert.session(self.engine.fork_session(request.session_id))
+        return convert.session(self.engine.fork_session(request.session_id, caller.get()))
 
     @unary
     async def Feed(self, request: pb.FeedRequest, context: Context) -> pb.Prediction:
-        session = self.engine.get_session(request.session_id)
+        session = self.engine.get_session(request.session_id, caller.get())
         return convert.prediction(await self.engine.feed(session, convert.feed_args(request)))
 
     @streaming
@@ -97,7 +100,7 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
-        async with self.engine.stream_session(first.session_id, first.model) as session:
+        async with self.engine.stream_session(first.session_id, first.model, caller.get()) as session:
             request: pb.StreamRequest | None = first
             while request is not None:
                 yield convert.prediction(await self.engine.feed(session, convert.feed_args(request)))
@@ -105,6 +108,6 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
 
     @streaming
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GeneratedToken]:
-        async with self.engine.stream_session(request.session_id, request.model) as session:
+        async with self.engine.stream_session(request.session_id, request.model, caller.get()) as session:
             async for word in self.engine.generate(session, convert.generate_args(request)):
                 yield convert.generated(word)

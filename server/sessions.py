@@ -7,7 +7,7 @@ import logging
 import re
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ class Session:
     last_used: float = field(default_factory=time.time)
     last_request: tuple[Any, Any] | None = None  # (request key, its answer): exactly-once replays
     users: int = 0  # open streams and calls using it: never expired or evicted while > 0
+    owner: str = ""  # id of the API key that created it ("" when keys are off)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # feeds apply one at a time, in order
 
     def busy(self) -> bool:
@@ -46,36 +47,45 @@ class Session:
 
 class SessionStore:
     """All sessions, least recently used first. Bounded: at the limit a new session either
-    evicts the least recently used idle one (``evict``) or is refused (``reject``)."""
+    evicts the least recently used idle one (``evict``) or is refused (``reject``).
 
-    def __init__(self, max_sessions: int, at_capacity: str, ttl_s: float):
+    With API keys every session has an ``owner``: the store shows a session only to its owner
+    (to anyone else it does not exist), and holds at most ``max_per_owner`` sessions per owner
+    (0: no limit)."""
+
+    def __init__(self, max_sessions: int, at_capacity: str, ttl_s: float, max_per_owner: int = 0):
         self.max_sessions = max_sessions
         self.at_capacity = at_capacity
         self.ttl_s = ttl_s
+        self.max_per_owner = max_per_owner
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._owned: Counter[str] = Counter()  # sessions per owner
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, model: Model, top_k: int) -> Session:
-        self._make_room()
+    def create(self, model: Model, top_k: int, owner: str) -> Session:
+        self._make_room(owner)
         state, prev_state, last_token = model.initial_state()
-        session = Session(secrets.token_hex(16), model, top_k, state, prev_state, last_token)
+        session = Session(secrets.token_hex(16), model, top_k, state, prev_state, last_token, owner=owner)
         return self._add(session)
 
     def fork(self, source: Session) -> Session:
-        self._make_room()
+        """A copy of ``source``, owned by the same key."""
+        self._make_room(source.owner)
         copy = Session(
             secrets.token_hex(16), source.model, source.top_k, source.state.copy(), source.prev_state.copy(),
-            source.last_token, source.position,
+            source.last_token, source.position, owner=source.owner,
         )  # fmt: skip
         return self._add(copy)
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str) -> Session:
+        """The session, if ``owner`` owns it. Another owner's session gets the very same NotFound
+        as a missing one, so a caller cannot even learn that it exists."""
         if not _ID.fullmatch(session_id):
             raise InvalidInput(f"malformed session id {session_id[:40]!r}: expected 32 lowercase hex characters")
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or session.owner != owner:
             raise NotFound(
                 f"session {session_id} not found: it was deleted, expired after {self.ttl_s:g} s idle, "
                 "or was evicted; create a new one"
@@ -87,8 +97,8 @@ class SessionStore:
         if session.id in self._sessions:
             self._sessions.move_to_end(session.id)
 
-    def delete(self, session_id: str) -> None:
-        self._remove(self.get(session_id), metrics.sessions_deleted)
+    def delete(self, session_id: str, owner: str) -> None:
+        self._remove(self.get(session_id, owner), metrics.sessions_deleted)
 
     def discard(self, session: Session) -> None:
         """Remove a session if it is still here (ephemeral sessions at stream end)."""
@@ -110,16 +120,23 @@ class SessionStore:
 
     def _add(self, session: Session) -> Session:
         self._sessions[session.id] = session
+        self._owned[session.owner] += 1
         metrics.sessions_created.inc()
         metrics.sessions_active.set(len(self._sessions))
         return session
 
     def _remove(self, session: Session, counter: Any) -> None:
         del self._sessions[session.id]
+        self._owned[session.owner] -= 1
         counter.inc()
         metrics.sessions_active.set(len(self._sessions))
 
-    def _make_room(self) -> None:
+    def _make_room(self, owner: str) -> None:
+        if owner and self.max_per_owner and self._owned[owner] >= self.max_per_owner:
+            raise CapacityExceeded(
+                f"API key {owner!r} holds its maximum of {self.max_per_owner} sessions: delete sessions it no "
+                "longer needs (DeleteSession), or ask the server's operator to raise --max-sessions-per-key"
+            )
         if len(self._sessions) < self.max_sessions:
             return
         if self.at_capacity == "evict":

@@ -20,8 +20,10 @@ BUNDLED_MODELS = Path(__file__).parent / "models"
 T = TypeVar("T")
 
 
-def _setting(default: T, help: str, choices: Sequence[str] | None = None) -> T:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _setting(default: T, help: str, choices: Sequence[str] | None = None, secret: bool = False) -> T:
+    """A field with its help text. A ``secret`` one is left out of the repr and of ``--help``'s
+    defaults, so its value (read from the environment) is never printed."""
+    return field(default=default, repr=not secret, metadata={"help": help, "choices": choices, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,21 @@ class Settings:
     grace_s: float = _setting(10.0, "on SIGTERM, seconds in-flight calls get to finish")
     log_level: str = _setting("info", "log level", ["debug", "info", "warning", "error"])
     log_format: str = _setting("text", "log line format", ["text", "json"])
+    tls_cert_file: str = _setting("", "PEM certificate chain of the server; with --tls-key-file turns on TLS")
+    tls_key_file: str = _setting("", "PEM private key of --tls-cert-file")
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA certificates: clients must present a certificate they signed (mutual TLS)"
+    )
+    api_keys_file: str = _setting(
+        "", "file of API keys, one '[name:]key' a line, '#' comments; any key turns on API-key checks"
+    )
+    api_keys: str = _setting(
+        "", "API keys, comma separated, each '[name:]key' (prefer the environment variable to the flag)", secret=True
+    )
+    max_sessions_per_key: int = _setting(0, "with API keys: most sessions one key may hold at once (0: no limit)")
+    keyless_services: str = _setting(
+        "health,reflection", "with API keys: services callable without one, comma separated: health, reflection"
+    )
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -71,10 +88,12 @@ class Settings:
         )
         values: dict[str, object] = {}
         for f in fields(cls):
-            env = "LSTMD_" + f.name.upper()
+            env = env_name(f.name)
             kind = type(f.default) if f.default is not MISSING else str
             default = f.default
-            if env in environ:
+            if f.metadata["secret"]:
+                default = argparse.SUPPRESS  # never shown by --help; read from the environment below
+            elif env in environ:
                 try:
                     default = kind(environ[env])
                 except ValueError:
@@ -88,7 +107,7 @@ class Settings:
             )
         args = parser.parse_args(argv)
         for f in fields(cls):
-            values[f.name] = getattr(args, f.name)
+            values[f.name] = getattr(args, f.name, environ.get(env_name(f.name), f.default))
         settings = cls(**values)  # type: ignore[arg-type]
         problems = settings.problems()
         if problems:
@@ -109,4 +128,16 @@ class Settings:
             out.append("--session-ttl-s and --sweep-interval-s must be positive")
         if set(self.providers.split(",")) - {"cpu", "cuda"}:
             out.append("--providers takes a comma-separated list of: cpu, cuda")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            out.append("--tls-cert-file and --tls-key-file go together: give both, or neither for plaintext")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            out.append("--tls-client-ca-file (mutual TLS) needs TLS: give --tls-cert-file and --tls-key-file too")
+        if self.max_sessions_per_key < 0:
+            out.append("--max-sessions-per-key must not be negative (0: no limit)")
+        if set(filter(None, self.keyless_services.split(","))) - {"health", "reflection"}:
+            out.append("--keyless-services takes a comma-separated list of: health, reflection (or nothing)")
         return out
+
+
+def env_name(setting: str) -> str:
+    return "LSTMD_" + setting.upper()

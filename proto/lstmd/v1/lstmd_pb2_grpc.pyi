@@ -19,10 +19,13 @@ Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input, token id outside the vocabulary,
   top_k / temperature / top_p / max_tokens out of range, malformed session id).
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
+  With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
   message carries the actual position.
-- RESOURCE_EXHAUSTED: the server holds its maximum number of sessions, or a message is
-  too large.
+- RESOURCE_EXHAUSTED: the server holds its maximum number of sessions, the caller's API key
+  holds its maximum (per-key quota), or a message is too large.
+- UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)
+  and the call had none or a wrong one. Health and reflection need none unless configured.
 - UNAVAILABLE: the server is shutting down or overloaded; safe to retry a request that
   carries `expected_position`.
 - DEADLINE_EXCEEDED / CANCELLED: as usual; a feed is either applied whole or not at all.
