@@ -38,6 +38,7 @@ class Session:
     last_used: float = field(default_factory=time.time)
     last_request: tuple[Any, Any] | None = None  # (request key, its answer): exactly-once replays
     users: int = 0  # open streams and calls using it: never expired or evicted while > 0
+    owner: str = ""  # id of the API key that created it ("" when keys are off)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # feeds apply one at a time, in order
 
     def busy(self) -> bool:
@@ -70,6 +71,18 @@ class SessionStore:
             source.last_token, source.position,
         )  # fmt: skip
         return self._add(copy)
+
+    def restore(self, session: Session) -> bool:
+        """Add a session from a snapshot, keeping its id, as the most recently used. False when full."""
+        if len(self._sessions) >= self.max_sessions or session.id in self._sessions:
+            return False
+        self._sessions[session.id] = session
+        metrics.sessions_active.set(len(self._sessions))
+        return True
+
+    def all(self) -> list[Session]:
+        """Every session, least recently used first."""
+        return list(self._sessions.values())
 
     def get(self, session_id: str) -> Session:
         if not _ID.fullmatch(session_id):
