@@ -30,10 +30,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ class SessionRecord:
 
 def encode(records: Sequence[SessionRecord]) -> bytes:
     """The whole file's bytes."""
-    payload = b"".join(_payload(records))
+    payload = b"".join(_payload(records, len(records)))
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
 
 
@@ -109,15 +110,16 @@ def decode(data: bytes) -> list[SessionRecord]:
         raise SnapshotError(f"malformed payload: {e}") from e
 
 
-def write(path: Path, records: Sequence[SessionRecord]) -> int:
-    """Write the snapshot atomically (temporary file, fsync, rename, fsync of the folder).
-    Returns its size in bytes. Raises OSError and leaves the previous snapshot in place."""
+def write(path: Path, records: Iterable[SessionRecord], count: int) -> int:
+    """Write the ``count`` records atomically (temporary file, fsync, rename, fsync of the folder).
+    Returns the file's size in bytes. Raises OSError and leaves the previous snapshot in place.
+    ``records`` may be a generator: each record is encoded and dropped in turn."""
     temporary = path.with_name(path.name + ".tmp")
     try:
         with open(temporary, "wb", buffering=1 << 20) as f:
             f.write(bytes(_HEADER.size))  # filled in once the payload's length and checksum are known
             digest, length = hashlib.sha256(), 0
-            for chunk in _payload(records):
+            for chunk in _payload(records, count):
                 f.write(chunk)
                 digest.update(chunk)
                 length += len(chunk)
@@ -150,9 +152,11 @@ def set_aside(path: Path, kind: str) -> Path:
     return aside
 
 
-def _payload(records: Sequence[SessionRecord]) -> Iterator[bytes]:
-    yield _U32.pack(len(records))
+def _payload(records: Iterable[SessionRecord], count: int) -> Iterator[bytes]:
+    yield _U32.pack(count)
+    written = 0
     for r in records:
+        written += 1
         if r.state.shape != r.prev_state.shape or r.state.ndim != 3:
             raise ValueError(f"session {r.id}: state {r.state.shape} and prev_state {r.prev_state.shape}")
         meta = json.dumps({
@@ -163,6 +167,8 @@ def _payload(records: Sequence[SessionRecord]) -> Iterator[bytes]:
         yield _U32.pack(len(meta)) + meta
         yield np.ascontiguousarray(r.state, _FLOAT32).tobytes()
         yield np.ascontiguousarray(r.prev_state, _FLOAT32).tobytes()
+    if written != count:
+        raise ValueError(f"{written} records, {count} announced")
 
 
 def _parse(payload: memoryview) -> list[SessionRecord]:
@@ -181,7 +187,7 @@ def _parse(payload: memoryview) -> list[SessionRecord]:
             raise ValueError(f"state shape {shape}")
         arrays = []
         for _ in range(2):
-            size = _FLOAT32.itemsize * int(np.prod(shape))
+            size = _FLOAT32.itemsize * math.prod(shape)
             if offset + size > len(payload):
                 raise ValueError("the payload ends inside a state array")
             arrays.append(np.frombuffer(payload, _FLOAT32, size // _FLOAT32.itemsize, offset).reshape(shape))

@@ -284,7 +284,7 @@ async def test_a_session_of_another_model_version_is_refused_and_the_others_load
 async def test_sessions_the_served_models_cannot_take_are_refused_one_by_one(
     make_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    snapshot.write(tmp_path / FILE_NAME, [
+    records = [
         tiny_record("0" * 32),  # the least recently used: no room for it
         tiny_record("1" * 32),
         tiny_record("2" * 32, model="gone"),
@@ -292,7 +292,8 @@ async def test_sessions_the_served_models_cannot_take_are_refused_one_by_one(
         tiny_record("4" * 32, last_token=VOCAB),
         tiny_record("5" * 32, model="tiny2"),
         tiny_record("6" * 32),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    snapshot.write(tmp_path / FILE_NAME, records, len(records))
     with caplog.at_level(logging.INFO, logger="server.durable"):
         async with make_server(snapshot_dir=str(tmp_path), max_sessions=3) as (running, _):
             assert [s.id for s in running.engine.sessions.all()] == ["1" * 32, "5" * 32, "6" * 32]

@@ -84,24 +84,24 @@ def test_a_payload_that_lies_about_its_shape_is_refused_even_with_a_valid_checks
 
 def test_write_replaces_the_file_atomically_and_reads_back(tmp_path: Path) -> None:
     path = tmp_path / "sessions.snap"
-    size = snapshot.write(path, records())
+    size = snapshot.write(path, records(), 2)
     assert size == path.stat().st_size == len(snapshot.encode(records()))
     assert_same(snapshot.read(path), records())
-    snapshot.write(path, records()[:1])
+    snapshot.write(path, records()[:1], 1)
     assert len(snapshot.read(path)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sessions.snap"]  # no temporary file left
 
 
 def test_a_failed_write_keeps_the_previous_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "sessions.snap"
-    snapshot.write(path, records())
+    snapshot.write(path, records(), 2)
 
     def disk_full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
-        snapshot.write(path, records()[:1])
+        snapshot.write(path, records()[:1], 1)
     monkeypatch.undo()
     assert_same(snapshot.read(path), records())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sessions.snap"]
