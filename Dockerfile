@@ -12,7 +12,9 @@ RUN /opt/lstmd/bin/pip install --no-cache-dir --disable-pip-version-check . \
  && rm -rf /opt/lstmd/lib/python3.11/site-packages/server/models
 
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --no-create-home lstmd
+# /snapshots belongs to lstmd: a new volume mounted there (docker-compose.yml) starts with that owner
+RUN useradd --system --uid 10001 --no-create-home lstmd \
+ && mkdir /snapshots && chown lstmd /snapshots
 COPY --from=build /opt/lstmd /opt/lstmd
 COPY server/models /models
 ENV PATH=/opt/lstmd/bin:$PATH \

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Smoke test of the real deployment: build the image, bring up lstmd and Prometheus with
 # docker-compose, wait for health, predict and run a short load through the published port,
-# then ask Prometheus that it scrapes lstmd and counted the tokens. Tears down on any exit.
+# then ask Prometheus that it scrapes lstmd and counted the tokens, and check that a session
+# survives `docker-compose restart lstmd` (the snapshot volume). Tears down on any exit.
 # Needs root (docker) and the project's virtual environment (for the lstmd CLI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lstmd=${LSTMD_CLI:-.venv/bin/lstmd}
+python=${LSTMD_PYTHON:-.venv/bin/python}
 project=lstmd-smoke
 images=(python:3.11-slim prom/prometheus:v2.53.0)
 
@@ -25,16 +27,20 @@ docker image ls lstmd:latest --format 'image lstmd:latest: {{.Size}}'
 docker run --rm --entrypoint sh lstmd:latest -c \
   '! python -c "import torch" 2>/dev/null && ! command -v gcc && ! test -e /opt/lstmd/tests && echo "runtime image: no torch, no compiler, no tests; runs as uid $(id -u)"'
 
+wait_healthy() {
+  for _ in $(seq 90); do
+    status=$(docker inspect -f '{{.State.Health.Status}}' "$container")
+    [ "$status" = healthy ] && break
+    sleep 1
+  done
+  echo "lstmd container health: $status"
+  [ "$status" = healthy ] || { "${compose[@]}" logs lstmd; exit 1; }
+}
+
 say "up: lstmd and prometheus"
 "${compose[@]}" up -d lstmd prometheus
 container=$("${compose[@]}" ps -q lstmd)
-for _ in $(seq 90); do
-  status=$(docker inspect -f '{{.State.Health.Status}}' "$container")
-  [ "$status" = healthy ] && break
-  sleep 1
-done
-echo "lstmd container health: $status"
-[ "$status" = healthy ] || { "${compose[@]}" logs lstmd; exit 1; }
+wait_healthy
 
 say "predict through the published port"
 "$lstmd" predict "the clouds are in the" --target localhost:50051
@@ -53,6 +59,24 @@ done
 echo "up{job=\"lstmd\"} = $up"
 echo "sum(lstmd_tokens_total{job=\"lstmd\"}) = $tokens (expected at least 405: 5 predicted + 400 bench tokens)"
 [ "$up" = 1 ] && [ "${tokens%.*}" -ge 405 ] || { echo "smoke: Prometheus did not see lstmd as expected" >&2; exit 1; }
+
+say "a session survives docker-compose restart lstmd"
+session=$("$python" -c 'from client import Client
+with Client("localhost:50051") as lstmd:
+    session = lstmd.create_session()
+    session.feed("the clouds are in the")
+    print(session.id)')
+"${compose[@]}" restart lstmd
+wait_healthy
+"$python" - "$session" <<'EOF'
+import sys
+from client import Client
+with Client("localhost:50051") as lstmd:
+    session = lstmd.get_session(sys.argv[1])
+    assert session.position == 5, session.info
+    print(f"session {session.id} restored at position {session.position}; next:", session.feed("sky").candidates[0])
+EOF
+"${compose[@]}" logs lstmd | grep -E 'restored [0-9]+ of [0-9]+ sessions'
 
 say "graceful stop"
 "${compose[@]}" stop -t 20 lstmd

@@ -17,6 +17,7 @@ from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
 from prometheus_client import start_http_server
 
 from server import metrics
+from server.durable import Snapshots
 from server.engine import Engine
 from server.interceptors import AuthInterceptor, MetricsInterceptor
 from server.models import ModelRegistry
@@ -37,15 +38,19 @@ class RunningServer:
     health: health.aio.HealthServicer
     port: int
     metrics_http: WSGIServer | None
+    snapshots: Snapshots | None = None
 
     @property
     def metrics_port(self) -> int:
         return self.metrics_http.server_port if self.metrics_http else -1
 
     async def stop(self, grace: float) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``."""
+        """Health NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``, then
+        write the session snapshot (when configured)."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.snapshots:
+            await self.snapshots.stop()
         await self.engine.stop()
         if self.metrics_http:
             self.metrics_http.shutdown()
@@ -58,6 +63,9 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     credentials = server_credentials(settings)
     keys = load_keys(settings)
     engine = Engine(settings, registry)
+    snapshots = Snapshots(settings, engine.sessions, registry) if settings.snapshot_dir else None
+    if snapshots:
+        snapshots.restore()
     await engine.start()
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -80,9 +88,11 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     for card, is_default in registry.cards():
         metrics.model_info.labels(card.name, card.version, card.precision, str(is_default).lower()).set(1)
     await server.start()
+    if snapshots:
+        await snapshots.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, engine, health_servicer, port, metrics_http)
+    running = RunningServer(server, engine, health_servicer, port, metrics_http, snapshots)
     names = ", ".join(registry.models)
     log.info("serving %s on %s:%d, metrics on :%d/metrics", names, settings.host, port, running.metrics_port)
     tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"

@@ -35,3 +35,20 @@ sessions_deleted = Counter("lstmd_sessions_deleted_total", "Sessions deleted by 
 sessions_expired = Counter("lstmd_sessions_expired_total", "Sessions removed after their idle time-to-live.")
 sessions_evicted = Counter("lstmd_sessions_evicted_total", "Idle sessions evicted to make room at the session limit.")
 model_info = Gauge("lstmd_model_info", "Models served (value 1).", ("model", "version", "precision", "default"))
+snapshot_write_seconds = Histogram(
+    "lstmd_snapshot_write_seconds", "Time to write one session snapshot (serialise, fsync, rename).",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+snapshot_failures = Counter("lstmd_snapshot_failures_total", "Session snapshot writes that failed.")
+snapshot_last_success = Gauge(
+    "lstmd_snapshot_last_success_timestamp_seconds", "When the last session snapshot was written (0: never)."
+)
+snapshot_sessions_written = Counter("lstmd_snapshot_sessions_written_total", "Sessions written to snapshots.")
+snapshot_sessions_restored = Counter("lstmd_snapshot_sessions_restored_total", "Sessions restored from a snapshot.")
+snapshot_sessions_refused = Counter(
+    "lstmd_snapshot_sessions_refused_total",
+    "Sessions in a snapshot not restored: another model version, a model not served, or no room.",
+)
+snapshot_files_refused = Counter(
+    "lstmd_snapshot_files_refused_total", "Snapshot files refused at start (corrupt, truncated, unknown format)."
+)

@@ -79,6 +79,19 @@ class SessionStore:
         )  # fmt: skip
         return self._add(copy)
 
+    def restore(self, session: Session) -> bool:
+        """Add a session from a snapshot, keeping its id, as the most recently used. False when full."""
+        if len(self._sessions) >= self.max_sessions or session.id in self._sessions:
+            return False
+        self._sessions[session.id] = session
+        self._owned[session.owner] += 1
+        metrics.sessions_active.set(len(self._sessions))
+        return True
+
+    def all(self) -> list[Session]:
+        """Every session, least recently used first."""
+        return list(self._sessions.values())
+
     def get(self, session_id: str, owner: str) -> Session:
         """The session, if ``owner`` owns it. Another owner's session gets the very same NotFound
         as a missing one, so a caller cannot even learn that it exists."""

@@ -59,6 +59,12 @@ class Settings:
     )
     providers: str = _setting("cpu", "ONNX Runtime execution providers, comma separated: cpu, cuda")
     grace_s: float = _setting(10.0, "on SIGTERM, seconds in-flight calls get to finish")
+    snapshot_dir: str = _setting(
+        "", "folder for the session snapshot: written at shutdown, restored at start (empty: sessions are not kept)"
+    )
+    snapshot_interval_s: float = _setting(
+        0.0, "also write the snapshot every this many seconds: a crash loses at most that (0: only at shutdown)"
+    )
     log_level: str = _setting("info", "log level", ["debug", "info", "warning", "error"])
     log_format: str = _setting("text", "log line format", ["text", "json"])
     tls_cert_file: str = _setting("", "PEM certificate chain of the server; with --tls-key-file turns on TLS")
@@ -126,6 +132,10 @@ class Settings:
             out.append("--default-top-k must be between 1 and --max-top-k")
         if self.session_ttl_s <= 0 or self.sweep_interval_s <= 0:
             out.append("--session-ttl-s and --sweep-interval-s must be positive")
+        if self.snapshot_interval_s < 0:
+            out.append("--snapshot-interval-s must not be negative")
+        if self.snapshot_interval_s and not self.snapshot_dir:
+            out.append("--snapshot-interval-s needs --snapshot-dir")
         if set(self.providers.split(",")) - {"cpu", "cuda"}:
             out.append("--providers takes a comma-separated list of: cpu, cuda")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

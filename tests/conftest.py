@@ -8,6 +8,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,50 @@ def server_target(models_dir: Path) -> Iterator[str]:
     yield f"127.0.0.1:{port}"
     process.terminate()
     process.communicate(timeout=30)
+
+
+class ServerProcess:
+    """``python -m server`` on free ports, its whole log kept in ``lines`` (read by a thread, so a
+    chatty server never blocks on a full pipe). For tests that signal, kill and restart servers."""
+
+    def __init__(self, models_dir: Path, *flags: str):
+        command = [sys.executable, "-m", "server", "--models-dir", str(models_dir), "--host", "127.0.0.1",
+                   "--port", "0", "--metrics-port", "0", *flags]  # fmt: skip
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            match = re.search(r"serving .* on 127\.0\.0\.1:(\d+), metrics on :(\d+)/metrics", line)
+            if match:
+                self.port, self.metrics_port = int(match.group(1)), int(match.group(2))
+                break
+        else:
+            raise AssertionError(f"server did not start: exit code {self.process.wait()}\n{''.join(self.lines)}")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout: float = 30) -> int:
+        """Exit code, once the process ended and its log was read to the end."""
+        code = self.process.wait(timeout)
+        self._reader.join(timeout)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+        return code
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.wait()

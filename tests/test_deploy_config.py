@@ -97,3 +97,13 @@ def test_third_party_images_are_pinned(service: str) -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     image = compose["services"][service]["image"]
     assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), image
+
+
+def test_sessions_survive_a_compose_restart_in_a_volume_the_image_user_owns() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    lstmd = compose["services"]["lstmd"]
+    folder = lstmd["environment"]["LSTMD_SNAPSHOT_DIR"]
+    mounted = {target: source for source, target in (v.split(":", 1) for v in lstmd["volumes"])}
+    assert mounted[folder] in compose["volumes"]  # a named volume, so it outlives the container
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"mkdir {folder} && chown lstmd {folder}" in dockerfile and "USER lstmd" in dockerfile

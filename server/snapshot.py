@@ -1,0 +1,202 @@
+"""The session snapshot file: its format, and writing and reading it safely.
+
+Layout (all integers little-endian)::
+
+    header   magic        8 bytes   b"LSTMDSNP"
+             version      u32       FORMAT_VERSION (1); a reader refuses any other
+             length       u64       payload length in bytes
+             sha256       32 bytes  SHA-256 of the payload
+    payload  count        u32       number of sessions
+             count times:
+               meta_len   u32       length of meta
+               meta       meta_len bytes of UTF-8 JSON: an object with id, model, model_version,
+                          top_k, last_token, position, created, last_used (seconds since the
+                          epoch), owner, shape ([2, layers, hidden]) and last_request (JSON or null)
+               state      float32 array of that shape, C order: h and c after the last token
+               prev_state float32 array of that shape: h and c before the last token
+
+The header is checked before anything else (magic, version, then that the file holds exactly
+``length`` payload bytes and that their SHA-256 matches), so a truncated, extended or
+corrupted file is refused as a whole. Nothing in a snapshot is executable: it is numbers and
+JSON, never pickle, so loading one cannot run code.
+
+A snapshot is written atomically: to a temporary file in the same folder, flushed and fsynced,
+renamed over the old one, then the folder is fsynced. A crash at any moment leaves the
+previous snapshot or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"LSTMDSNP"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sI")  # magic, version
+_HEADER = struct.Struct("<8sIQ32s")  # magic, version, payload length, sha256 of the payload
+_U32 = struct.Struct("<I")
+_FLOAT32 = np.dtype("<f4")
+_META: dict[str, type | tuple[type, ...]] = {  # field: accepted types
+    "id": str, "model": str, "model_version": str, "top_k": int, "last_token": int, "position": int,
+    "created": (int, float), "last_used": (int, float), "owner": str, "shape": list,
+}  # fmt: skip
+
+
+class SnapshotError(Exception):
+    """The file is not a snapshot this server can read. ``kind`` names why, for the file set aside."""
+
+    kind = "corrupt"
+
+
+class UnsupportedVersion(SnapshotError):
+    kind = "unsupported"
+
+
+@dataclass
+class SessionRecord:
+    """One session as the snapshot holds it."""
+
+    id: str
+    model: str
+    model_version: str
+    top_k: int
+    last_token: int
+    position: int
+    created: float
+    last_used: float
+    owner: str
+    state: np.ndarray  # (2, layers, hidden) float32: h and c after the last token
+    prev_state: np.ndarray  # (2, layers, hidden): before the last token
+    last_request: object = None  # JSON-able: the exactly-once record, or None
+
+
+def encode(records: Sequence[SessionRecord]) -> bytes:
+    """The whole file's bytes."""
+    payload = b"".join(_payload(records, len(records)))
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
+
+
+def decode(data: bytes) -> list[SessionRecord]:
+    """The records of a file's bytes. Raises SnapshotError (UnsupportedVersion for another format)."""
+    if len(data) < _PREFIX.size:
+        raise SnapshotError(f"truncated: {len(data)} bytes, shorter than the header")
+    magic, version = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise SnapshotError(f"not an lstmd snapshot (starts with {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(f"format version {version}; this lstmd reads version {FORMAT_VERSION}")
+    if len(data) < _HEADER.size:
+        raise SnapshotError(f"truncated: {len(data)} bytes, shorter than the header")
+    _, _, length, digest = _HEADER.unpack_from(data)
+    payload = memoryview(data)[_HEADER.size :]
+    if len(payload) != length:
+        what = "truncated" if len(payload) < length else "extra bytes"
+        raise SnapshotError(f"{what}: the header announces {length} payload bytes, the file holds {len(payload)}")
+    if hashlib.sha256(payload).digest() != digest:
+        raise SnapshotError("checksum mismatch: the payload is not what was written")
+    try:
+        return _parse(payload)
+    except (ValueError, TypeError, KeyError, struct.error) as e:  # only a writer bug gets here past the checksum
+        raise SnapshotError(f"malformed payload: {e}") from e
+
+
+def write(path: Path, records: Iterable[SessionRecord], count: int) -> int:
+    """Write the ``count`` records atomically (temporary file, fsync, rename, fsync of the folder).
+    Returns the file's size in bytes. Raises OSError and leaves the previous snapshot in place.
+    ``records`` may be a generator: each record is encoded and dropped in turn."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb", buffering=1 << 20) as f:
+            f.write(bytes(_HEADER.size))  # filled in once the payload's length and checksum are known
+            digest, length = hashlib.sha256(), 0
+            for chunk in _payload(records, count):
+                f.write(chunk)
+                digest.update(chunk)
+                length += len(chunk)
+            f.seek(0)
+            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, length, digest.digest()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return _HEADER.size + length
+
+
+def read(path: Path) -> list[SessionRecord]:
+    """The records in ``path``. Raises FileNotFoundError, other OSErrors, or SnapshotError."""
+    return decode(path.read_bytes())
+
+
+def set_aside(path: Path, kind: str) -> Path:
+    """Rename a refused file to ``<name>.<kind>-<UTC time>`` beside it, so it is kept and not overwritten."""
+    aside = path.with_name(f"{path.name}.{kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    os.replace(path, aside)
+    return aside
+
+
+def _payload(records: Iterable[SessionRecord], count: int) -> Iterator[bytes]:
+    yield _U32.pack(count)
+    written = 0
+    for r in records:
+        written += 1
+        if r.state.shape != r.prev_state.shape or r.state.ndim != 3:
+            raise ValueError(f"session {r.id}: state {r.state.shape} and prev_state {r.prev_state.shape}")
+        meta = json.dumps({
+            "id": r.id, "model": r.model, "model_version": r.model_version, "top_k": r.top_k,
+            "last_token": r.last_token, "position": r.position, "created": r.created, "last_used": r.last_used,
+            "owner": r.owner, "shape": list(r.state.shape), "last_request": r.last_request,
+        }).encode()  # fmt: skip
+        yield _U32.pack(len(meta)) + meta
+        yield np.ascontiguousarray(r.state, _FLOAT32).tobytes()
+        yield np.ascontiguousarray(r.prev_state, _FLOAT32).tobytes()
+    if written != count:
+        raise ValueError(f"{written} records, {count} announced")
+
+
+def _parse(payload: memoryview) -> list[SessionRecord]:
+    (count,) = _U32.unpack_from(payload)
+    offset, records = _U32.size, []
+    for _ in range(count):
+        (meta_len,) = _U32.unpack_from(payload, offset)
+        offset += _U32.size
+        meta = json.loads(bytes(payload[offset : offset + meta_len]))
+        offset += meta_len
+        for name, kind in _META.items():
+            if not isinstance(meta[name], kind) or isinstance(meta[name], bool):
+                raise TypeError(f"{name} is {meta[name]!r}")
+        shape = tuple(meta["shape"])
+        if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
+            raise ValueError(f"state shape {shape}")
+        arrays = []
+        for _ in range(2):
+            size = _FLOAT32.itemsize * math.prod(shape)
+            if offset + size > len(payload):
+                raise ValueError("the payload ends inside a state array")
+            arrays.append(np.frombuffer(payload, _FLOAT32, size // _FLOAT32.itemsize, offset).reshape(shape))
+            offset += size
+        records.append(SessionRecord(
+            meta["id"], meta["model"], meta["model_version"], meta["top_k"], meta["last_token"], meta["position"],
+            float(meta["created"]), float(meta["last_used"]), meta["owner"],
+            arrays[0].astype(np.float32), arrays[1].astype(np.float32), meta.get("last_request"),
+        ))  # fmt: skip
+    if offset != len(payload):
+        raise ValueError(f"{len(payload) - offset} bytes after the last session")
+    return records
