@@ -63,7 +63,16 @@ class LSTMLanguageModel(nn.Module):
         return weight.new_zeros(shape), weight.new_zeros(shape)
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        out, state = self._lstm(tokens, state)
+        return self.decoder(self.drop(out)), state  # (batch, time, vocab)
+
+    def forward_last(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Logits of the last step only, (batch, vocab): all serving needs. A prompt of n tokens
+        then runs the decoder once instead of n times (it costs more than the LSTM per step)."""
+        out, state = self._lstm(tokens, state)
+        return self.decoder(self.drop(out[:, -1])), state
+
+    def _lstm(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         x = self.drop(self.embedding(tokens))  # (batch, time, embed)
         out, state = self.lstm(x, state)  # (batch, time, hidden)
-        logits = self.decoder(self.drop(out))  # (batch, time, vocab)
-        return logits, state
+        return out, state

@@ -7,7 +7,9 @@ The model must follow one interface (ours does, and so does pytorch/examples'
 
 with ``tokens`` (batch, time) int64, ``h`` / ``c`` (layers, batch, hidden) and ``logits``
 (batch, time, vocab). The state size is read from the module's ``num_layers`` and
-``hidden_size`` attributes, or else from its first ``nn.LSTM``.
+``hidden_size`` attributes, or else from its first ``nn.LSTM``. A model may also define
+``forward_last(tokens, (h, c)) -> (logits of the last step (batch, vocab), (h, c))``: the graph
+then runs the decoder on the last step only, which makes prompts several times cheaper.
 
 The exported graph adds the post-processing the server needs: log-softmax of the last step
 and its top-k (in the graph: ONNX Runtime's TopK beats NumPy's argpartition several times over,
@@ -46,8 +48,13 @@ class ServingGraph(nn.Module):
     def forward(
         self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, top_k: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        logits, (h1, c1) = self.lm(tokens, (h0, c0))  # (batch, time, vocab)
-        logprobs = torch.log_softmax(logits[:, -1], dim=-1)  # (batch, vocab)
+        forward_last = getattr(self.lm, "forward_last", None)
+        if callable(forward_last):
+            last, (h1, c1) = forward_last(tokens, (h0, c0))  # (batch, vocab)
+        else:
+            logits, (h1, c1) = self.lm(tokens, (h0, c0))  # (batch, time, vocab)
+            last = logits[:, -1]
+        logprobs = torch.log_softmax(last, dim=-1)  # (batch, vocab)
         top_logprobs, top_ids = torch.topk(logprobs, top_k)  # type: ignore[arg-type]  # traced as a dynamic k
         return logprobs, top_logprobs, top_ids, h1, c1
 
