@@ -1,0 +1,314 @@
+"""lstmd against its ceilings and its peers, on the bundled model, in one run.
+
+    python -m bench [--out docs/benchmarks] [--seconds 8] [--quick] [--no-torchserve]
+
+Measures, one after another on this machine:
+- compute ceiling: ONNX Runtime in this process stepping batches of 1, 8, 64, 256 sequences
+  with carried state (the server's model settings, no gRPC);
+- transport ceiling: ``bench/echo_server.py`` (bare grpc.aio, lstmd-sized replies, no model);
+- lstmd-server, the naive server (``bench/naive_server.py``) and TorchServe
+  (``bench/torchserve``, when set up) at 1, 8, 64 and 256 concurrent streams, one token per
+  feed, all driven by ``lstmd bench`` except TorchServe (its own driver, same closed loop);
+- lstmd in prompt mode (200-token prompts) against 200 single-token feeds;
+- lstmd-server's RSS with 1k, 10k and 100k idle sessions;
+- the int8 model against fp32: perplexity on the test split and tokens/s at 64 streams.
+
+Writes ``results.json``, ``results.md`` (the tables and the targets) and two plots
+(``throughput.png``, ``latency.png``) to ``--out``, and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import _process
+from bench.idle_sessions import idle_sessions
+from server.models import load_models
+from server.settings import BUNDLED_MODELS, Settings
+
+MODEL = "pd-english"
+STREAMS = [1, 8, 64, 256]
+SYSTEMS = ["compute ceiling", "transport ceiling", "combined ceiling", "lstmd", "naive", "TorchServe"]
+
+
+def compute_ceiling(models_dir: str, batch: int, seconds: float) -> dict[str, Any]:
+    """ONNX Runtime alone: steps of ``batch`` sequences, state carried, for about ``seconds``."""
+    model = load_models(Settings(models_dir=models_dir)).get(MODEL)
+    state = model.zero_state(batch)
+    h, c = state[0], state[1]
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # warm-up
+        model.run(rng.integers(2, model.vocab_size, (batch, 1)), h, c, 1, with_logprobs=False)
+    times: list[float] = []
+    cpu, deadline = time.process_time(), time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 20:
+        tokens = rng.integers(2, model.vocab_size, (batch, 1))
+        started = time.perf_counter()
+        out = model.run(tokens, h, c, 1, with_logprobs=False)
+        times.append(time.perf_counter() - started)
+        h, c = out.h, out.c
+    cpu = time.process_time() - cpu
+    ms = np.array(times) * 1000
+    return {
+        "streams": batch,
+        "tokens_per_s": batch / float(np.median(times)),
+        "latency_ms": {"p50": float(np.median(ms)), "p99": float(np.percentile(ms, 99))},
+        "cpu_s_per_1k_tokens": 1000 * cpu / (batch * len(times)),
+    }
+
+
+def served(command: list[str], ready: str, streams: list[int], seconds: float, processes: int) -> list[dict[str, Any]]:
+    with _process.serve(command, ready) as server:
+        _process.load(server, 8, 1.0)  # warm-up
+        return [_process.load(server, n, seconds, processes if n > 1 else 1) for n in streams]
+
+
+def torchserve(streams: list[int], seconds: float) -> list[dict[str, Any]] | str:
+    """TorchServe's figures, or why there are none."""
+    if not Path(".venv-torchserve/bin/torchserve").exists():
+        return "not set up: run bash bench/torchserve/setup.sh"
+    command = [sys.executable, "-m", "bench.torchserve.run", "--streams", ",".join(map(str, streams)),
+               "--duration", str(seconds), "--json"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        return f"failed ({done.returncode}): {done.stderr.strip()[-1000:]}"
+    results: list[dict[str, Any]] = json.loads(done.stdout)
+    return results
+
+
+def prompt_mode(models_dir: str, seconds: float) -> dict[str, Any]:
+    """One stream: 200-token prompts in one feed against 200 one-token feeds; and 8 streams of prompts."""
+    with _process.serve(_process.lstmd_server(models_dir), _process.LSTMD_READY) as server:
+        _process.load(server, 8, 1.0)
+        single = _process.load(server, 1, seconds)
+        prompt = _process.load(server, 1, seconds, prompt_tokens=200)
+        many = _process.load(server, 8, seconds, prompt_tokens=200)
+    return {
+        "single_token_feed_ms_p50": single["latency_ms"]["p50"],
+        "prompt_200_ms_p50": prompt["latency_ms"]["p50"],
+        "speedup": 200 * single["latency_ms"]["p50"] / prompt["latency_ms"]["p50"],
+        "prompt_1_stream": prompt,
+        "prompt_8_streams": many,
+    }
+
+
+def int8_against_fp32(models_dir: str, seconds: float, processes: int, test_tokens: int) -> dict[str, Any]:
+    """Quantize the bundled model, then perplexity on the test split and tokens/s at 64 streams."""
+    from export.cli import DEFAULT_CORPUS
+    from export.corpus import cut_blocks, load_corpus, split_documents
+    from export.model_format import ONNX_FILE
+    from export.quantize import quantize_model_dir
+    from export.verify import ort_perplexity, ort_session
+
+    src = Path(models_dir) / MODEL / "1"
+    model = load_models(Settings(models_dir=models_dir)).get(MODEL)
+    test = split_documents(cut_blocks(load_corpus(DEFAULT_CORPUS), 20_000))["test"]
+    ids = [i for doc in test for i in model.vocab.encode(doc.words)][:test_tokens]
+    result: dict[str, Any] = {"test_tokens": len(ids)}
+    with tempfile.TemporaryDirectory() as tmp:
+        int8_root = Path(tmp) / "models"
+        quantize_model_dir(src, int8_root / MODEL / "1", ids[:2000])
+        for precision, root in (("fp32", models_dir), ("int8", str(int8_root))):
+            session = ort_session(Path(root) / MODEL / "1" / ONNX_FILE, threads=1)
+            perplexity = ort_perplexity(session, ids, model.layers, model.hidden)
+            with _process.serve(_process.lstmd_server(root), _process.LSTMD_READY) as server:
+                _process.load(server, 8, 1.0)
+                run = _process.load(server, 64, seconds, processes)
+            result[precision] = {"perplexity": perplexity, "tokens_per_s_64": run["tokens_per_s"], "run": run}
+    result["speedup"] = result["int8"]["tokens_per_s_64"] / result["fp32"]["tokens_per_s_64"]
+    result["perplexity_increase"] = result["int8"]["perplexity"] / result["fp32"]["perplexity"] - 1
+    return result
+
+
+def combined(compute: dict[str, Any], transport: dict[str, Any]) -> dict[str, Any]:
+    """The ceiling for a Python gRPC server: transport and compute paid one after the other."""
+    rate = 1 / (1 / compute["tokens_per_s"] + 1 / transport["tokens_per_s"])
+    p99 = compute["latency_ms"]["p99"] + transport["latency_ms"]["p99"]
+    return {"streams": compute["streams"], "tokens_per_s": rate, "latency_ms": {"p99": p99}}
+
+
+def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The issue's targets: (target, measured, holds)."""
+    at = {name: {row["streams"]: row for row in rows} for name, rows in r["systems"].items() if isinstance(rows, list)}
+    out: list[tuple[str, str, bool]] = []
+    lstmd, compute = at["lstmd"], at["compute ceiling"]
+    one, ort_one = lstmd[1]["latency_ms"]["p50"], compute[1]["latency_ms"]["p50"]
+    out.append(("1 stream: median round trip <= ONNX Runtime batch-1 step + 0.3 ms",
+                f"{one:.3f} ms vs {ort_one:.3f} + 0.3 ms", one <= ort_one + 0.3))  # fmt: skip
+    for n in (64, 256):
+        if n in lstmd:
+            ratio = lstmd[n]["tokens_per_s"] / at["combined ceiling"][n]["tokens_per_s"]
+            out.append((f"{n} streams: lstmd >= 0.8 x combined ceiling", f"{ratio:.2f} x", ratio >= 0.8))
+    if 64 in lstmd and 64 in at.get("naive", {}):
+        ratio = lstmd[64]["tokens_per_s"] / at["naive"][64]["tokens_per_s"]
+        out.append(("64 streams: >= 5 x naive tokens/s", f"{ratio:.1f} x", ratio >= 5))
+    if 64 in lstmd and 64 in at.get("TorchServe", {}):
+        ts = at["TorchServe"][64]
+        ratio = lstmd[64]["tokens_per_s"] / ts["tokens_per_s"]
+        p99, ts_p99 = lstmd[64]["latency_ms"]["p99"], ts["latency_ms"]["p99"]
+        out.append(("64 streams: >= 2 x TorchServe tokens/s, p99 no worse",
+                    f"{ratio:.1f} x, p99 {p99:.1f} vs {ts_p99:.1f} ms", ratio >= 2 and p99 <= ts_p99))  # fmt: skip
+    idle = {row["sessions"]: row for row in r["idle_sessions"]["rows"]}
+    biggest = max(idle)
+    out.append((f"{biggest:,} idle sessions in <= 1 GiB RSS", f"{idle[biggest]['rss_mib']:,.0f} MiB",
+                idle[biggest]["rss_mib"] <= 1024))  # fmt: skip
+    speedup = r["prompt"]["speedup"]
+    out.append(("200-token prompt in one feed >= 5 x faster than 200 feeds", f"{speedup:.1f} x", speedup >= 5))
+    q = r["int8"]
+    out.append(("int8: >= 1.3 x tokens/s at 64 streams, <= 3% perplexity increase",
+                f"{q['speedup']:.2f} x, {100 * q['perplexity_increase']:+.2f}% perplexity",
+                q["speedup"] >= 1.3 and q["perplexity_increase"] <= 0.03))  # fmt: skip
+    return out
+
+
+def tables(r: dict[str, Any]) -> str:
+    streams = r["streams"]
+    head = "| system | " + " | ".join(f"{n} stream{'s' * (n > 1)}" for n in streams) + " |"
+    rule = "|---|" + "---:|" * len(streams)
+
+    def row(name: str, cell: Any) -> str:
+        rows = r["systems"].get(name)
+        if not isinstance(rows, list):
+            return f"| {name} | " + " | ".join(["n/a"] * len(streams)) + " |"
+        by = {x["streams"]: x for x in rows}
+        return f"| {name} | " + " | ".join(cell(by[n]) if n in by else "n/a" for n in streams) + " |"
+
+    def cpu(x: dict[str, Any]) -> str:
+        value = x.get("server_cpu_s_per_1k_tokens", x.get("cpu_s_per_1k_tokens"))
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = ["### Tokens per second", "", head, rule]
+    lines += [row(name, lambda x: f"{x['tokens_per_s']:,.0f}") for name in SYSTEMS]
+    lines += ["", "### p99 latency per token (ms)", "", head, rule]
+    lines += [row(name, lambda x: f"{x['latency_ms']['p99']:.2f}") for name in SYSTEMS]
+    lines += ["", "### p50 latency per token (ms)", "", head, rule]
+    lines += [row(name, lambda x: f"{x['latency_ms']['p50']:.2f}") for name in SYSTEMS if name != "combined ceiling"]
+    lines += ["", "### Server CPU seconds per 1,000 tokens", "", head, rule]
+    lines += [row(name, cpu) for name in SYSTEMS if name not in ("combined ceiling",)]
+    for name, rows in r["systems"].items():
+        if isinstance(rows, str):
+            lines += ["", f"{name}: {rows}"]
+    p = r["prompt"]
+    lines += ["", "### Prompt mode (lstmd)", "",
+              f"- one stream: a 200-token prompt in one feed takes {p['prompt_200_ms_p50']:.2f} ms (median); "
+              f"200 one-token feeds take 200 x {p['single_token_feed_ms_p50']:.3f} ms: {p['speedup']:.1f} x faster",
+              f"- 8 streams of 200-token prompts: {p['prompt_8_streams']['tokens_per_s']:,.0f} tokens/s"]  # fmt: skip
+    idle = r["idle_sessions"]
+    lines += ["", "### Idle sessions (lstmd)", "", f"state_bytes per session: {idle['state_bytes']:,}; "
+              f"RSS after start-up {idle['rss_after_start_mib']:.0f} MiB", "",
+              "| sessions | RSS MiB | growth MiB | bytes per session |", "|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {x['sessions']:,} | {x['rss_mib']:,.0f} | {x['growth_mib']:,.0f} | {x['bytes_per_session']:,.0f} |"
+              for x in idle["rows"]]  # fmt: skip
+    q = r["int8"]
+    lines += ["", f"### int8 against fp32 (perplexity on {q['test_tokens']:,} test tokens; lstmd at 64 streams)", "",
+              "| precision | perplexity | tokens/s |", "|---|---:|---:|"]  # fmt: skip
+    lines += [f"| {p} | {q[p]['perplexity']:.2f} | {q[p]['tokens_per_s_64']:,.0f} |" for p in ("fp32", "int8")]
+    lines += ["", "### Targets", "", "| target | measured | holds |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(r)]
+    return "\n".join(lines)
+
+
+def plots(r: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, ylabel, filename in (("tokens_per_s", "tokens/s", "throughput.png"),
+                                  ("p99", "p99 latency per token (ms)", "latency.png")):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in SYSTEMS:
+            rows = r["systems"].get(name)
+            if not isinstance(rows, list):
+                continue
+            xs = [x["streams"] for x in rows]
+            ys = [x["tokens_per_s"] if key == "tokens_per_s" else x["latency_ms"]["p99"] for x in rows]
+            style = "--" if "ceiling" in name else "-"
+            ax.plot(xs, ys, style, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(r["streams"], [str(n) for n in r["streams"]])
+        ax.set_xlabel("concurrent streams (one token per feed)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} vs. concurrent streams ({r['machine']})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/benchmarks", help="folder for results.json, results.md and plots")
+    parser.add_argument("--models-dir", default=str(BUNDLED_MODELS))
+    parser.add_argument("--seconds", type=float, default=8.0, help="load time per measured point")
+    parser.add_argument("--processes", type=int, default=2, help="load-generating processes above 1 stream")
+    parser.add_argument("--quick", action="store_true", help="CI-sized: 1 and 8 streams, 1 s each, small counts")
+    parser.add_argument("--no-torchserve", action="store_true", help="skip TorchServe")
+    args = parser.parse_args()
+    streams = [1, 8] if args.quick else STREAMS
+    seconds = 1.0 if args.quick else args.seconds
+    idle_counts = [100, 1000] if args.quick else [1000, 10_000, 100_000]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    r: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {platform.system()}",
+        "streams": streams,
+        "seconds_per_point": seconds,
+        "load_processes": args.processes,
+        "systems": {},
+    }
+
+    def step(what: str) -> None:
+        print(f"[{time.time() - started:5.0f} s] {what}", file=sys.stderr, flush=True)
+
+    systems = r["systems"]
+    step("compute ceiling: ONNX Runtime in process")
+    systems["compute ceiling"] = [compute_ceiling(args.models_dir, n, seconds) for n in streams]
+    step("transport ceiling: bare grpc.aio echo server")
+    echo = [sys.executable, "-m", "bench.echo_server", "--port", "0"]
+    systems["transport ceiling"] = served(echo, _process.BENCH_READY, streams, seconds, args.processes)
+    pairs = zip(systems["compute ceiling"], systems["transport ceiling"], strict=True)
+    systems["combined ceiling"] = [combined(c, t) for c, t in pairs]
+    step("lstmd-server")
+    lstmd = _process.lstmd_server(args.models_dir)
+    systems["lstmd"] = served(lstmd, _process.LSTMD_READY, streams, seconds, args.processes)
+    step("naive server")
+    naive = [sys.executable, "-m", "bench.naive_server", "--port", "0"]
+    systems["naive"] = served(naive, _process.BENCH_READY, streams, seconds, args.processes)
+    if args.no_torchserve:
+        systems["TorchServe"] = "skipped (--no-torchserve)"
+    else:
+        step("TorchServe")
+        systems["TorchServe"] = torchserve(streams, seconds)
+    step("prompt mode")
+    r["prompt"] = prompt_mode(args.models_dir, seconds)
+    step(f"idle sessions: {', '.join(map(str, idle_counts))}")
+    r["idle_sessions"] = asdict(idle_sessions(idle_counts, args.models_dir))
+    step("int8 against fp32")
+    r["int8"] = int8_against_fp32(args.models_dir, seconds, args.processes, 5_000 if args.quick else 200_000)
+    r["seconds"] = time.time() - started
+    (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")
+    text = tables(r)
+    (out / "results.md").write_text(text + "\n")
+    plots(r, out)
+    step(f"wrote {out}/results.json, results.md, throughput.png, latency.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
