@@ -14,10 +14,9 @@ queued, up to ``max_batch_size``, and runs it:
 The worker runs ONNX Runtime and the post-processing (top-k in the graph, sampling here, both
 over the whole batch) in a thread, so the event loop keeps serving while the model runs.
 
-While traffic is light (the model has been idle for longer than its last call took, and
-nothing is queued or running), a single-token step skips the queue, the worker and the thread
-and runs at once in its caller: those hops cost about as much as the step itself. Under load
-the idle gaps are shorter than the calls, so steps queue and batch as above.
+A batch of one single-token step runs on the event loop itself: the hop to the thread and
+back costs about as much as the step, and no other step is waiting. Batching is not lost:
+while such a step runs, other sessions' requests pile up, and the next batch takes them all.
 """
 
 from __future__ import annotations
@@ -73,8 +72,6 @@ class Batcher:
         self._max_wait = max_wait_s
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._last_batch = 0
-        self._busy = False  # the worker holds a batch
-        self._last_call = (0.0, 0.0)  # when the last ONNX Runtime call ended, and how long it took
         self._worker: asyncio.Task[None] | None = None
         # labelled metric children, looked up once rather than per step
         name = model.name
@@ -101,22 +98,13 @@ class Batcher:
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         ids = np.asarray(tokens, np.int64)
         full = logprobs or sampling is not None
-        request = _Request(ids, state, max(top_k, 1), sampling, full, future, time.perf_counter())
-        if ids.size == 1 and self._light_traffic():
-            self._last_batch = 1
-            return self._compute([request])[0]
-        self._queue.put_nowait(request)
+        self._queue.put_nowait(_Request(ids, state, max(top_k, 1), sampling, full, future, time.perf_counter()))
         return await future
-
-    def _light_traffic(self) -> bool:
-        ended, took = self._last_call
-        return not self._busy and self._queue.empty() and time.perf_counter() - ended > took
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            self._busy = True
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             deadline = loop.time() + self._max_wait
@@ -130,7 +118,10 @@ class Batcher:
             for group in _group_by_length(live):
                 results: list[StepResult | Exception]
                 try:
-                    results = list(await loop.run_in_executor(self._executor, self._compute, group))
+                    if len(live) == 1 and group[0].tokens.size == 1:
+                        results = list(self._compute(group))
+                    else:
+                        results = list(await loop.run_in_executor(self._executor, self._compute, group))
                 except Exception as e:  # reported to every caller of this batch
                     results = [e] * len(group)
                 for request, result in zip(group, results, strict=True):
@@ -140,7 +131,6 @@ class Batcher:
                         request.future.set_exception(result)
                     else:
                         request.future.set_result(result)
-            self._busy = False
 
     def _compute(self, group: list[_Request]) -> list[StepResult]:
         """One ONNX Runtime call for requests of equal length, then vectorised post-processing."""
@@ -162,10 +152,8 @@ class Batcher:
             words, probs = sample(out.logprobs[sampled], [group[i].sampling for i in sampled])  # type: ignore[misc]
             for i, word, prob in zip(sampled, words, probs, strict=True):
                 results[i].sampled, results[i].sampled_prob = int(word), float(prob)
-        ended = time.perf_counter()
-        self._last_call = (ended, ended - started)
         seconds, batch_size, tokens_total = self._metrics["step" if steps == 1 else "prompt"]
-        seconds.observe(ended - started)
+        seconds.observe(time.perf_counter() - started)
         batch_size.observe(len(group))
         tokens_total.inc(len(group) * steps)
         return results
