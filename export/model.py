@@ -70,7 +70,9 @@ class LSTMLanguageModel(nn.Module):
         """Logits of the last step only, (batch, vocab): all serving needs. A prompt of n tokens
         then runs the decoder once instead of n times (it costs more than the LSTM per step)."""
         out, state = self._lstm(tokens, state)
-        return self.decoder(self.drop(out[:, -1])), state
+        # (batch, 1, hidden) rather than (batch, hidden): exported as MatMul, not Gemm, which
+        # ONNX Runtime's dynamic int8 quantization can quantize
+        return self.decoder(self.drop(out[:, -1:])).squeeze(1), state
 
     def _lstm(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         x = self.drop(self.embedding(tokens))  # (batch, time, embed)
