@@ -197,6 +197,17 @@ def tables(r: dict[str, Any]) -> str:
     lines += [row(name, lambda x: f"{x['latency_ms']['p50']:.2f}") for name in SYSTEMS if name != "combined ceiling"]
     lines += ["", "### Server CPU seconds per 1,000 tokens", "", head, rule]
     lines += [row(name, cpu) for name in SYSTEMS if name not in ("combined ceiling",)]
+    lines += [
+        "",
+        "### Where the server's CPU goes (microseconds per token, by thread)",
+        "",
+        "| system | thread | " + " | ".join(f"{n}" for n in streams) + " |",
+        "|---|---|" + "---:|" * len(streams),
+    ]
+    for name in ("transport ceiling", "lstmd"):
+        by = {x["streams"]: x["server_cpu_us_per_token_by_thread"] for x in r["systems"][name]}
+        for kind in by[streams[0]]:
+            lines.append(f"| {name} | {kind} | " + " | ".join(f"{by[n][kind]:,.0f}" for n in streams) + " |")
     for name, rows in r["systems"].items():
         if isinstance(rows, str):
             lines += ["", f"{name}: {rows}"]

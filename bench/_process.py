@@ -31,15 +31,31 @@ class Server:
             total += times.user + times.system
         return total
 
+    def cpu_by_thread(self) -> dict[str, float]:
+        """CPU seconds so far by kind of thread: the main thread (lstmd's event loop), gRPC's
+        core threads (named ``event_engine`` or ``grpc_*`` by gRPC), and other threads (lstmd's
+        ONNX Runtime thread)."""
+        pid, kinds = self.process.pid, {"main thread": 0.0, "gRPC core threads": 0.0, "other threads": 0.0}
+        for thread in psutil.Process(pid).threads():
+            try:
+                with open(f"/proc/{pid}/task/{thread.id}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            kind = "main thread" if thread.id == pid else "gRPC core threads" if name.startswith(("event_engine",
+                   "grpc")) else "other threads"  # fmt: skip
+            kinds[kind] += thread.user_time + thread.system_time
+        return kinds
+
     def rss_mib(self) -> float:
         return float(psutil.Process(self.process.pid).memory_info().rss) / (1 << 20)
 
 
 @contextmanager
-def serve(command: list[str], ready: str) -> Iterator[Server]:
-    """Run ``command`` until the block ends; ``ready`` is a regex whose group 1 is the port, matched
-    against the process's output lines (stdout and stderr together)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def serve(command: list[str], ready: str, cwd: str | None = None) -> Iterator[Server]:
+    """Run ``command`` (in ``cwd``) until the block ends; ``ready`` is a regex whose group 1 is the
+    port, matched against the process's output lines (stdout and stderr together)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     assert process.stdout is not None
     seen: list[str] = []
     for line in process.stdout:
@@ -76,11 +92,15 @@ def load(server: Server, streams: int, seconds: float, processes: int = 1, promp
     command = [sys.executable, "-m", "client", "bench", "--target", server.target, "--streams", str(streams),
                "--duration", str(seconds), "--prompt-tokens", str(prompt_tokens), "--processes", str(processes),
                "--json", "--quiet"]  # fmt: skip
-    cpu = server.cpu_seconds()
+    cpu, threads = server.cpu_seconds(), server.cpu_by_thread()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"lstmd bench failed ({done.returncode}): {done.stderr[-2000:]}")
     report: dict[str, Any] = json.loads(done.stdout)
-    report["server_cpu_s_per_1k_tokens"] = 1000 * (server.cpu_seconds() - cpu) / max(report["tokens"], 1)
+    tokens = max(report["tokens"], 1)
+    report["server_cpu_s_per_1k_tokens"] = 1000 * (server.cpu_seconds() - cpu) / tokens
+    report["server_cpu_us_per_token_by_thread"] = {
+        kind: 1e6 * (seconds - threads[kind]) / tokens for kind, seconds in server.cpu_by_thread().items()
+    }
     report["server_rss_mib"] = server.rss_mib()
     return report
