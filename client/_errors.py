@@ -63,7 +63,6 @@ _BY_CODE: dict[grpc.StatusCode, type[LstmdError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
-RETRYABLE = (Unavailable, DeadlineExceeded)
 
 
 POSITION_KEY = "lstmd-position"  # the server's trailing metadata on FAILED_PRECONDITION

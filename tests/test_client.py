@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import grpc
@@ -78,8 +79,17 @@ def test_sync_errors_map_to_the_client_tree(server_target: str) -> None:
 
 
 def test_unreachable_server_is_unavailable_after_retries() -> None:
-    with Client("127.0.0.1:1", timeout=2, retries=2) as c, pytest.raises(client.Unavailable):
+    with Client("127.0.0.1:1", timeout=2, retries=2, wait_for_restart_s=0) as c, pytest.raises(client.Unavailable):
         c.list_models()
+
+
+@pytest.mark.parametrize("wait", [0.0, 1.5])
+def test_unavailable_is_retried_for_wait_for_restart_s_then_raised(wait: float) -> None:
+    with Client("127.0.0.1:1", retries=0, wait_for_restart_s=wait) as c:
+        started = time.monotonic()
+        with pytest.raises(client.Unavailable):
+            c.list_models()
+        assert wait <= time.monotonic() - started < wait + 1.5
 
 
 def test_a_retried_feed_is_never_applied_twice(server_target: str) -> None:
