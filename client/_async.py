@@ -257,8 +257,11 @@ class AsyncSession:
             return False
         old = self.id
         if plan.recreate:
-            self.info = await self.client._create(self.info.model, self.info.top_k)
-            self.id = self.info.session_id
+            info = await self.client._create(self.info.model, self.info.top_k)
+            if info.model_version != self.info.model_version:  # token ids may mean other words now
+                await self.client.delete_session(info.session_id)
+                return False
+            self.info, self.id = info, info.session_id
         position = plan.start
         for chunk in plan.chunks:
             position = (await self.client.feed(self.id, chunk, expected_position=position, top_k=1)).position

@@ -7,7 +7,9 @@ The tail holds token ids (as the server applied them: text comes back tokenized 
 original feeds. A recovery is *exact* when the tail covers everything the server is missing: the
 server's state is then what it would have been without the failure. Otherwise it is
 *approximate*: a recreated session starts from a new session's state plus the tail, a session
-at an older position continues from that position plus the tail.
+at an older position continues from that position plus the tail. A session is never recreated
+on another version of its model (the tail's token ids could mean other words there): the
+NOT_FOUND goes to the caller.
 """
 
 from __future__ import annotations

@@ -308,8 +308,11 @@ class Session:
             return False
         old = self.id
         if plan.recreate:
-            self.info = self.client._create(self.info.model, self.info.top_k)
-            self.id = self.info.session_id
+            info = self.client._create(self.info.model, self.info.top_k)
+            if info.model_version != self.info.model_version:  # token ids may mean other words now
+                self.client.delete_session(info.session_id)
+                return False
+            self.info, self.id = info, info.session_id
         position = plan.start
         for chunk in plan.chunks:
             position = self.client.feed(self.id, chunk, expected_position=position, top_k=1).position

@@ -5,6 +5,7 @@ otherwise. "Exact" is checked bit for bit against a session that was never inter
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -16,8 +17,10 @@ import client
 from client import AsyncClient, AsyncSession, Client, Prediction, Recovery, Session
 from client._errors import NotFound, PositionMismatch
 from client._recovery import Tail
+from server.app import start
 from server.durable import FILE_NAME
-from tests.conftest import ServerFactory, ServerProcess
+from server.models import load_models
+from tests.conftest import ServerFactory, ServerProcess, settings_for
 
 # Feeds of a session's history: text, token ids and single tokens, so chunks of several shapes are re-fed.
 HISTORY: list[str | list[int]] = ["the cat sat on", [10, 11, 12], "the mat .", [20], [21], "and the dog ran", [5, 6]]
@@ -147,3 +150,24 @@ def test_a_deleted_session_is_not_recreated(server_target: str) -> None:
         session.delete()
         with pytest.raises(client.NotFound):
             session.feed("sat")
+
+
+async def test_a_session_is_not_recreated_on_another_model_version(make_server: ServerFactory, tmp_path: Path) -> None:
+    """After a model upgrade the tail's token ids may mean other words: NOT_FOUND goes to the caller."""
+    async with make_server() as (running, _), AsyncClient(f"127.0.0.1:{running.port}") as c:
+        session = await c.create_session()
+        await session.feed("the cat")
+    upgraded = tmp_path / "models"
+    shutil.copytree(Path(running.engine.registry.models["tiny"].folder), upgraded / "tiny" / "2")
+    card = json.loads((upgraded / "tiny/2/model.json").read_text())
+    (upgraded / "tiny/2/model.json").write_text(json.dumps({**card, "version": "2"}))
+    settings = settings_for(upgraded, port=running.port)
+    again = await start(settings, load_models(settings))
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}") as c:
+            session.client = c
+            with pytest.raises(client.NotFound):
+                await session.feed("sat")
+        assert not session.recoveries and len(again.engine.sessions) == 0, "the trial session was deleted"
+    finally:
+        await again.stop(0)
