@@ -143,7 +143,7 @@ class Backoff:
     """When to try a call again: up to ``retries`` times on UNAVAILABLE, DEADLINE_EXCEEDED and a
     server-side CANCELLED (a call that reached a server just as it stopped), and on UNAVAILABLE also
     for as long as ``wait_s`` seconds since the first one (a server restarting); exponential
-    back-off from 50 ms, at most 1 s apart."""
+    back-off from 50 ms, at most 1 s apart. ``retries=0`` turns all of it off."""
 
     def __init__(self, retries: int, wait_s: float):
         self.retries, self.wait_s = retries, wait_s
@@ -152,7 +152,7 @@ class Backoff:
 
     def delay(self, error: LstmdError) -> float | None:
         """Seconds to wait before the next attempt, or None: give up and raise ``error``."""
-        if not isinstance(error, Unavailable | DeadlineExceeded) and error.code != "CANCELLED":
+        if self.retries <= 0 or (not isinstance(error, Unavailable | DeadlineExceeded) and error.code != "CANCELLED"):
             return None
         self.attempt += 1
         delay = min(0.05 * 2.0 ** (self.attempt - 1), 1.0)

@@ -70,7 +70,8 @@ class Client:
     the whole call, None for no deadline). Calls that are safe to repeat (reads, and feeds
     that carry ``expected_position``) are retried ``retries`` times on UNAVAILABLE and
     DEADLINE_EXCEEDED, with exponential back-off, and on UNAVAILABLE for up to
-    ``wait_for_restart_s`` seconds (a server restarting), then raise.
+    ``wait_for_restart_s`` seconds (a server restarting), then raise; ``retries=0`` retries
+    nothing.
 
     Recovery: a ``Session`` keeps the last ``recovery_tail`` tokens it was fed (0: none, no
     recovery). When the server lost the session (NOT_FOUND: restarted without it, expired,

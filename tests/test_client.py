@@ -85,7 +85,7 @@ def test_unreachable_server_is_unavailable_after_retries() -> None:
 
 @pytest.mark.parametrize("wait", [0.0, 1.5])
 def test_unavailable_is_retried_for_wait_for_restart_s_then_raised(wait: float) -> None:
-    with Client("127.0.0.1:1", retries=0, wait_for_restart_s=wait) as c:
+    with Client("127.0.0.1:1", retries=1, wait_for_restart_s=wait) as c:
         started = time.monotonic()
         with pytest.raises(client.Unavailable):
             c.list_models()
