@@ -1,5 +1,6 @@
 """lstmd's Python client: blocking (``Client``) and asyncio (``AsyncClient``) flavours with the
-same shape, typed results, and one small exception tree."""
+same shape, typed results, one small exception tree, and sessions that recover from a server
+restart or crash (``Recovery``)."""
 
 from client._async import AsyncClient, AsyncSession, AsyncStream
 from client._errors import (
@@ -12,6 +13,7 @@ from client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from client._recovery import Recovery
 from client._sync import Client, Session, Stream
 from client._types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo, Token
 
@@ -30,6 +32,7 @@ __all__ = [
     "NotFound",
     "PositionMismatch",
     "Prediction",
+    "Recovery",
     "Session",
     "SessionInfo",
     "Stream",

@@ -13,8 +13,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 
-from client._errors import RETRYABLE, NotFound, from_rpc_error
-from client._sync import DEFAULT_TARGET, Metadata, call_metadata, make_credentials
+from client._errors import LstmdError, NotFound, PositionMismatch, from_rpc_error
+from client._recovery import (
+    DEFAULT_TAIL,
+    DEFAULT_WAIT_FOR_RESTART_S,
+    MAX_RECOVERIES,
+    Backoff,
+    Plan,
+    Recovery,
+    Tail,
+    report,
+)
+from client._sync import CHANNEL_OPTIONS, DEFAULT_TARGET, Metadata, call_metadata, make_credentials
 from client._types import (
     GeneratedToken,
     Input,
@@ -30,7 +40,8 @@ T = TypeVar("T")
 
 
 class AsyncClient:
-    """Like ``Client``, for asyncio programs: ``async with AsyncClient(target) as client``."""
+    """Like ``Client`` (the same options, retries and session recovery), for asyncio programs:
+    ``async with AsyncClient(target) as client``."""
 
     def __init__(
         self,
@@ -44,13 +55,18 @@ class AsyncClient:
         metadata: Metadata = (),
         timeout: float | None = 10.0,
         retries: int = 3,
+        wait_for_restart_s: float = DEFAULT_WAIT_FOR_RESTART_S,
+        recovery_tail: int = DEFAULT_TAIL,
     ):
         credentials = make_credentials(tls, root_certificates, certificate_chain, private_key)
         self._channel = (
-            grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+            grpc.aio.secure_channel(target, credentials, CHANNEL_OPTIONS)
+            if credentials
+            else grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
         )
         self._stub = lstmd_pb2_grpc.LstmdStub(self._channel)
         self.target, self.timeout, self.retries = target, timeout, retries
+        self.wait_for_restart_s, self.recovery_tail = wait_for_restart_s, recovery_tail
         self.metadata = call_metadata(metadata, api_key)
 
     async def __aenter__(self) -> AsyncClient:
@@ -63,16 +79,16 @@ class AsyncClient:
         await self._channel.close()
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any, retry: bool = True) -> T:
-        attempts = self.retries + 1 if retry else 1
-        for attempt in range(attempts):
+        backoff = Backoff(self.retries, self.wait_for_restart_s)
+        while True:
             try:
                 return await method(request, timeout=self.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
                 error = from_rpc_error(e)
-                if not isinstance(error, RETRYABLE) or attempt == attempts - 1:
+                delay = backoff.delay(error) if retry else None
+                if delay is None:
                     raise error from None
-                await asyncio.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
+                await asyncio.sleep(delay)
 
     async def health(self, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(self._channel)
@@ -84,8 +100,11 @@ class AsyncClient:
         return [ModelInfo.from_pb(m) for m in reply.models]
 
     async def create_session(self, model: str = "", top_k: int = 0) -> AsyncSession:
+        return AsyncSession(self, await self._create(model, top_k))
+
+    async def _create(self, model: str, top_k: int) -> SessionInfo:
         request = pb.CreateSessionRequest(model=model, top_k=top_k)
-        return AsyncSession(self, SessionInfo.from_pb(await self._call(self._stub.CreateSession, request, retry=False)))
+        return SessionInfo.from_pb(await self._call(self._stub.CreateSession, request, retry=False))
 
     async def get_session(self, session_id: str) -> AsyncSession:
         reply = await self._call(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id))
@@ -165,8 +184,8 @@ class AsyncStream:
         return Prediction.from_pb(reply)
 
     async def _error(self) -> grpc.aio.AioRpcError:
-        code = await self._call.code()
-        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), await self._call.details())
+        code, details = await self._call.code(), await self._call.details()
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await self._call.trailing_metadata(), details)
 
     async def close(self) -> None:
         await self._call.done_writing()
@@ -180,34 +199,98 @@ class AsyncStream:
 
 
 class AsyncSession:
-    """Like ``Session``: exactly-once feeds, deleted on ``async with`` exit."""
+    """Like ``Session``: exactly-once feeds, recovery from a server that lost the session or went
+    back to an older snapshot (``recoveries``, ``exact``), deleted on ``async with`` exit."""
 
-    def __init__(self, client: AsyncClient, info: SessionInfo):
+    def __init__(self, client: AsyncClient, info: SessionInfo, tail: Tail | None = None):
         self.client = client
         self.info = info
         self.id = info.session_id
         self.position = info.position
+        self.recoveries: list[Recovery] = []
+        self._tail = tail or Tail(client.recovery_tail, info.position)
+        self._deleted = False
+
+    @property
+    def exact(self) -> bool:
+        """False once a recovery had to be approximate (the tail was shorter than what was lost)."""
+        return all(r.exact for r in self.recoveries)
 
     async def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
-        prediction = await self.client.feed(self.id, data, expected_position=self.position, top_k=top_k,
-                                            token_logprobs=token_logprobs)  # fmt: skip
-        self.position = prediction.position
-        return prediction
+        for recovered in range(MAX_RECOVERIES + 1):
+            try:
+                prediction = await self.client.feed(self.id, data, expected_position=self.position, top_k=top_k,
+                                                    token_logprobs=token_logprobs)  # fmt: skip
+            except (NotFound, PositionMismatch) as error:
+                if recovered == MAX_RECOVERIES or not await self._recover(error):
+                    raise
+                continue
+            self._fed([t.id for t in prediction.tokens], prediction.position)
+            return prediction
+        raise AssertionError("unreachable")
 
     async def generate(self, prompt: str = "", **options: Any) -> AsyncIterator[GeneratedToken]:
-        async for token in self.client.generate(prompt, session_id=self.id, expected_position=self.position, **options):
-            self.position = token.position
-            yield token
+        """As ``Session.generate``: a prompt is fed first; a generation cut off is not resumed."""
+        if prompt:
+            await self.feed(prompt)
+        for recovered in range(MAX_RECOVERIES + 1):
+            started = False
+            try:
+                async for token in self.client.generate(session_id=self.id, expected_position=self.position,
+                                                        **options):  # fmt: skip
+                    started = True
+                    self._fed([token.token_id], token.position)
+                    yield token
+                return
+            except (NotFound, PositionMismatch) as error:
+                if started or recovered == MAX_RECOVERIES or not await self._recover(error):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fed(self, ids: list[int], position: int) -> None:
+        self._tail.add(ids, position)
+        self.position = position
+
+    async def _recover(self, error: LstmdError) -> bool:
+        plan = None if self._deleted else self._tail.plan(error, self.position)
+        if plan is None:
+            return False
+        old = self.id
+        if plan.recreate:
+            info = await self.client._create(self.info.model, self.info.top_k)
+            if info.model_version != self.info.model_version:  # token ids may mean other words now
+                await self.client.delete_session(info.session_id)
+                return False
+            self.info, self.id = info, info.session_id
+        position = plan.start
+        for chunk in plan.chunks:
+            position = (await self.client.feed(self.id, chunk, expected_position=position, top_k=1)).position
+        self._recovered(plan, old, position)
+        return True
+
+    def _recovered(self, plan: Plan, old_id: str, position: int) -> None:
+        recovery = Recovery(plan.reason, old_id, self.id, plan.start, position, sum(map(len, plan.chunks)),
+                            plan.exact)  # fmt: skip
+        self.recoveries.append(recovery)
+        self._tail.end = self.position = position
+        report(recovery)
 
     async def fork(self) -> AsyncSession:
-        return await self.client.fork_session(self.id)
+        """A copy, which knows this session's tail (and so recovers as well as it would)."""
+        twin = await self.client.fork_session(self.id)
+        if twin.position == self.position:
+            twin._tail = self._tail.copy()
+        return twin
 
     async def refresh(self) -> SessionInfo:
         self.info = (await self.client.get_session(self.id)).info
+        if self.info.position != self.position:
+            self._tail.reset(self.info.position)
         self.position = self.info.position
         return self.info
 
     async def delete(self) -> None:
+        self._deleted = True
         await self.client.delete_session(self.id)
 
     async def __aenter__(self) -> AsyncSession:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import grpc
 
@@ -30,12 +31,15 @@ class CapacityError(LstmdError):
 
 class PositionMismatch(LstmdError):
     """``expected_position`` did not match (FAILED_PRECONDITION). ``actual_position`` is the
-    session's real position, when the server said it."""
+    session's real position, when the server said it: from the trailing metadata
+    ``lstmd-position``, or, from older servers, the message."""
 
-    def __init__(self, code: str, details: str):
+    def __init__(self, code: str, details: str, actual_position: int | None = None):
         super().__init__(code, details)
-        match = re.search(r"session's position (\d+)", details)
-        self.actual_position = int(match.group(1)) if match else None
+        if actual_position is None:
+            match = re.search(r"session's position (\d+)", details)
+            actual_position = int(match.group(1)) if match else None
+        self.actual_position = actual_position
 
 
 class Unavailable(LstmdError):
@@ -59,10 +63,16 @@ _BY_CODE: dict[grpc.StatusCode, type[LstmdError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
-RETRYABLE = (Unavailable, DeadlineExceeded)
+
+
+POSITION_KEY = "lstmd-position"  # the server's trailing metadata on FAILED_PRECONDITION
 
 
 def from_rpc_error(error: grpc.RpcError) -> LstmdError:
     code = error.code()
     details = error.details() or ""
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        trailing: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        position = next((value for key, value in trailing or () if key == POSITION_KEY), None)  # (key, value) pairs
+        return PositionMismatch(code.name, details, int(position) if isinstance(position, str) else None)
     return _BY_CODE.get(code, LstmdError)(code.name, details)

@@ -14,7 +14,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 
-from client._errors import RETRYABLE, NotFound, from_rpc_error
+from client._errors import LstmdError, NotFound, PositionMismatch, from_rpc_error
+from client._recovery import (
+    DEFAULT_TAIL,
+    DEFAULT_WAIT_FOR_RESTART_S,
+    MAX_RECOVERIES,
+    Backoff,
+    Plan,
+    Recovery,
+    Tail,
+    report,
+)
 from client._types import (
     GeneratedToken,
     Input,
@@ -29,6 +39,8 @@ from client._types import (
 T = TypeVar("T")
 Metadata = Sequence[tuple[str, str]]
 DEFAULT_TARGET = "localhost:50051"
+# Reconnect to a restarted server within a second or two, not after gRPC's default back-off (up to 2 min).
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 def make_credentials(
@@ -57,7 +69,16 @@ class Client:
     ``timeout`` is the default deadline of each call in seconds (streams and generation: of
     the whole call, None for no deadline). Calls that are safe to repeat (reads, and feeds
     that carry ``expected_position``) are retried ``retries`` times on UNAVAILABLE and
-    DEADLINE_EXCEEDED, with exponential back-off.
+    DEADLINE_EXCEEDED, with exponential back-off, and on UNAVAILABLE for up to
+    ``wait_for_restart_s`` seconds (a server restarting), then raise; ``retries=0`` retries
+    nothing.
+
+    Recovery: a ``Session`` keeps the last ``recovery_tail`` tokens it was fed (0: none, no
+    recovery). When the server lost the session (NOT_FOUND: restarted without it, expired,
+    evicted) or holds it at an older position (restored from an older periodic snapshot after a
+    crash), the session is recreated or caught up by re-feeding that tail, with
+    ``expected_position``, and the caller's feed goes on. Exact when the tail covers what was
+    lost, approximate otherwise: see ``Session.recoveries`` and ``Session.exact``.
 
     Security: ``api_key`` is sent as ``authorization: Bearer <key>`` with every call (use TLS
     beyond localhost, or the key travels in clear). ``tls=True`` verifies the server against the
@@ -77,11 +98,18 @@ class Client:
         metadata: Metadata = (),
         timeout: float | None = 10.0,
         retries: int = 3,
+        wait_for_restart_s: float = DEFAULT_WAIT_FOR_RESTART_S,
+        recovery_tail: int = DEFAULT_TAIL,
     ):
         credentials = make_credentials(tls, root_certificates, certificate_chain, private_key)
-        self._channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        self._channel = (
+            grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
+            if credentials
+            else grpc.insecure_channel(target, CHANNEL_OPTIONS)
+        )
         self._stub = lstmd_pb2_grpc.LstmdStub(self._channel)
         self.target, self.timeout, self.retries = target, timeout, retries
+        self.wait_for_restart_s, self.recovery_tail = wait_for_restart_s, recovery_tail
         self.metadata = call_metadata(metadata, api_key)
 
     def __enter__(self) -> Client:
@@ -94,16 +122,16 @@ class Client:
         self._channel.close()
 
     def _call(self, method: Callable[..., T], request: Any, retry: bool = True) -> T:
-        attempts = self.retries + 1 if retry else 1
-        for attempt in range(attempts):
+        backoff = Backoff(self.retries, self.wait_for_restart_s)
+        while True:
             try:
                 return method(request, timeout=self.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
                 error = from_rpc_error(e)
-                if not isinstance(error, RETRYABLE) or attempt == attempts - 1:
+                delay = backoff.delay(error) if retry else None
+                if delay is None:
                     raise error from None
-                time.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
+                time.sleep(delay)
 
     def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING"."""
@@ -117,8 +145,11 @@ class Client:
 
     def create_session(self, model: str = "", top_k: int = 0) -> Session:
         """A new session (not retried: a retry could leave an orphan session behind)."""
+        return Session(self, self._create(model, top_k))
+
+    def _create(self, model: str, top_k: int) -> SessionInfo:
         info = self._call(self._stub.CreateSession, pb.CreateSessionRequest(model=model, top_k=top_k), retry=False)
-        return Session(self, SessionInfo.from_pb(info))
+        return SessionInfo.from_pb(info)
 
     def get_session(self, session_id: str) -> Session:
         return Session(
@@ -215,34 +246,103 @@ class Stream:
 
 class Session:
     """A server session. Feeds carry ``expected_position``, so they are exactly-once and safely
-    retried. As a context manager it deletes itself on exit."""
+    retried. As a context manager it deletes itself on exit.
 
-    def __init__(self, client: Client, info: SessionInfo):
+    It keeps the tail of what it was fed (``Client(recovery_tail=...)``) and recovers from a
+    server that lost it or went back to an older snapshot (see ``Client``): ``id`` then changes
+    when the session was recreated, and ``position`` follows the server (after an approximate
+    recovery it is where the re-fed tail ends). ``recoveries`` lists every recovery; ``exact``
+    stays True while every recovery was exact."""
+
+    def __init__(self, client: Client, info: SessionInfo, tail: Tail | None = None):
         self.client = client
         self.info = info
         self.id = info.session_id
         self.position = info.position
+        self.recoveries: list[Recovery] = []
+        self._tail = tail or Tail(client.recovery_tail, info.position)
+        self._deleted = False
+
+    @property
+    def exact(self) -> bool:
+        """False once a recovery had to be approximate (the tail was shorter than what was lost)."""
+        return all(r.exact for r in self.recoveries)
 
     def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
-        prediction = self.client.feed(self.id, data, expected_position=self.position, top_k=top_k,
-                                      token_logprobs=token_logprobs)  # fmt: skip
-        self.position = prediction.position
-        return prediction
+        for recovered in range(MAX_RECOVERIES + 1):
+            try:
+                prediction = self.client.feed(self.id, data, expected_position=self.position, top_k=top_k,
+                                              token_logprobs=token_logprobs)  # fmt: skip
+            except (NotFound, PositionMismatch) as error:
+                if recovered == MAX_RECOVERIES or not self._recover(error):
+                    raise
+                continue
+            self._fed([t.id for t in prediction.tokens], prediction.position)
+            return prediction
+        raise AssertionError("unreachable")
 
     def generate(self, prompt: str = "", **options: Any) -> Iterator[GeneratedToken]:
-        for token in self.client.generate(prompt, session_id=self.id, expected_position=self.position, **options):
-            self.position = token.position
-            yield token
+        """Sample words after the session's text (after ``prompt``, fed first as an ordinary feed,
+        so the recovery tail knows its tokens). A generation cut off by a failure is not resumed."""
+        if prompt:
+            self.feed(prompt)
+        for recovered in range(MAX_RECOVERIES + 1):
+            started = False
+            try:
+                for token in self.client.generate(session_id=self.id, expected_position=self.position, **options):
+                    started = True
+                    self._fed([token.token_id], token.position)
+                    yield token
+                return
+            except (NotFound, PositionMismatch) as error:
+                if started or recovered == MAX_RECOVERIES or not self._recover(error):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fed(self, ids: list[int], position: int) -> None:
+        self._tail.add(ids, position)
+        self.position = position
+
+    def _recover(self, error: LstmdError) -> bool:
+        plan = None if self._deleted else self._tail.plan(error, self.position)
+        if plan is None:
+            return False
+        old = self.id
+        if plan.recreate:
+            info = self.client._create(self.info.model, self.info.top_k)
+            if info.model_version != self.info.model_version:  # token ids may mean other words now
+                self.client.delete_session(info.session_id)
+                return False
+            self.info, self.id = info, info.session_id
+        position = plan.start
+        for chunk in plan.chunks:
+            position = self.client.feed(self.id, chunk, expected_position=position, top_k=1).position
+        self._recovered(plan, old, position)
+        return True
+
+    def _recovered(self, plan: Plan, old_id: str, position: int) -> None:
+        recovery = Recovery(plan.reason, old_id, self.id, plan.start, position, sum(map(len, plan.chunks)),
+                            plan.exact)  # fmt: skip
+        self.recoveries.append(recovery)
+        self._tail.end = self.position = position
+        report(recovery)
 
     def fork(self) -> Session:
-        return self.client.fork_session(self.id)
+        """A copy, which knows this session's tail (and so recovers as well as it would)."""
+        twin = self.client.fork_session(self.id)
+        if twin.position == self.position:
+            twin._tail = self._tail.copy()
+        return twin
 
     def refresh(self) -> SessionInfo:
         self.info = self.client.get_session(self.id).info
+        if self.info.position != self.position:
+            self._tail.reset(self.info.position)
         self.position = self.info.position
         return self.info
 
     def delete(self) -> None:
+        self._deleted = True
         self.client.delete_session(self.id)
 
     def __enter__(self) -> Session:

@@ -34,6 +34,7 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
         "certificate_chain": read("--tls-cert-file", args.tls_cert_file),
         "private_key": read("--tls-key-file", args.tls_key_file),
         "api_key": args.api_key or os.environ.get("LSTMD_API_KEY") or None,
+        "wait_for_restart_s": 0.0,  # a command (or a benchmark) reports a down server at once
     }
 
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import grpc
 
+POSITION_KEY = "lstmd-position"  # trailing metadata of FAILED_PRECONDITION: the session's actual position
+
 
 class LstmdError(Exception):
-    """Base class: the message is shown to the client and must say what to change."""
+    """Base class: the message is shown to the client and must say what to change. ``metadata``
+    goes back as the call's trailing metadata: facts a client program acts on, so it never has to
+    parse the message."""
+
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 class InvalidInput(LstmdError):
@@ -24,6 +30,7 @@ class PositionMismatch(LstmdError):
             f"re-read the session and retry with expected_position={actual}"
         )
         self.actual = actual
+        self.metadata = ((POSITION_KEY, str(actual)),)
 
 
 class CapacityExceeded(LstmdError):

@@ -31,7 +31,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 async def _abort(context: Context, error: Exception, method: str) -> None:
     if isinstance(error, LstmdError):
         log.info("%s: %s: %s", method, status_of(error).name, error)
-        await context.abort(status_of(error), str(error))
+        await context.abort(status_of(error), str(error), trailing_metadata=error.metadata)
     log.exception("internal error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has the details")
 

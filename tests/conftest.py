@@ -36,6 +36,23 @@ rain snow wind fire water stone . , ; : ! ? ' " ( )
 LAYERS, HIDDEN = 2, 24
 
 
+FIGURES: list[str] = []  # the reliability suites' summary lines, shown at the end of every run
+
+
+@pytest.fixture
+def figures() -> Callable[[str], None]:
+    """``figures(line)``: a suite's summary (requests sent, failures, sessions restored, inputs
+    tried), printed in pytest's terminal summary, so every run shows the counts without ``-s``."""
+    return FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder holding "tiny" (and "tiny2", to test model choice)."""

@@ -1,8 +1,18 @@
 """Random and adversarial input to every RPC: each gets an answer or a documented status code,
-the server stays healthy, and a canary session beside it is bit-for-bit unaffected."""
+the server stays healthy, and a canary session beside it is bit-for-bit unaffected.
+
+Covered: random and adversarial unicode, empty, huge and oversized texts and prompts, negative
+and out-of-range token ids, zero and huge top_k / max_tokens / temperature / top_p, unknown
+models and sessions, malformed session ids (Feed, Stream, Generate, Get/Delete/ForkSession,
+CreateSession), too many tokens, messages over the server's size limit, and clients cancelling
+streams, generations and feeds midway. Every input tried is counted; the last test reports the
+counts (pytest's "reliability figures" section)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -27,15 +37,18 @@ texts = st.one_of(st.text(max_size=300), st.sampled_from(["", " ", "\n", "<unk>"
 ids = st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=20)
 session_ids = st.one_of(st.text(max_size=40), st.just("0" * 32), st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
 counts = st.integers(min_value=0, max_value=2**32 - 1)
+TRIED: Counter[tuple[str, str]] = Counter()  # (RPC, status code) of every input tried
 
 
-async def outcome(call: Any) -> grpc.StatusCode:
+async def outcome(call: Any, rpc: str) -> grpc.StatusCode:
     try:
         await call
     except grpc.aio.AioRpcError as e:
         assert e.code() in DOCUMENTED, f"{e.code()}: {e.details()}"
         assert e.details(), "an error always says what to change"
+        TRIED[rpc, e.code().name] += 1
         return e.code()
+    TRIED[rpc, "OK"] += 1
     return grpc.StatusCode.OK
 
 
@@ -81,8 +94,8 @@ async def test_fuzzed_feeds(
             request.text = text
         else:
             request.tokens.ids.extend(token_ids)
-        await outcome(stub.Feed(request))
-        await outcome(_stream_once(stub, sid, request))
+        await outcome(stub.Feed(request), "Feed")
+        await outcome(_stream_once(stub, sid, request), "Stream")
 
 
 async def _stream_once(stub: Any, session_id: str, feed: pb.FeedRequest) -> None:
@@ -112,11 +125,127 @@ async def test_fuzzed_generate_and_sessions(
         async for _ in stub.Generate(request):
             pass
 
-    await outcome(generate())
-    await outcome(stub.CreateSession(pb.CreateSessionRequest(model=model, top_k=top_k)))
+    await outcome(generate(), "Generate")
+    await outcome(stub.CreateSession(pb.CreateSessionRequest(model=model, top_k=top_k)), "CreateSession")
 
 
-async def test_the_canary_is_untouched_and_the_server_healthy(canary: Canary, reference: Reference) -> None:
+@FUZZ
+@given(session_id=session_ids, position=st.one_of(st.none(), counts), model=st.sampled_from(["", "tiny", "nope"]))
+async def test_fuzzed_session_calls(
+    shared: tuple[RunningServer, Any], canary: Canary, session_id: str, position: int | None, model: str
+) -> None:
+    _, stub = shared
+    await outcome(stub.GetSession(pb.GetSessionRequest(session_id=session_id)), "GetSession")
+    await outcome(stub.ForkSession(pb.ForkSessionRequest(session_id=session_id)), "ForkSession")
+    await outcome(stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id)), "DeleteSession")
+
+    async def generate() -> None:
+        request = pb.GenerateRequest(session_id=session_id, model=model, max_tokens=2, expected_position=position)
+        async for _ in stub.Generate(request):
+            pass
+
+    await outcome(generate(), "Generate")
+    await outcome(_stream_once(stub, "", pb.FeedRequest(session_id=session_id, text="the")), "Stream")
+
+
+HUGE = 100_001  # characters: over the default --max-text-chars
+OVERSIZED = 2 << 20  # bytes: over the default --max-message-bytes (1 MiB)
+
+
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [
+        (pb.FeedRequest(text="a" * HUGE), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.FeedRequest(text="the " * 5000), grpc.StatusCode.INVALID_ARGUMENT),  # 5000 tokens: over 4096
+        (pb.FeedRequest(tokens=pb.TokenIds(ids=[2] * 5000)), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.FeedRequest(text="\u0301" * 50_000), grpc.StatusCode.INVALID_ARGUMENT),  # only combining marks
+        (pb.FeedRequest(text="x" * OVERSIZED), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (pb.FeedRequest(tokens=pb.TokenIds(ids=[2**62] * 200_000)), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (pb.GenerateRequest(prompt="a" * HUGE, max_tokens=1), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.GenerateRequest(prompt="x" * OVERSIZED, max_tokens=1), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (pb.StreamRequest(text="x" * OVERSIZED), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (pb.CreateSessionRequest(model="m" * OVERSIZED), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ],
+    ids=[
+        "text-over-max-chars",
+        "text-over-max-tokens",
+        "ids-over-max-tokens",
+        "combining-marks",
+        "feed-2MiB",
+        "ids-2MiB",
+        "prompt-over-max-chars",
+        "prompt-2MiB",
+        "stream-2MiB",
+        "create-2MiB",
+    ],
+)
+async def test_huge_and_oversized_inputs(
+    shared: tuple[RunningServer, Any], canary: Canary, request_: Any, code: grpc.StatusCode
+) -> None:
+    _, stub = shared
+    if isinstance(request_, pb.FeedRequest):
+        request_.session_id = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+        assert await outcome(stub.Feed(request_), "Feed") == code
+    elif isinstance(request_, pb.StreamRequest):
+        assert await outcome(_stream_once(stub, "", pb.FeedRequest(text=request_.text)), "Stream") == code
+    elif isinstance(request_, pb.GenerateRequest):
+
+        async def generate() -> None:
+            async for _ in stub.Generate(request_):
+                pass
+
+        assert await outcome(generate(), "Generate") == code
+    else:
+        assert await outcome(stub.CreateSession(request_), "CreateSession") == code
+
+
+async def test_clients_cancelling_midway_leave_sessions_whole(
+    shared: tuple[RunningServer, Any], canary: Canary
+) -> None:
+    """Streams, generations and long feeds cancelled at random moments: each feed is applied whole
+    or not at all, ephemeral sessions are freed, and the session goes on from where it stands."""
+    running, stub = shared
+    rng = np.random.default_rng(0)
+    held = len(running.engine.sessions)
+    for i in range(20):
+        session = await stub.CreateSession(pb.CreateSessionRequest())
+        sid = session.session_id
+        delay = float(rng.uniform(0, 0.01))
+        stream = stub.Stream()
+        for word in ("the", "cat"):
+            await stream.write(pb.StreamRequest(session_id=sid if word == "the" else "", text=word))
+        await asyncio.sleep(delay)
+        stream.cancel()
+        generation = stub.Generate(pb.GenerateRequest(session_id=sid if i % 2 else "", max_tokens=1024))
+        await asyncio.sleep(delay)
+        generation.cancel()
+        feed = stub.Feed(pb.FeedRequest(session_id=sid, tokens=pb.TokenIds(ids=[2] * 4096)))
+        await asyncio.sleep(delay)
+        feed.cancel()
+        for call in (stream, generation, feed):
+            code = await call.code()  # CANCELLED, or OK when the call had ended before the client cancelled
+            assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.OK)
+            TRIED["cancelled midway", code.name] += 1
+        await asyncio.sleep(0.05)  # let the server see the cancellations
+        position = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).position
+        after = await stub.Feed(pb.FeedRequest(session_id=sid, text="sat", expected_position=position))
+        assert after.position == position + 1
+        await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+    assert len(running.engine.sessions) == held, "ephemeral sessions of cancelled calls were freed"
+
+
+async def test_the_canary_is_untouched_and_the_server_healthy(
+    canary: Canary, reference: Reference, figures: Callable[[str], None]
+) -> None:
     """Runs after the fuzz tests above (pytest keeps file order); the canary was fed before them."""
     await canary.check(reference)
     assert (await canary.stub.ListModels(pb.ListModelsRequest())).models
+    by_rpc: Counter[str] = Counter()
+    by_code: Counter[str] = Counter()
+    for (rpc, code), n in TRIED.items():
+        by_rpc[rpc] += n
+        by_code[code] += n
+    rpcs = ", ".join(f"{r} {n}" for r, n in sorted(by_rpc.items()))
+    codes = ", ".join(f"{c} {n}" for c, n in by_code.most_common())
+    figures(f"bad input: {sum(TRIED.values())} inputs tried ({rpcs}); answers: {codes}; no undocumented code, "
+            "server healthy, canary bit-for-bit unaffected")  # fmt: skip

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from typing import Any
 
 import grpc
 import pytest
@@ -67,6 +69,9 @@ def test_sync_errors_map_to_the_client_tree(server_target: str) -> None:
         with pytest.raises(client.PositionMismatch) as exc:
             c.feed(session.id, "cat", expected_position=0)
         assert exc.value.actual_position == 1
+        with pytest.raises(client.PositionMismatch) as exc:  # Generate says it too
+            list(c.generate(session_id=session.id, expected_position=7, max_tokens=1))
+        assert exc.value.actual_position == 1
         with pytest.raises(client.InvalidInput):
             list(c.generate("the", max_tokens=0))
         with pytest.raises(client.NotFound):
@@ -74,8 +79,17 @@ def test_sync_errors_map_to_the_client_tree(server_target: str) -> None:
 
 
 def test_unreachable_server_is_unavailable_after_retries() -> None:
-    with Client("127.0.0.1:1", timeout=2, retries=2) as c, pytest.raises(client.Unavailable):
+    with Client("127.0.0.1:1", timeout=2, retries=2, wait_for_restart_s=0) as c, pytest.raises(client.Unavailable):
         c.list_models()
+
+
+@pytest.mark.parametrize("wait", [0.0, 1.5])
+def test_unavailable_is_retried_for_wait_for_restart_s_then_raised(wait: float) -> None:
+    with Client("127.0.0.1:1", retries=1, wait_for_restart_s=wait) as c:
+        started = time.monotonic()
+        with pytest.raises(client.Unavailable):
+            c.list_models()
+        assert wait <= time.monotonic() - started < wait + 1.5
 
 
 def test_a_retried_feed_is_never_applied_twice(server_target: str) -> None:
@@ -112,6 +126,13 @@ def test_error_mapping_table() -> None:
         error = from_rpc_error(Fake(code))
         assert type(error) is cls and error.code == code.name
     assert from_rpc_error(Fake(grpc.StatusCode.FAILED_PRECONDITION)).actual_position == 7  # type: ignore[attr-defined]
+
+    class WithMetadata(Fake):
+        def trailing_metadata(self) -> Any:
+            return (("lstmd-position", "9"),)
+
+    structured = from_rpc_error(WithMetadata(grpc.StatusCode.FAILED_PRECONDITION))
+    assert structured.actual_position == 9  # type: ignore[attr-defined]  # the metadata wins over the message
 
 
 async def test_async_client_has_the_same_shape(server_target: str) -> None:

@@ -18,6 +18,7 @@ import shutil
 import signal
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def servers() -> Any:
 
 
 async def test_sigterm_under_load_then_restart_restores_every_session_exactly(
-    models_dir: Path, tmp_path: Path, reference: Any, servers: list[ServerProcess]
+    models_dir: Path, tmp_path: Path, reference: Any, servers: list[ServerProcess], figures: Callable[[str], None]
 ) -> None:
     servers.append(first := ServerProcess(models_dir, "--snapshot-dir", str(tmp_path), "--grace-s", "20"))
     rng = np.random.default_rng(0)
@@ -169,12 +170,12 @@ async def test_sigterm_under_load_then_restart_restores_every_session_exactly(
             assert replayed == answer
             await assert_restored_exactly(stub, reference, client, client.confirmed)
     tokens = sum(c.confirmed for c in clients)
-    print(f"\ndurable/SIGTERM: 16 sessions under load, {answered} feeds answered, 16 refused at shutdown, 0 failed; "
+    figures(f"durable/SIGTERM: 16 sessions under load, {answered} feeds answered, 16 refused at shutdown, 0 failed; "
           f"16 restored exactly ({tokens} tokens of state); restart to serving {restart_s:.2f} s")  # fmt: skip
 
 
 async def test_periodic_snapshot_survives_sigkill(
-    models_dir: Path, tmp_path: Path, reference: Any, servers: list[ServerProcess]
+    models_dir: Path, tmp_path: Path, reference: Any, servers: list[ServerProcess], figures: Callable[[str], None]
 ) -> None:
     flags = ("--snapshot-dir", str(tmp_path), "--snapshot-interval-s", "0.25")
     servers.append(first := ServerProcess(models_dir, *flags))
@@ -203,7 +204,7 @@ async def test_periodic_snapshot_survives_sigkill(
         for client in clients:
             await assert_restored_exactly(stub, reference, client, positions[client.session_id])
     lost = sum(c.confirmed - positions[c.session_id] for c in clients)
-    print(f"\ndurable/SIGKILL: 8 sessions, {sum(c.confirmed for c in clients)} tokens answered, "
+    figures(f"durable/SIGKILL: 8 sessions, {sum(c.confirmed for c in clients)} tokens answered, "
           f"{int(written)} session records written by periodic snapshots (0.25 s); after SIGKILL all 8 restored "
           f"exactly as of the last snapshot, {lost} answered tokens lost in the window")  # fmt: skip
 

@@ -239,8 +239,10 @@ async def test_exactly_once_replays_a_retry_and_refuses_a_stale_position(stub: A
     assert (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).position == 2, "applied once"
     code, message = await code_of(stub.Feed(pb.FeedRequest(session_id=sid, text="the dog", expected_position=0)))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "session's position 2" in message
-    code, _ = await code_of(stub.Feed(pb.FeedRequest(session_id=sid, text="sat", expected_position=5)))
+    call = stub.Feed(pb.FeedRequest(session_id=sid, text="sat", expected_position=5))
+    code, _ = await code_of(call)
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert ("lstmd-position", "2") in list(await call.trailing_metadata()), "the actual position, machine-readable"
     nxt = await stub.Feed(pb.FeedRequest(session_id=sid, text="sat", expected_position=2))
     assert nxt.position == 3 and not nxt.replayed
 

@@ -21,7 +21,8 @@ Errors (standard gRPC status codes; the message says what to change):
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
-  message carries the actual position.
+  trailing metadata `lstmd-position` holds the actual position (decimal), and the message
+  says it too.
 - RESOURCE_EXHAUSTED: the server holds its maximum number of sessions, the caller's API key
   holds its maximum (per-key quota), or a message is too large.
 - UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)

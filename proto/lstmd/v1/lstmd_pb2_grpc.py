@@ -123,7 +123,7 @@ class LstmdServicer:
         With `expected_position` the feed is exactly-once: it is applied only if the session is
         at that position; a retry of the feed that was applied last returns the same prediction
         (marked `replayed`) instead of applying it twice; any other mismatch is
-        FAILED_PRECONDITION with the actual position in the message.
+        FAILED_PRECONDITION with the actual position in the trailing metadata `lstmd-position`.
         Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -21,7 +21,8 @@ Errors (standard gRPC status codes; the message says what to change):
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
-  message carries the actual position.
+  trailing metadata `lstmd-position` holds the actual position (decimal), and the message
+  says it too.
 - RESOURCE_EXHAUSTED: the server holds its maximum number of sessions, the caller's API key
   holds its maximum (per-key quota), or a message is too large.
 - UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)
@@ -81,7 +82,7 @@ class LstmdStub:
     With `expected_position` the feed is exactly-once: it is applied only if the session is
     at that position; a retry of the feed that was applied last returns the same prediction
     (marked `replayed`) instead of applying it twice; any other mismatch is
-    FAILED_PRECONDITION with the actual position in the message.
+    FAILED_PRECONDITION with the actual position in the trailing metadata `lstmd-position`.
     Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION.
     """
     Stream: _grpc.StreamStreamMultiCallable[_lstmd_pb2.StreamRequest, _lstmd_pb2.Prediction]
@@ -122,7 +123,7 @@ class LstmdAsyncStub(LstmdStub):
     With `expected_position` the feed is exactly-once: it is applied only if the session is
     at that position; a retry of the feed that was applied last returns the same prediction
     (marked `replayed`) instead of applying it twice; any other mismatch is
-    FAILED_PRECONDITION with the actual position in the message.
+    FAILED_PRECONDITION with the actual position in the trailing metadata `lstmd-position`.
     Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION.
     """
     Stream: _aio.StreamStreamMultiCallable[_lstmd_pb2.StreamRequest, _lstmd_pb2.Prediction]  # type: ignore[assignment]
@@ -196,7 +197,7 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
         With `expected_position` the feed is exactly-once: it is applied only if the session is
         at that position; a retry of the feed that was applied last returns the same prediction
         (marked `replayed`) instead of applying it twice; any other mismatch is
-        FAILED_PRECONDITION with the actual position in the message.
+        FAILED_PRECONDITION with the actual position in the trailing metadata `lstmd-position`.
         Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION.
         """
 
