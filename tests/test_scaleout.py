@@ -45,7 +45,8 @@ def feed(s: Any, session_id: str, ids: list[int], expected: int | None = None) -
     request = pb.FeedRequest(session_id=session_id, tokens=pb.TokenIds(ids=ids), top_k=5, return_token_logprobs=True)
     if expected is not None:
         request.expected_position = expected
-    return s.Feed(request, timeout=10)
+    reply: pb.Prediction = s.Feed(request, timeout=10)
+    return reply
 
 
 def same(a: pb.Prediction, b: pb.Prediction) -> bool:
