@@ -1,5 +1,6 @@
 # lstmd-server image: the server's runtime dependencies and the bundled model, nothing else
-# (no torch, no compilers, no tests). Build: docker build -t lstmd .
+# (no torch, no compilers, no tests; the small redis client, so one image serves either session
+# store). Build: docker build -t lstmd .
 FROM python:3.11-slim AS build
 WORKDIR /src
 RUN python -m venv /opt/lstmd
@@ -8,7 +9,7 @@ COPY proto proto
 COPY server server
 COPY client client
 COPY export export
-RUN /opt/lstmd/bin/pip install --no-cache-dir --disable-pip-version-check . \
+RUN /opt/lstmd/bin/pip install --no-cache-dir --disable-pip-version-check ".[redis]" \
  && rm -rf /opt/lstmd/lib/python3.11/site-packages/server/models
 
 FROM python:3.11-slim

@@ -62,7 +62,12 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     for unusable TLS files or API keys, before anything starts."""
     credentials = server_credentials(settings)
     keys = load_keys(settings)
-    engine = Engine(settings, registry)
+    shared = None
+    if settings.session_store != "memory":
+        from server.shared import RedisSessionStore  # the redis extra: only needed when configured
+
+        shared = RedisSessionStore(settings.session_store, registry, settings.session_ttl_s)
+    engine = Engine(settings, registry, shared)
     snapshots = Snapshots(settings, engine.sessions, registry) if settings.snapshot_dir else None
     if snapshots:
         snapshots.restore()
@@ -96,6 +101,7 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     names = ", ".join(registry.models)
     log.info("serving %s on %s:%d, metrics on :%d/metrics", names, settings.host, port, running.metrics_port)
     tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"
+    log.info("sessions in %s", shared.describe() if shared else "memory (this process)")
     log.info("TLS %s; API keys %s", tls, f"on: {len(keys)} ({', '.join(k.id for k in keys.keys)})" if keys else "off")
     return running
 

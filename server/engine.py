@@ -17,12 +17,13 @@ import numpy as np
 
 from export.tokenizer import normalize, tokenize
 from server.batcher import Batcher, Sampling, StepResult
-from server.errors import InvalidInput, NotFound, PositionMismatch
+from server.errors import InvalidInput, NotFound, PositionMismatch, StoreUnavailable
 from server.models import Model, ModelRegistry
-from server.sessions import Session, SessionStore
+from server.sessions import Session, SessionStore, SharedStore
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+MAX_CONFLICTS = 16  # a shared-store step lost to other replicas this often in a row is refused
 
 
 # The types below are created for every token streamed: plain slotted dataclasses, which
@@ -84,9 +85,10 @@ class GeneratedWord:
 
 
 class Engine:
-    def __init__(self, settings: Settings, registry: ModelRegistry):
+    def __init__(self, settings: Settings, registry: ModelRegistry, shared: SharedStore | None = None):
         self.settings = settings
         self.registry = registry
+        self.shared = shared  # None: sessions live in ``sessions``, in this process
         self.sessions = SessionStore(
             settings.max_sessions, settings.at_capacity, settings.session_ttl_s, settings.max_sessions_per_key
         )
@@ -109,6 +111,8 @@ class Engine:
         for batcher in self._batchers.values():
             await batcher.stop()
         self._executor.shutdown(wait=True)
+        if self.shared:
+            await self.shared.close()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -117,34 +121,57 @@ class Engine:
 
     # sessions: ``owner`` is the caller's API key id ("" when keys are off); a caller sees only its own
 
-    def create_session(self, model_name: str, top_k: int, owner: str) -> Session:
+    async def create_session(self, model_name: str, top_k: int, owner: str) -> Session:
         model = self.registry.get(model_name)
-        return self.sessions.create(model, self._top_k(model, top_k, self.settings.default_top_k), owner)
+        top_k = self._top_k(model, top_k, self.settings.default_top_k)
+        if self.shared is not None:
+            return await self.shared.create(model, top_k, owner)
+        return self.sessions.create(model, top_k, owner)
 
-    def get_session(self, session_id: str, owner: str) -> Session:
+    async def get_session(self, session_id: str, owner: str) -> Session:
+        if self.shared is not None:
+            return await self.shared.get(session_id, owner)
         return self.sessions.get(session_id, owner)
 
-    def delete_session(self, session_id: str, owner: str) -> None:
+    async def delete_session(self, session_id: str, owner: str) -> None:
+        if self.shared is not None:
+            return await self.shared.delete(session_id, owner)
         self.sessions.delete(session_id, owner)
 
-    def fork_session(self, session_id: str, owner: str) -> Session:
+    async def fork_session(self, session_id: str, owner: str) -> Session:
+        if self.shared is not None:
+            return await self.shared.fork(await self.shared.get(session_id, owner))
         return self.sessions.fork(self.sessions.get(session_id, owner))
 
     @contextlib.asynccontextmanager
     async def stream_session(self, session_id: str, model_name: str, owner: str) -> AsyncIterator[Session]:
         """The session a stream works on: an existing one, or an ephemeral one freed at the end."""
-        session = self.sessions.get(session_id, owner) if session_id else self.create_session(model_name, 0, owner)
+        if session_id:
+            session = await self.get_session(session_id, owner)
+        else:
+            session = await self.create_session(model_name, 0, owner)
         session.users += 1
         try:
             yield session
         finally:
             session.users -= 1
             if not session_id:
-                self.sessions.discard(session)
+                await self._discard(session)
+
+    async def _discard(self, session: Session) -> None:
+        if self.shared is None:
+            self.sessions.discard(session)
+            return
+        try:
+            await self.shared.delete(session.id, session.owner)
+        except (NotFound, StoreUnavailable) as e:  # gone already, or its TTL removes it
+            log.info("ephemeral session %s… not deleted at stream end: %s", session.id[:8], e)
 
     # feeding
 
     async def feed(self, session: Session, args: FeedArgs) -> Prediction:
+        if self.shared is not None:
+            return await self._feed_shared(session, args, self.shared)
         tokens = self._tokens(session.model, args.text, args.token_ids)
         top_k = self._top_k(session.model, args.top_k, session.top_k)
         key = (args.expected_position, tuple(t.id for t in tokens), top_k, args.want_logprobs)
@@ -167,6 +194,51 @@ class Engine:
         finally:
             session.users -= 1
             self.sessions.touch(session)
+
+    async def _feed_shared(self, session: Session, args: FeedArgs, shared: SharedStore) -> Prediction:
+        """``feed`` with the session in a shared store. ``session`` is this replica's copy (a stream keeps
+        it between feeds): the step is computed from it and written only if the store still holds the
+        position it was computed from. A lost write is discarded and the session re-read; then a feed
+        with ``expected_position`` gets exactly the answers it would get from one server (its own
+        answer replayed if it was applied, e.g. by another replica before a retry, else
+        FAILED_PRECONDITION), and a feed without one is applied again on the newer state."""
+        tokens = self._tokens(session.model, args.text, args.token_ids)
+        top_k = self._top_k(session.model, args.top_k, session.top_k)
+        key = (args.expected_position, tuple(t.id for t in tokens), top_k, args.want_logprobs)
+        ids = [t.id for t in tokens]
+        async with session.lock:
+            for _ in range(MAX_CONFLICTS):
+                if args.expected_position is not None and args.expected_position != session.position:
+                    await shared.load(session)  # this copy may be stale: decide on the stored session
+                    if args.expected_position != session.position:
+                        if session.last_request is not None and session.last_request[0] == key:
+                            answered: Prediction = session.last_request[1]
+                            return replace(answered, replayed=True)
+                        raise PositionMismatch(args.expected_position, session.position)
+                read = session.position
+                result, logprobs = await self._apply(session, ids, top_k, args.want_logprobs)
+                prediction = Prediction(session.id, session.position, tokens, _candidates(session.model, result),
+                                        logprobs)  # fmt: skip
+                if args.expected_position is not None:
+                    session.last_request = (key, prediction)
+                if await self._commit(session, read, args.expected_position is not None):
+                    return prediction
+        raise StoreUnavailable(
+            f"session {session.id} was advanced by other calls {MAX_CONFLICTS} times while this feed ran; it was "
+            "not applied: retry"
+        )
+
+    async def _commit(self, session: Session, read: int, with_request: bool) -> bool:
+        """Write a step to the shared store; on a lost compare-and-set (or no answer) re-read the session."""
+        assert self.shared is not None
+        try:
+            if await self.shared.commit(session, read, with_request):
+                return True
+        except StoreUnavailable:
+            session.position = -1  # unknown whether it was written: the next use re-reads it
+            raise
+        await self.shared.load(session)
+        return False
 
     async def _apply(
         self, session: Session, ids: list[int], top_k: int, want_logprobs: bool, sampling: Sampling | None = None
@@ -220,16 +292,25 @@ class Engine:
         session.users += 1
         try:
             async with session.lock:
-                self._check_alive(session)
+                if self.shared is not None:
+                    await self.shared.load(session)
+                else:
+                    self._check_alive(session)
                 if args.expected_position is not None and args.expected_position != session.position:
                     raise PositionMismatch(args.expected_position, session.position)
                 if prompt:
+                    read = session.position
                     result, _ = await self._apply(session, [t.id for t in prompt], 1, False, sampling)
+                    if self.shared is not None:
+                        await self._commit_generated(session, read)
                 else:
                     result = await batcher.run([session.last_token], session.prev_state, 1, sampling)
                 for i in range(args.max_tokens):
                     word_id, probability = result.sampled, result.sampled_prob
+                    read = session.position
                     result, _ = await self._apply(session, [word_id], 1, False, sampling)
+                    if self.shared is not None:
+                        await self._commit_generated(session, read)
                     self.sessions.touch(session)
                     word = model.vocab.words[word_id]
                     finish = "stop_word" if word in stop else "max_tokens" if i == args.max_tokens - 1 else ""
@@ -239,6 +320,12 @@ class Engine:
         finally:
             session.users -= 1
             self.sessions.touch(session)
+
+    async def _commit_generated(self, session: Session, read: int) -> None:
+        """A generated word is written like a fed one; if another replica fed the session meanwhile,
+        the generation stops (its words so far stand) rather than write over that feed."""
+        if not await self._commit(session, read, False):
+            raise PositionMismatch(read, session.position)
 
     # validation
 

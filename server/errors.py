@@ -37,6 +37,10 @@ class CapacityExceeded(LstmdError):
     pass
 
 
+class StoreUnavailable(LstmdError):
+    """The shared session store (Redis) cannot be reached: the call may be retried once it is back."""
+
+
 class Unauthenticated(LstmdError):
     """No API key, or a wrong one. The message never holds the key."""
 
@@ -47,6 +51,7 @@ STATUS = {
     PositionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -52,3 +52,16 @@ snapshot_sessions_refused = Counter(
 snapshot_files_refused = Counter(
     "lstmd_snapshot_files_refused_total", "Snapshot files refused at start (corrupt, truncated, unknown format)."
 )
+store_round_trip_seconds = Histogram(
+    "lstmd_store_round_trip_seconds", "One pipelined round trip to the shared session store (Redis), by operation.",
+    ("op",), buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+store_batch_size = Histogram(
+    "lstmd_store_batch_size", "Sessions read or written in one round trip to the shared store.", ("op",),
+    buckets=BATCH_BUCKETS,
+)  # fmt: skip
+store_conflicts = Counter(
+    "lstmd_store_conflicts_total",
+    "Steps whose write lost the compare-and-set: another replica advanced the session first; discarded and re-read.",
+)
+store_errors = Counter("lstmd_store_errors_total", "Calls refused because the shared session store was unreachable.")

@@ -73,24 +73,24 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:
-        return convert.session(self.engine.create_session(request.model, request.top_k, caller.get()))
+        return convert.session(await self.engine.create_session(request.model, request.top_k, caller.get()))
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
-        return convert.session(self.engine.get_session(request.session_id, caller.get()))
+        return convert.session(await self.engine.get_session(request.session_id, caller.get()))
 
     @unary
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Context) -> pb.DeleteSessionResponse:
-        self.engine.delete_session(request.session_id, caller.get())
+        await self.engine.delete_session(request.session_id, caller.get())
         return pb.DeleteSessionResponse()
 
     @unary
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Context) -> pb.Session:
-        return convert.session(self.engine.fork_session(request.session_id, caller.get()))
+        return convert.session(await self.engine.fork_session(request.session_id, caller.get()))
 
     @unary
     async def Feed(self, request: pb.FeedRequest, context: Context) -> pb.Prediction:
-        session = self.engine.get_session(request.session_id, caller.get())
+        session = await self.engine.get_session(request.session_id, caller.get())
         return convert.prediction(await self.engine.feed(session, convert.feed_args(request)))
 
     @streaming

@@ -9,7 +9,7 @@ import secrets
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -163,3 +163,25 @@ class SessionStore:
             + (" and all are in use" if self.at_capacity == "evict" else "")
             + ": delete sessions you no longer need, or retry later"
         )
+
+
+class SharedStore(Protocol):
+    """A session store outside this process, shared by every replica (server.shared: Redis).
+
+    The engine keeps the embedded SessionStore above for the default, in-memory case and calls
+    it synchronously, so a step on an in-memory session costs no await and no copy; a shared store
+    is asynchronous (every call may cross the network) and is only used when configured.
+
+    The Sessions it returns are this replica's copies: ``commit`` writes a step only if the store
+    still holds ``read_position`` (compare-and-set), ``load`` refreshes a copy."""
+
+    ttl_s: float
+
+    async def create(self, model: Model, top_k: int, owner: str) -> Session: ...
+    async def get(self, session_id: str, owner: str) -> Session: ...
+    async def fork(self, source: Session) -> Session: ...
+    async def delete(self, session_id: str, owner: str) -> None: ...
+    async def load(self, session: Session) -> None: ...
+    async def commit(self, session: Session, read_position: int, with_request: bool) -> bool: ...
+    async def close(self) -> None: ...
+    def describe(self) -> str: ...

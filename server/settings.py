@@ -40,6 +40,11 @@ class Settings:
         ["evict", "reject"],
     )
     session_ttl_s: float = _setting(3600.0, "idle sessions expire after this many seconds")
+    session_store: str = _setting(
+        "memory",
+        "where sessions live: 'memory' (this process) or 'redis://host:port/db', shared by every replica "
+        "(needs the redis extra: pip install 'lstmd[redis]')",
+    )
     sweep_interval_s: float = _setting(10.0, "how often the sweeper looks for expired sessions")
     max_batch_size: int = _setting(256, "most single-token steps run in one ONNX Runtime call")
     max_batch_wait_ms: float = _setting(
@@ -136,6 +141,10 @@ class Settings:
             out.append("--snapshot-interval-s must not be negative")
         if self.snapshot_interval_s and not self.snapshot_dir:
             out.append("--snapshot-interval-s needs --snapshot-dir")
+        if self.session_store != "memory" and not self.session_store.startswith(("redis://", "rediss://")):
+            out.append("--session-store takes 'memory' or a redis://host:port/db URL")
+        if self.session_store != "memory" and self.snapshot_dir:
+            out.append("--snapshot-dir is for the memory store; with Redis the sessions persist in Redis")
         if set(self.providers.split(",")) - {"cpu", "cuda"}:
             out.append("--providers takes a comma-separated list of: cpu, cuda")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -1,0 +1,257 @@
+"""Sessions in Redis, shared by every replica (``--session-store redis://host:port/db``).
+
+Any replica can serve any session: everything a session is lives in one Redis hash,
+``lstmd:session:<id>``, with its idle time-to-live set in Redis (``session_ttl_s``, renewed on
+every step)::
+
+    pos    position, in decimal: the compare-and-set below compares it
+    model  model name         ver    model version        owner  API key id ("" when keys are off)
+    hdr    struct <BiIdd: format (1), last token, top_k, created, last used (Unix seconds)
+    st     raw float32, (2, 2, layers, hidden): the state after the last token, then the one before it
+    req    the exactly-once record of the last feed with expected_position, as JSON (absent: none)
+
+No pickle: a replica reads nothing but numbers, strings and JSON.
+
+A step is written by one Lua script that compares ``pos`` with the position the step was computed
+from and writes the new state only if they are equal, so two replicas can never both apply a step
+to one session: the loser's result is discarded, it re-reads the session and retries (or, for a
+feed with ``expected_position``, answers FAILED_PRECONDITION or replays the winner's answer:
+see Engine._feed_shared). Reads and writes issued in one turn of the event loop (the sessions of
+one batch) go to Redis together, in one pipelined round trip.
+
+The Session objects this store hands out are the replica's cache of a session it is streaming:
+a stream keeps its Session, so a step needs only the write; the write's compare-and-set catches
+a stale cache, which is then re-read. Correctness never depends on the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import redis.asyncio as redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from server import metrics
+from server.durable import _request_from_json, _request_to_json
+from server.errors import InvalidInput, NotFound, StoreUnavailable
+from server.models import Model, ModelRegistry
+from server.sessions import _ID, Session
+
+log = logging.getLogger(__name__)
+PREFIX = "lstmd:session:"
+FORMAT = 1
+_HEADER = struct.Struct("<BiIdd")  # format, last token, top_k, created, last used
+
+# KEYS[1] the session; ARGV: position read, new position, hdr, st, req ("" keeps it), TTL in ms.
+# Returns -2 when written, -1 when the session is gone, else the position another replica left.
+_CAS = """
+local pos = redis.call('HGET', KEYS[1], 'pos')
+if not pos then return -1 end
+if pos ~= ARGV[1] then return tonumber(pos) end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'pos', ARGV[2], 'hdr', ARGV[3], 'st', ARGV[4], 'req', ARGV[5])
+else
+  redis.call('HSET', KEYS[1], 'pos', ARGV[2], 'hdr', ARGV[3], 'st', ARGV[4])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return -2
+"""
+# KEYS[1] the session; ARGV[1] the caller's owner id. Deletes it only for its owner.
+_DELETE = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_WRITTEN, _GONE = -2, -1
+
+
+class RedisSessionStore:
+    """The shared store. Calls raise StoreUnavailable while Redis cannot be reached; the client
+    reconnects by itself, so the server serves again as soon as Redis is back."""
+
+    shared = True
+
+    def __init__(self, url: str, registry: ModelRegistry, ttl_s: float, timeout_s: float = 2.0):
+        self.url = url
+        self._registry = registry
+        self.ttl_s = ttl_s
+        self._ttl_ms = str(int(ttl_s * 1000))
+        # One immediate retry on a fresh connection (pooled ones die when Redis restarts); no backoff,
+        # so an unreachable Redis answers UNAVAILABLE within ``timeout_s``, not after a minute.
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1)
+        )
+        self._cas = self._redis.register_script(_CAS)
+        self._delete = self._redis.register_script(_DELETE)
+        self._pending: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def describe(self) -> str:
+        """The URL without a password, for the log."""
+        kwargs = self._redis.connection_pool.connection_kwargs
+        return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+    # the batch of one event-loop turn: one pipelined round trip
+
+    def _submit(self, op: str, add: Callable[[Any], None]) -> asyncio.Future[Any]:
+        """Queue one command (``add`` puts it on a pipeline); all queued in this turn of the event loop
+        are sent together by one task that starts on the next turn."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((op, add, future))
+        if len(self._pending) == 1:
+            task = loop.create_task(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        return future
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        started = time.perf_counter()
+        try:
+            try:
+                results = await self._execute(batch)
+            except RedisConnectionError:
+                # Pooled connections die when Redis restarts, and loading the scripts on one is not retried
+                # by the client: once more, on a fresh connection. Repeating a batch is safe: a repeated
+                # compare-and-set finds the position moved and the engine re-reads the session.
+                results = await self._execute(batch)
+        except (RedisError, OSError) as e:
+            metrics.store_errors.inc(len(batch))
+            error = StoreUnavailable(
+                f"the session store ({self.describe()}) is unreachable: {e}; sessions cannot be read or written "
+                "until it is back; retry shortly"
+            )
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        op = batch[0][0] if all(b[0] == batch[0][0] for b in batch) else "mixed"
+        metrics.store_round_trip_seconds.labels(op).observe(time.perf_counter() - started)
+        metrics.store_batch_size.labels(op).observe(len(batch))
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _execute(self, batch: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _, add, _ in batch:
+                add(pipe)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            return results
+
+    # the interface the engine uses
+
+    async def create(self, model: Model, top_k: int, owner: str) -> Session:
+        state, prev_state, last_token = model.initial_state()
+        session = Session(secrets.token_hex(16), model, top_k, state, prev_state, last_token, owner=owner)
+        await self._insert(session)
+        return session
+
+    async def fork(self, source: Session) -> Session:
+        await self.load(source)  # the newest state, not this replica's copy
+        copy = Session(secrets.token_hex(16), source.model, source.top_k, source.state, source.prev_state,
+                       source.last_token, source.position, owner=source.owner)  # fmt: skip
+        await self._insert(copy)
+        return copy
+
+    async def get(self, session_id: str, owner: str) -> Session:
+        if not _ID.fullmatch(session_id):
+            raise InvalidInput(f"malformed session id {session_id[:40]!r}: expected 32 lowercase hex characters")
+        fields = await self._submit("read", lambda pipe: pipe.hgetall(PREFIX + session_id))
+        if not fields or fields.get(b"owner", b"").decode() != owner:
+            raise self._not_found(session_id)
+        return self._decode(session_id, fields)
+
+    async def load(self, session: Session) -> None:
+        """Refresh ``session`` (this replica's copy) from Redis."""
+        fresh = await self.get(session.id, session.owner)
+        session.state, session.prev_state, session.last_token = fresh.state, fresh.prev_state, fresh.last_token
+        session.position, session.last_used, session.last_request = fresh.position, fresh.last_used, fresh.last_request
+
+    async def commit(self, session: Session, read_position: int, with_request: bool) -> bool:
+        """Write ``session``'s new state if Redis still holds ``read_position``: True when written,
+        False when another replica advanced the session first. NotFound when it is gone."""
+        session.last_used = time.time()
+        header = _HEADER.pack(FORMAT, session.last_token, session.top_k, session.created, session.last_used)
+        state = np.stack((session.state, session.prev_state)).tobytes()  # (2, 2, layers, hidden) float32
+        request = json.dumps(_request_to_json(session.last_request)) if with_request else ""
+        args = (str(read_position), str(session.position), header, state, request, self._ttl_ms)
+        outcome = await self._submit("write", lambda pipe: _script(pipe, self._cas, PREFIX + session.id, args))
+        if outcome == _GONE:
+            raise self._not_found(session.id)
+        if outcome != _WRITTEN:
+            metrics.store_conflicts.inc()
+            return False
+        return True
+
+    async def delete(self, session_id: str, owner: str) -> None:
+        if not _ID.fullmatch(session_id):
+            raise InvalidInput(f"malformed session id {session_id[:40]!r}: expected 32 lowercase hex characters")
+        deleted = await self._submit("delete", lambda pipe: _script(pipe, self._delete, PREFIX + session_id, (owner,)))
+        if not deleted:
+            raise self._not_found(session_id)
+        metrics.sessions_deleted.inc()
+
+    # encoding
+
+    async def _insert(self, session: Session) -> None:
+        mapping = {
+            "pos": str(session.position),
+            "model": session.model.name,
+            "ver": session.model.version,
+            "owner": session.owner,
+            "hdr": _HEADER.pack(FORMAT, session.last_token, session.top_k, session.created, session.last_used),
+            "st": np.stack((session.state, session.prev_state)).astype(np.float32).tobytes(),
+        }
+        key = PREFIX + session.id
+        written = self._submit("create", lambda pipe: pipe.hset(key, mapping=mapping))
+        await self._submit("create", lambda pipe: pipe.pexpire(key, self._ttl_ms))
+        await written
+        metrics.sessions_created.inc()
+
+    def _decode(self, session_id: str, fields: dict[bytes, bytes]) -> Session:
+        name, version = fields[b"model"].decode(), fields[b"ver"].decode()
+        model = self._registry.models.get(name)
+        if model is None or model.version != version:
+            raise NotFound(
+                f"session {session_id} belongs to model {name!r} version {version!r}, which this replica does not "
+                "serve: all replicas sharing a session store must serve the same models"
+            )
+        form, last_token, top_k, created, last_used = _HEADER.unpack(fields[b"hdr"])
+        if form != FORMAT:
+            raise NotFound(f"session {session_id} is stored in format {form}, this replica reads {FORMAT}")
+        states = np.frombuffer(fields[b"st"], np.float32).reshape(2, 2, model.layers, model.hidden)
+        request = fields.get(b"req")
+        last_request = _request_from_json(json.loads(request), session_id) if request else None
+        return Session(session_id, model, top_k, states[0], states[1], last_token, int(fields[b"pos"]), created,
+                       last_used, last_request, owner=fields[b"owner"].decode())  # fmt: skip
+
+    def _not_found(self, session_id: str) -> NotFound:
+        return NotFound(
+            f"session {session_id} not found: it was deleted, expired after {self.ttl_s:g} s idle, "
+            "or was evicted; create a new one"
+        )
+
+
+def _script(pipe: Any, script: Any, key: str, args: tuple[Any, ...]) -> None:
+    """Queue a Lua script on a pipeline by its hash; the pipeline loads it first if Redis lacks it."""
+    pipe.scripts.add(script)
+    pipe.evalsha(script.sha, 1, key, *args)
