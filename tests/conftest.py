@@ -196,3 +196,12 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.kill()
         self.wait()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    """Start servers with ``servers.append(ServerProcess(...))``; all are closed at the end."""
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        server.close()

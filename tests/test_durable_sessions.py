@@ -129,15 +129,6 @@ def reference(shared: tuple[RunningServer, Any]) -> Any:
     return shared[1]
 
 
-@pytest.fixture
-def servers() -> Any:
-    """Start servers with ``servers.append(ServerProcess(...))``; all are killed at the end."""
-    started: list[ServerProcess] = []
-    yield started
-    for server in started:
-        server.close()
-
-
 async def test_sigterm_under_load_then_restart_restores_every_session_exactly(
     models_dir: Path, tmp_path: Path, reference: Any, servers: list[ServerProcess], figures: Callable[[str], None]
 ) -> None:

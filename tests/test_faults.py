@@ -92,14 +92,6 @@ async def restart(first: ServerProcess, models_dir: Path, flags: tuple[str, ...]
     return second, time.perf_counter() - down
 
 
-@pytest.fixture
-def servers() -> Any:
-    started: list[ServerProcess] = []
-    yield started
-    for server in started:
-        server.close()
-
-
 async def test_sigterm_under_load_no_request_fails_and_every_session_is_restored_exactly(
     models_dir: Path, tmp_path: Path, shared: tuple[RunningServer, Any], servers: list[ServerProcess],
     figures: Callable[[str], None],
