@@ -24,8 +24,8 @@ from typing import Any
 import psutil
 
 from bench import _process
+from bench.cluster import Nginx, Redis
 from server.settings import BUNDLED_MODELS
-from tests.cluster import Nginx, Redis
 
 STREAMS = [1, 64]
 
