@@ -35,8 +35,10 @@ import numpy as np
 
 from bench import _process
 from bench.idle_sessions import idle_sessions
-from server.models import load_models
-from server.settings import BUNDLED_MODELS, Settings
+from lstmd.model import graph
+from lstmd.model.folder import ONNX_FILE
+from lstmd.server.registry import load_models
+from lstmd.server.settings import BUNDLED_MODELS, Settings
 
 MODEL = "pd-english"
 STREAMS = [1, 8, 64, 256]
@@ -47,11 +49,9 @@ def compute_ceiling(session: Any, layers: int, hidden: int, vocab: int, batch: i
     """ONNX Runtime alone: steps of ``batch`` sequences, state carried, for about ``seconds``."""
     h = c = np.zeros((layers, batch, hidden), np.float32)
     rng = np.random.default_rng(0)
-    names = ["top_logprobs", "top_ids", "h1", "c1"]  # what the server asks for a step
 
-    def step(h: np.ndarray, c: np.ndarray) -> list[np.ndarray]:
-        tokens = rng.integers(2, vocab, (batch, 1))
-        return list(session.run(names, {"tokens": tokens, "h0": h, "c0": c, "top_k": np.array(1, np.int64)}))
+    def step(h: np.ndarray, c: np.ndarray) -> graph.Outputs:  # what the server asks for a step
+        return graph.run(session, rng.integers(2, vocab, (batch, 1)), h, c, 1, with_logprobs=False)
 
     for _ in range(5):  # warm-up
         step(h, c)
@@ -59,7 +59,8 @@ def compute_ceiling(session: Any, layers: int, hidden: int, vocab: int, batch: i
     cpu, deadline = time.process_time(), time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < 20:
         started = time.perf_counter()
-        h, c = step(h, c)[2:]
+        out = step(h, c)
+        h, c = out.h, out.c
         times.append(time.perf_counter() - started)
     cpu = time.process_time() - cpu
     ms = np.array(times) * 1000
@@ -75,12 +76,8 @@ def compute_ceilings(models_dir: str, streams: list[int], seconds: float) -> dic
     """With the server's ONNX Runtime settings (one intra-op thread, no spinning) and with ONNX
     Runtime's defaults (a spinning thread per core: faster alone, but it takes the cores gRPC
     needs); the ceiling is the faster of the two at each batch size."""
-    import onnxruntime as ort
-
-    from export.model_format import ONNX_FILE
-
     model = load_models(Settings(models_dir=models_dir)).get(MODEL)
-    defaults = ort.InferenceSession(str(model.folder / ONNX_FILE), providers=["CPUExecutionProvider"])
+    defaults = graph.load(model.folder / ONNX_FILE)
     sessions = {"server settings": model.session, "ONNX Runtime defaults": defaults}
     return {
         name: [compute_ceiling(session, model.layers, model.hidden, model.vocab_size, n, seconds) for n in streams]
@@ -125,11 +122,10 @@ def prompt_mode(models_dir: str, seconds: float) -> dict[str, Any]:
 
 def int8_against_fp32(models_dir: str, seconds: float, processes: int, test_tokens: int) -> dict[str, Any]:
     """Quantize the bundled model, then perplexity on the test split and tokens/s at 64 streams."""
-    from export.cli import DEFAULT_CORPUS
-    from export.corpus import cut_blocks, load_corpus, split_documents
-    from export.model_format import ONNX_FILE
-    from export.quantize import quantize_model_dir
-    from export.verify import ort_perplexity, ort_session
+    from lstmd.export.cli import DEFAULT_CORPUS
+    from lstmd.export.corpus import cut_blocks, load_corpus, split_documents
+    from lstmd.export.quantize import quantize_model_dir
+    from lstmd.export.verify import ort_perplexity
 
     src = Path(models_dir) / MODEL / "1"
     model = load_models(Settings(models_dir=models_dir)).get(MODEL)
@@ -140,7 +136,7 @@ def int8_against_fp32(models_dir: str, seconds: float, processes: int, test_toke
         int8_root = Path(tmp) / "models"
         quantize_model_dir(src, int8_root / MODEL / "1", ids[:2000])
         for precision, root in (("fp32", models_dir), ("int8", str(int8_root))):
-            session = ort_session(Path(root) / MODEL / "1" / ONNX_FILE, threads=1)
+            session = graph.load(Path(root) / MODEL / "1" / ONNX_FILE, threads=1)
             perplexity = ort_perplexity(session, ids, model.layers, model.hidden)
             with _process.serve(_process.lstmd_server(root), _process.LSTMD_READY) as server:
                 _process.load(server, 8, 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -52,10 +53,13 @@ class Server:
 
 
 @contextmanager
-def serve(command: list[str], ready: str, cwd: str | None = None) -> Iterator[Server]:
-    """Run ``command`` (in ``cwd``) until the block ends; ``ready`` is a regex whose group 1 is the
-    port, matched against the process's output lines (stdout and stderr together)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+def serve(
+    command: list[str], ready: str, cwd: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Run ``command`` (in ``cwd``, ``env`` added to its environment) until the block ends; ``ready`` is
+    a regex whose group 1 is the port, matched against the process's output lines (stdout and stderr together)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                               env={**os.environ, **(env or {})})  # fmt: skip
     assert process.stdout is not None
     seen: list[str] = []
     for line in process.stdout:
@@ -78,7 +82,7 @@ def serve(command: list[str], ready: str, cwd: str | None = None) -> Iterator[Se
 
 
 def lstmd_server(models_dir: str, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "server", "--models-dir", models_dir, "--host", "127.0.0.1", "--port", "0",
+    return [sys.executable, "-m", "lstmd.server", "--models-dir", models_dir, "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "-1", *flags]  # fmt: skip
 
 
@@ -89,7 +93,7 @@ BENCH_READY = r"listening on 127\.0\.0\.1:(\d+)"
 def load(server: Server, streams: int, seconds: float, processes: int = 1, prompt_tokens: int = 1) -> dict[str, Any]:
     """``lstmd bench`` against ``server`` for ``seconds``; its JSON report plus the server's CPU
     seconds per 1,000 tokens and RSS at the end."""
-    command = [sys.executable, "-m", "client", "bench", "--target", server.target, "--streams", str(streams),
+    command = [sys.executable, "-m", "lstmd.client", "bench", "--target", server.target, "--streams", str(streams),
                "--duration", str(seconds), "--prompt-tokens", str(prompt_tokens), "--processes", str(processes),
                "--json", "--quiet"]  # fmt: skip
     cpu, threads = server.cpu_seconds(), server.cpu_by_thread()

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 
 import grpc
 import psutil
-from lstmd.v1 import lstmd_pb2 as pb
-from lstmd.v1 import lstmd_pb2_grpc
 
 from bench import _process
+from lstmd.v1 import lstmd_pb2 as pb
+from lstmd.v1 import lstmd_pb2_grpc
 
 MIB = 1 << 20
 

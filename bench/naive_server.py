@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 import onnxruntime as ort
+
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 

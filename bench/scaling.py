@@ -25,7 +25,7 @@ import psutil
 
 from bench import _process
 from bench.cluster import Nginx, Redis
-from server.settings import BUNDLED_MODELS
+from lstmd.server.settings import BUNDLED_MODELS
 
 STREAMS = [1, 64]
 

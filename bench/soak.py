@@ -5,7 +5,7 @@ descriptors for growth after warm-up.
     python bench/soak.py --seconds 45 --json           # CI-sized (tests/test_soak.py runs this)
     python bench/soak.py --target HOST:PORT --pid PID  # soak a server that is already running
 
-It starts ``python -m server`` on a free port (unless ``--target``), then runs ``--streams``
+It starts ``python -m lstmd.server`` on a free port (unless ``--target``), then runs ``--streams``
 workers split over ``--channels`` connections. Each worker opens a stream (an ephemeral session),
 feeds it ``--feeds`` single random tokens, closes it and opens the next; every tenth cycle it also
 creates a named session, feeds it and deletes it; every channel is closed and reopened every
@@ -33,7 +33,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from client import AsyncClient, LstmdError
+from lstmd.client import AsyncClient, LstmdError
 
 
 @dataclass
@@ -133,7 +133,7 @@ async def soak(target: str, pid: int, args: argparse.Namespace) -> Result:
 
 
 def start_server(models_dir: str) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+    command = [sys.executable, "-m", "lstmd.server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
                "--models-dir", models_dir]  # fmt: skip
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     assert server.stderr is not None

@@ -3,7 +3,7 @@
     git worktree add /tmp/lstmd-old <commit>
     python -m bench.versions /tmp/lstmd-old [--new .] [--streams 1,64] [--seconds 8] [--rounds 3]
 
-Each checkout's ``python -m server`` runs with its own code and its own bundled model (this
+Each checkout's server runs with its own code and its own bundled model (this
 venv's packages), alternately, for ``--rounds`` rounds, driven by this checkout's
 ``lstmd bench``. Prints the medians of tokens/s, p50 and p99 per token and server CPU per
 token, and the new/old ratios.
@@ -21,9 +21,12 @@ from bench import _process
 
 
 def measure(root: Path, streams: list[int], seconds: float, processes: int) -> dict[int, dict[str, Any]]:
-    command = [sys.executable, "-m", "server", "--models-dir", str(root / "server" / "models"), "--host",
+    # The package layout (``lstmd.server`` from proto/lstmd), or the top-level ``server`` before it.
+    new_layout = (root / "proto" / "lstmd" / "server").exists()
+    module, path = ("lstmd.server", root / "proto") if new_layout else ("server", root)
+    command = [sys.executable, "-m", module, "--models-dir", str(root / "server" / "models"), "--host",
                "127.0.0.1", "--port", "0", "--metrics-port", "-1"]  # fmt: skip
-    with _process.serve(command, _process.LSTMD_READY, cwd=str(root)) as server:
+    with _process.serve(command, _process.LSTMD_READY, cwd=str(root), env={"PYTHONPATH": str(path)}) as server:
         _process.load(server, 8, 1.0)
         return {n: _process.load(server, n, seconds, processes if n > 1 else 1) for n in streams}
 

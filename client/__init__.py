@@ -2,8 +2,8 @@
 same shape, typed results, one small exception tree, and sessions that recover from a server
 restart or crash (``Recovery``)."""
 
-from client._async import AsyncClient, AsyncSession, AsyncStream
-from client._errors import (
+from lstmd.client._async import AsyncClient, AsyncSession, AsyncStream
+from lstmd.client._errors import (
     CapacityError,
     DeadlineExceeded,
     InvalidInput,
@@ -13,9 +13,9 @@ from client._errors import (
     Unauthenticated,
     Unavailable,
 )
-from client._recovery import Recovery
-from client._sync import Client, Session, Stream
-from client._types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo, Token
+from lstmd.client._recovery import Recovery
+from lstmd.client._sync import Client, Session, Stream
+from lstmd.client._types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo, Token
 
 __all__ = [
     "AsyncClient",

@@ -10,11 +10,9 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lstmd.v1 import lstmd_pb2 as pb
-from lstmd.v1 import lstmd_pb2_grpc
 
-from client._errors import LstmdError, NotFound, PositionMismatch, from_rpc_error
-from client._recovery import (
+from lstmd.client._errors import LstmdError, NotFound, PositionMismatch, from_rpc_error
+from lstmd.client._recovery import (
     DEFAULT_TAIL,
     DEFAULT_WAIT_FOR_RESTART_S,
     MAX_RECOVERIES,
@@ -24,8 +22,8 @@ from client._recovery import (
     Tail,
     report,
 )
-from client._sync import CHANNEL_OPTIONS, DEFAULT_TARGET, Metadata, call_metadata, make_credentials
-from client._types import (
+from lstmd.client._sync import CHANNEL_OPTIONS, DEFAULT_TARGET, Metadata, call_metadata, make_credentials
+from lstmd.client._types import (
     GeneratedToken,
     Input,
     ModelInfo,
@@ -35,6 +33,8 @@ from client._types import (
     generate_request,
     stream_request,
 )
+from lstmd.v1 import lstmd_pb2 as pb
+from lstmd.v1 import lstmd_pb2_grpc
 
 T = TypeVar("T")
 

@@ -8,8 +8,8 @@ import termios
 import tty
 from collections.abc import Iterator
 
-from client._sync import Client, Stream
-from client._types import Candidate
+from lstmd.client._sync import Client, Stream
+from lstmd.client._types import Candidate
 
 HELP = "Type text. Suggestions update after each word; Tab takes the first one. Ctrl-D or Esc quits."
 _WORD_CHARS = "'-"

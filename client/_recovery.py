@@ -20,9 +20,9 @@ from array import array
 from collections import deque
 from dataclasses import dataclass
 
-from client._errors import DeadlineExceeded, LstmdError, NotFound, PositionMismatch, Unavailable
+from lstmd.client._errors import DeadlineExceeded, LstmdError, NotFound, PositionMismatch, Unavailable
 
-log = logging.getLogger("client")
+log = logging.getLogger("lstmd.client")
 DEFAULT_TAIL = 4096  # tokens kept per session: 16 KB each
 DEFAULT_WAIT_FOR_RESTART_S = 30.0
 MAX_RECOVERIES = 3  # per call: a server that keeps losing the session is an error, not a loop

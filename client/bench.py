@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from client._async import AsyncClient
-from client._errors import LstmdError
-from client.cli import client_options
+from lstmd.client._async import AsyncClient
+from lstmd.client._errors import LstmdError
+from lstmd.client.cli import client_options
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""``lstmd``: the command-line client (also ``python -m client``)."""
+"""``lstmd``: the command-line client (also ``python -m lstmd.client``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from client._errors import LstmdError
-from client._sync import DEFAULT_TARGET, Client
-from client._types import Prediction
-from export.tokenizer import detokenize
+from lstmd.client._errors import LstmdError
+from lstmd.client._sync import DEFAULT_TARGET, Client
+from lstmd.client._types import Prediction
+from lstmd.model.tokenizer import detokenize
 
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,14 +138,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_type(args: argparse.Namespace) -> int:
-    from client._interactive import run_interactive
+    from lstmd.client._interactive import run_interactive
 
     with _client(args) as client:
         return run_interactive(client, args.model, args.top_k)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from client.bench import run_bench
+    from lstmd.client.bench import run_bench
 
     return run_bench(args)
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("models", cmd_models, "list the served models")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    from client.bench import add_bench_arguments
+    from lstmd.client.bench import add_bench_arguments
 
     add_bench_arguments(command("bench", cmd_bench, "load generator: concurrent streams, per-token latency"))
     return parser

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.tokenizer import Vocab
+from lstmd.model.tokenizer import Vocab
 
 DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "pd-english")
 
@@ -43,7 +43,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from export.train import TrainConfig, train
+    from lstmd.export.train import TrainConfig, train
 
     cfg = TrainConfig(
         corpus=args.corpus,
@@ -109,15 +109,15 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _real_ids(text: str, vocab: Vocab) -> list[int]:
-    from export.corpus import load_corpus
+    from lstmd.export.corpus import load_corpus
 
     docs = load_corpus(text)
     return vocab.encode(docs[-1].words[:256])
 
 
 def _run_verify(args: argparse.Namespace) -> dict[str, float]:
-    from export.onnx_export import load_torch_model
-    from export.verify import verify
+    from lstmd.export.onnx_export import load_torch_model
+    from lstmd.export.verify import verify
 
     vocab = Vocab.load(args.vocab)
     lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
@@ -127,8 +127,8 @@ def _run_verify(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _run_onnx(args: argparse.Namespace) -> None:
-    from export.model_format import write_card
-    from export.onnx_export import load_torch_model, read_report, write_model_dir
+    from lstmd.export.onnx_export import load_torch_model, read_report, write_model_dir
+    from lstmd.model.folder import write_card
 
     vocab = Vocab.load(args.vocab)
     lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
@@ -139,8 +139,8 @@ def _run_onnx(args: argparse.Namespace) -> None:
     args.model_dir = str(folder)
     card.verification = {"max_abs_difference": _run_verify(args), "tolerance": args.tolerance}
     if args.quantize:
-        from export.quantize import quantize_model_dir
-        from export.train import split_ids_from_run
+        from lstmd.export.quantize import quantize_model_dir
+        from lstmd.export.train import split_ids_from_run
 
         if not args.run:
             raise SystemExit("lstmd-export onnx: --quantize needs --run to measure perplexity on the test split")
@@ -161,7 +161,7 @@ def _add_baseline(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def _run_baseline(args: argparse.Namespace) -> None:
-    from export.train import kneser_ney_baseline, split_ids_from_run
+    from lstmd.export.train import kneser_ney_baseline, split_ids_from_run
 
     run = Path(args.run)
     ids, vocab_size = split_ids_from_run(args.corpus, run)

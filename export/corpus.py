@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.tokenizer import tokenize
+from lstmd.model.tokenizer import tokenize
 
 SPLITS = ("train", "valid", "test")
 

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.model import LSTMLanguageModel, ModelConfig
-from export.model_format import INPUTS, ONNX_FILE, OUTPUTS, VOCAB_FILE, ModelCard, sha256_file, write_card
-from export.tokenizer import Vocab
+from lstmd.export.model import LSTMLanguageModel, ModelConfig
+from lstmd.model.folder import ONNX_FILE, VOCAB_FILE, ModelCard, sha256_file, write_card
+from lstmd.model.graph import INPUTS, OUTPUTS
+from lstmd.model.tokenizer import Vocab
 
 OPSET = 17
 

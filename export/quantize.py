@@ -6,8 +6,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from export.model_format import CARD_FILE, ONNX_FILE, VOCAB_FILE, ModelCard, read_model_dir, sha256_file, write_card
-from export.verify import ort_perplexity, ort_session, ort_speed
+from lstmd.export.verify import ort_perplexity, ort_speed
+from lstmd.model import graph
+from lstmd.model.folder import CARD_FILE, ONNX_FILE, VOCAB_FILE, ModelCard, read_model_dir, sha256_file, write_card
 
 
 def quantize_model_dir(src: Path, dst: Path, test_ids: list[int]) -> dict[str, Any]:
@@ -21,7 +22,7 @@ def quantize_model_dir(src: Path, dst: Path, test_ids: list[int]) -> dict[str, A
     layers, hidden = card.num_layers, card.hidden_size
     results: dict[str, Any] = {"perplexity_test": {}, "step_ms_median": {}, "size_mb": {}}
     for precision, folder in (("fp32", src), ("int8", dst)):
-        session = ort_session(folder / ONNX_FILE)
+        session = graph.load(folder / ONNX_FILE)
         results["perplexity_test"][precision] = round(ort_perplexity(session, test_ids, layers, hidden), 2)
         results["step_ms_median"][precision] = {b: round(ort_speed(session, layers, hidden, b), 3) for b in (1, 64)}
         results["size_mb"][precision] = round((folder / ONNX_FILE).stat().st_size / 1e6, 2)

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from export.corpus import SPLITS, Document, cut_blocks, load_corpus, split_documents
-from export.model import LSTMLanguageModel, ModelConfig
-from export.ngram import KneserNey
-from export.tokenizer import Vocab
+from lstmd.export.corpus import SPLITS, Document, cut_blocks, load_corpus, split_documents
+from lstmd.export.model import LSTMLanguageModel, ModelConfig
+from lstmd.export.ngram import KneserNey
+from lstmd.model.tokenizer import Vocab
 
 
 @dataclass

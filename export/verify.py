@@ -20,45 +20,33 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.model_format import ONNX_FILE
-from export.onnx_export import state_shape
-
-Outputs = dict[str, np.ndarray]
+from lstmd.export.onnx_export import state_shape
+from lstmd.model import graph
+from lstmd.model.folder import ONNX_FILE
+from lstmd.model.graph import Outputs
 
 
 class VerificationError(Exception):
     pass
 
 
-def ort_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_ort(session: ort.InferenceSession, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, k: int = 5) -> Outputs:
-    names = [o.name for o in session.get_outputs()]
-    values = session.run(None, {"tokens": tokens, "h0": h, "c0": c, "top_k": np.array(k, dtype=np.int64)})
-    return dict(zip(names, values, strict=True))
-
-
 @torch.no_grad()
 def run_torch(lm: nn.Module, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> Outputs:
     logits, (h1, c1) = lm(torch.from_numpy(tokens), (torch.from_numpy(h), torch.from_numpy(c)))
-    return {"logprobs": torch.log_softmax(logits[:, -1], -1).numpy(), "h1": h1.numpy(), "c1": c1.numpy()}
+    none = np.empty((tokens.shape[0], 0))
+    return Outputs(torch.log_softmax(logits[:, -1], -1).numpy(), none, none, h1.numpy(), c1.numpy())
 
 
 def run_stepwise(run: Any, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> Outputs:
     """Feed ``tokens`` one step at a time, carrying the state."""
-    out: Outputs = {}
     for t in range(tokens.shape[1]):
-        out = run(tokens[:, t : t + 1], h, c)
-        h, c = out["h1"], out["c1"]
+        out: Outputs = run(tokens[:, t : t + 1], h, c)
+        h, c = out.h, out.c
     return out
 
 
 def max_diff(a: Outputs, b: Outputs) -> float:
-    return max(float(np.abs(a[k] - b[k]).max()) for k in ("logprobs", "h1", "c1"))
+    return max(float(np.abs(x - y).max()) for x, y in ((a.logprobs, b.logprobs), (a.h, b.h), (a.c, b.c)))
 
 
 def verify(
@@ -66,7 +54,7 @@ def verify(
 ) -> dict[str, float]:
     """Run every check; raise VerificationError naming the first that fails. Returns the differences."""
     lm = lm.eval()
-    session = ort_session(model_dir / ONNX_FILE)
+    session = graph.load(model_dir / ONNX_FILE)
     layers, hidden = state_shape(lm)
     rng = np.random.default_rng(0)
 
@@ -82,7 +70,7 @@ def verify(
     h0, c0 = state(1, 0.0)
 
     def ort_run(t: np.ndarray, hh: np.ndarray, cc: np.ndarray) -> Outputs:
-        return run_ort(session, t, hh, cc)
+        return graph.run(session, t, hh, cc, 5)
 
     def torch_run(t: np.ndarray, hh: np.ndarray, cc: np.ndarray) -> Outputs:
         return run_torch(lm, t, hh, cc)
@@ -96,13 +84,19 @@ def verify(
         "batch_independence": max(
             max_diff(
                 ort_run(random_tokens[i : i + 1], h[:, i : i + 1], c[:, i : i + 1]),
-                {k: v[i : i + 1] if k == "logprobs" else v[:, i : i + 1] for k, v in whole_ort.items()},
+                Outputs(
+                    whole_ort.logprobs[i : i + 1],
+                    whole_ort.top_logprobs[i : i + 1],
+                    whole_ort.top_ids[i : i + 1],
+                    whole_ort.h[:, i : i + 1],
+                    whole_ort.c[:, i : i + 1],
+                ),
             )
             for i in range(3)
         ),
     }
-    top = whole_ort["top_ids"]
-    expected_top = np.argsort(-whole_ort["logprobs"], axis=1, kind="stable")[:, : top.shape[1]]
+    top = whole_ort.top_ids
+    expected_top = np.argsort(-whole_ort.logprobs, axis=1, kind="stable")[:, : top.shape[1]]
     if not np.array_equal(np.sort(top, 1), np.sort(expected_top, 1)):
         raise VerificationError("top_ids are not the most likely words of logprobs")
     failed = {k: v for k, v in report.items() if not v <= tolerance}
@@ -120,9 +114,9 @@ def ort_perplexity(session: ort.InferenceSession, ids: list[int], layers: int, h
     c = h.copy()
     total = 0.0
     for t in range(steps - 1):
-        out = run_ort(session, data[:, t : t + 1], h, c, k=1)
-        h, c = out["h1"], out["c1"]
-        total -= float(out["logprobs"][np.arange(streams), data[:, t + 1]].sum())
+        out = graph.run(session, data[:, t : t + 1], h, c, 1)
+        h, c = out.h, out.c
+        total -= float(out.logprobs[np.arange(streams), data[:, t + 1]].sum())
     return math.exp(total / (streams * (steps - 1)))
 
 
@@ -133,6 +127,6 @@ def ort_speed(session: ort.InferenceSession, layers: int, hidden: int, batch: in
     times = []
     for _ in range(repeats + 5):
         started = time.perf_counter()
-        run_ort(session, tokens, h, h)
+        graph.run(session, tokens, h, h, 5)
         times.append(time.perf_counter() - started)
     return float(np.median(times[5:]) * 1000)

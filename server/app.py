@@ -13,17 +13,17 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
 from prometheus_client import start_http_server
 
-from server import metrics
-from server.durable import Snapshots
-from server.engine import Engine
-from server.interceptors import AuthInterceptor, MetricsInterceptor
-from server.models import ModelRegistry
-from server.security import load_keys, server_credentials
-from server.servicer import LstmdServicer
-from server.settings import Settings
+from lstmd.server import metrics
+from lstmd.server.durable import Snapshots
+from lstmd.server.engine import Engine
+from lstmd.server.interceptors import AuthInterceptor, MetricsInterceptor
+from lstmd.server.registry import ModelRegistry
+from lstmd.server.security import load_keys, server_credentials
+from lstmd.server.servicer import LstmdServicer
+from lstmd.server.settings import Settings
+from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = lstmd_pb2.DESCRIPTOR.services_by_name["Lstmd"].full_name
@@ -64,7 +64,7 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     keys = load_keys(settings)
     shared = None
     if settings.session_store != "memory":
-        from server.shared import RedisSessionStore  # the redis extra: only needed when configured
+        from lstmd.server.shared import RedisSessionStore  # the redis extra: only needed when configured
 
         shared = RedisSessionStore(settings.session_store, registry, settings.session_ttl_s)
     engine = Engine(settings, registry, shared)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server import metrics
-from server.models import Model
+from lstmd.server import metrics
+from lstmd.server.registry import Model
 
 
 @dataclass

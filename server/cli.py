@@ -6,10 +6,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from server.app import configure_logging, run
-from server.models import ModelError, load_models
-from server.security import SecurityConfigError
-from server.settings import Settings
+from lstmd.server.app import configure_logging, run
+from lstmd.server.registry import ModelError, load_models
+from lstmd.server.security import SecurityConfigError
+from lstmd.server.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,11 +4,11 @@ except the servicer, and the domain code never imports the generated stubs."""
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from lstmd.v1 import lstmd_pb2 as pb
 
-from export.model_format import ModelCard
-from server.engine import FeedArgs, GenerateArgs, GeneratedWord, Prediction
-from server.sessions import Session
+from lstmd.model.folder import ModelCard
+from lstmd.server.engine import FeedArgs, GenerateArgs, GeneratedWord, Prediction
+from lstmd.server.sessions import Session
+from lstmd.v1 import lstmd_pb2 as pb
 
 _FINISH = {
     "": pb.FINISH_REASON_UNSPECIFIED,

@@ -19,12 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from server import metrics, snapshot
-from server.engine import Candidate, Prediction, Token
-from server.models import ModelRegistry
-from server.sessions import Session, SessionStore
-from server.settings import Settings
-from server.snapshot import SessionRecord, SnapshotError
+from lstmd.server import metrics, snapshot
+from lstmd.server.engine import Candidate, Prediction, Token
+from lstmd.server.registry import ModelRegistry
+from lstmd.server.sessions import Session, SessionStore
+from lstmd.server.settings import Settings
+from lstmd.server.snapshot import SessionRecord, SnapshotError
 
 log = logging.getLogger(__name__)
 FILE_NAME = "sessions.snap"

@@ -15,12 +15,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from export.tokenizer import normalize, tokenize
-from server.batcher import Batcher, Sampling, StepResult
-from server.errors import InvalidInput, NotFound, PositionMismatch, StoreUnavailable
-from server.models import Model, ModelRegistry
-from server.sessions import Session, SessionStore, SharedStore
-from server.settings import Settings
+from lstmd.model.tokenizer import normalize, tokenize
+from lstmd.server.batcher import Batcher, Sampling, StepResult
+from lstmd.server.errors import InvalidInput, NotFound, PositionMismatch, StoreUnavailable
+from lstmd.server.registry import Model, ModelRegistry
+from lstmd.server.sessions import Session, SessionStore, SharedStore
+from lstmd.server.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_CONFLICTS = 16  # a shared-store step lost to other replicas this often in a row is refused

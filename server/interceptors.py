@@ -11,9 +11,9 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from server import metrics
-from server.errors import Unauthenticated, status_of
-from server.security import KeyRing, caller
+from lstmd.server import metrics
+from lstmd.server.errors import Unauthenticated, status_of
+from lstmd.server.security import KeyRing, caller
 
 log = logging.getLogger(__name__)
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the type stubs only

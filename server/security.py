@@ -19,8 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from server.errors import Unauthenticated
-from server.settings import Settings
+from lstmd.server.errors import Unauthenticated
+from lstmd.server.settings import Settings
 
 # The API key id of the call being handled ("" when keys are off). Set by the AuthInterceptor:
 # grpc.aio runs a call's interceptors and then its handler in one task of the call's own, so

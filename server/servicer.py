@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
+
+from lstmd.server import convert
+from lstmd.server.engine import Engine
+from lstmd.server.errors import LstmdError, status_of
+from lstmd.server.security import caller
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-
-from server import convert
-from server.engine import Engine
-from server.errors import LstmdError, status_of
-from server.security import caller
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from server import metrics
-from server.errors import CapacityExceeded, InvalidInput, NotFound
-from server.models import Model
+from lstmd.server import metrics
+from lstmd.server.errors import CapacityExceeded, InvalidInput, NotFound
+from lstmd.server.registry import Model
 
 log = logging.getLogger(__name__)
 _ID = re.compile(r"[0-9a-f]{32}")

@@ -42,11 +42,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from server import metrics
-from server.durable import _request_from_json, _request_to_json
-from server.errors import InvalidInput, NotFound, StoreUnavailable
-from server.models import Model, ModelRegistry
-from server.sessions import _ID, Session
+from lstmd.server import metrics
+from lstmd.server.durable import _request_from_json, _request_to_json
+from lstmd.server.errors import InvalidInput, NotFound, StoreUnavailable
+from lstmd.server.registry import Model, ModelRegistry
+from lstmd.server.sessions import _ID, Session
 
 log = logging.getLogger(__name__)
 PREFIX = "lstmd:session:"

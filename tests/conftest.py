@@ -17,15 +17,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from lstmd.v1 import lstmd_pb2_grpc
 
-from export.model import LSTMLanguageModel, ModelConfig
-from export.onnx_export import write_model_dir
-from export.tokenizer import EOS, UNK, Vocab
-from export.verify import ort_session, run_ort
-from server.app import RunningServer, start
-from server.models import load_models
-from server.settings import Settings
+from lstmd.export.model import LSTMLanguageModel, ModelConfig
+from lstmd.export.onnx_export import write_model_dir
+from lstmd.model import graph
+from lstmd.model.tokenizer import EOS, UNK, Vocab
+from lstmd.server.app import RunningServer, start
+from lstmd.server.registry import load_models
+from lstmd.server.settings import Settings
+from lstmd.v1 import lstmd_pb2_grpc
 
 WORDS = """
 the a an of to in and is was it he she they we you i that this on for with as at by from be have not but or
@@ -73,13 +73,13 @@ class Reference:
 
     def __init__(self, folder: Path):
         self.vocab = Vocab.load(folder / "vocab.txt")
-        self.session = ort_session(folder / "model.onnx")
+        self.session = graph.load(folder / "model.onnx")
 
     def logprobs(self, ids: list[int]) -> np.ndarray:
         """The next-word log-probabilities after ``ids``, fed whole to a new session."""
         zero = np.zeros((LAYERS, 1, HIDDEN), np.float32)
         tokens = np.array([[self.vocab.eos_id, *ids]], np.int64)  # sessions start after "<eos>"
-        logprobs: np.ndarray = run_ort(self.session, tokens, zero, zero)["logprobs"][0]
+        logprobs: np.ndarray = graph.run(self.session, tokens, zero, zero, 1).logprobs[0]
         return logprobs
 
     def ids(self, text: str) -> list[int]:
@@ -130,8 +130,8 @@ def stub(shared: tuple[RunningServer, Any]) -> Any:
 
 
 def start_process(models_dir: Path, *flags: str) -> tuple[subprocess.Popen[str], int]:
-    """Start ``python -m server`` on a free port; return it once it serves, with its port."""
-    command = [sys.executable, "-m", "server", "--models-dir", str(models_dir), "--host", "127.0.0.1",
+    """Start ``python -m lstmd.server`` on a free port; return it once it serves, with its port."""
+    command = [sys.executable, "-m", "lstmd.server", "--models-dir", str(models_dir), "--host", "127.0.0.1",
                "--port", "0", "--metrics-port", "0", *flags]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
@@ -152,11 +152,11 @@ def server_target(models_dir: Path) -> Iterator[str]:
 
 
 class ServerProcess:
-    """``python -m server`` on free ports, its whole log kept in ``lines`` (read by a thread, so a
+    """``python -m lstmd.server`` on free ports, its whole log kept in ``lines`` (read by a thread, so a
     chatty server never blocks on a full pipe). For tests that signal, kill and restart servers."""
 
     def __init__(self, models_dir: Path, *flags: str):
-        command = [sys.executable, "-m", "server", "--models-dir", str(models_dir), "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "lstmd.server", "--models-dir", str(models_dir), "--host", "127.0.0.1",
                    "--port", "0", "--metrics-port", "0", *flags]  # fmt: skip
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []

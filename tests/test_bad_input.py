@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lstmd.v1 import lstmd_pb2 as pb
 
-from server.app import RunningServer
+from lstmd.server.app import RunningServer
+from lstmd.v1 import lstmd_pb2 as pb
 from tests.conftest import Reference
 
 DOCUMENTED = {

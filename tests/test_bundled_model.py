@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.model_format import ONNX_FILE, read_model_dir
-from server.models import load_models
-from server.settings import BUNDLED_MODELS, Settings
+from lstmd.model.folder import ONNX_FILE, read_model_dir
+from lstmd.server.registry import load_models
+from lstmd.server.settings import BUNDLED_MODELS, Settings
 
 
 def test_bundled_model_is_valid_small_and_beats_the_baseline() -> None:

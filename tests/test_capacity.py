@@ -21,10 +21,10 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-
-from server.app import RunningServer
 from tests.conftest import ServerProcess
 from tests.test_metrics import scrape
 

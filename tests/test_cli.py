@@ -12,7 +12,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from client import Client
+from lstmd.client import Client
 
 LSTMD = shutil.which("lstmd", path=str(Path(sys.executable).parent)) or "lstmd"
 

@@ -9,9 +9,9 @@ from typing import Any
 import grpc
 import pytest
 
-import client
-from client import AsyncClient, Client
-from client._errors import from_rpc_error
+from lstmd import client
+from lstmd.client import AsyncClient, Client
+from lstmd.client._errors import from_rpc_error
 from tests.conftest import Reference
 
 

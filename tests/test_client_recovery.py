@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-import client
-from client import AsyncClient, AsyncSession, Client, Prediction, Recovery, Session
-from client._errors import NotFound, PositionMismatch
-from client._recovery import Tail
-from server.app import start
-from server.durable import FILE_NAME
-from server.models import load_models
+from lstmd import client
+from lstmd.client import AsyncClient, AsyncSession, Client, Prediction, Recovery, Session
+from lstmd.client._errors import NotFound, PositionMismatch
+from lstmd.client._recovery import Tail
+from lstmd.server.app import start
+from lstmd.server.durable import FILE_NAME
+from lstmd.server.registry import load_models
 from tests.conftest import ServerFactory, ServerProcess, settings_for
 
 # Feeds of a session's history: text, token ids and single tokens, so chunks of several shapes are re-fed.
@@ -110,7 +110,7 @@ async def test_async_sessions_catch_up_from_an_older_snapshot(
     (tmp_path / "older").replace(snapshots / FILE_NAME)  # as if the server crashed after the older snapshot
 
     async with make_server(snapshot_dir=str(snapshots), port=running.port):
-        with caplog.at_level(logging.INFO, logger="client"):
+        with caplog.at_level(logging.INFO, logger="lstmd.client"):
             async with AsyncClient(target) as full, AsyncClient(target, recovery_tail=3) as short, \
                     AsyncClient(target, recovery_tail=0) as off:  # fmt: skip
                 moved = [_moved(s, c) for s, c in zip([*sessions, late], [full, short, off, full], strict=True)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from export.corpus import cut_blocks, decode_bytes, load_corpus, split_documents, unwrap
+from lstmd.export.corpus import cut_blocks, decode_bytes, load_corpus, split_documents, unwrap
 
 
 def test_decodes_utf8_latin1_cp1252_crlf_and_gzip(tmp_path: Path) -> None:

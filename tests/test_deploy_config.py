@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import yaml
-from lstmd.v1 import lstmd_pb2 as pb
 
-from server.app import RunningServer
-from server.settings import Settings
+from lstmd.server.app import RunningServer
+from lstmd.server.settings import Settings
+from lstmd.v1 import lstmd_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/lstmd.json"

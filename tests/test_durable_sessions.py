@@ -26,14 +26,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
+from lstmd.server import snapshot
+from lstmd.server.app import RunningServer
+from lstmd.server.durable import FILE_NAME
+from lstmd.server.settings import Settings
+from lstmd.server.snapshot import SessionRecord
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-
-from server import snapshot
-from server.app import RunningServer
-from server.durable import FILE_NAME
-from server.settings import Settings
-from server.snapshot import SessionRecord
 from tests.conftest import HIDDEN, LAYERS, WORDS, ServerFactory, ServerProcess
 from tests.test_metrics import scrape
 
@@ -286,7 +286,7 @@ async def test_sessions_the_served_models_cannot_take_are_refused_one_by_one(
         tiny_record("6" * 32),
     ]  # fmt: skip
     snapshot.write(tmp_path / FILE_NAME, records, len(records))
-    with caplog.at_level(logging.INFO, logger="server.durable"):
+    with caplog.at_level(logging.INFO, logger="lstmd.server.durable"):
         async with make_server(snapshot_dir=str(tmp_path), max_sessions=3) as (running, _):
             assert [s.id for s in running.engine.sessions.all()] == ["1" * 32, "5" * 32, "6" * 32]
     messages = [r.getMessage() for r in caplog.records]
@@ -306,7 +306,7 @@ async def test_an_unwritable_snapshot_folder_leaves_the_server_serving_and_says_
     (tmp_path / "blocker").write_text("a file where the folder's parent should be")  # unwritable even for root
     folder = tmp_path / "blocker" / "snapshots"
     servers.append(server := ServerProcess(models_dir, "--snapshot-dir", str(folder), "--snapshot-interval-s", "0.1"))
-    assert "ERROR server.durable: cannot create the snapshot folder" in server.log()
+    assert "ERROR lstmd.server.durable: cannot create the snapshot folder" in server.log()
     async with channel(server) as ch:
         stub = lstmd_pb2_grpc.LstmdStub(ch)
         session = await stub.CreateSession(pb.CreateSessionRequest())
@@ -319,7 +319,7 @@ async def test_an_unwritable_snapshot_folder_leaves_the_server_serving_and_says_
         assert after[key] >= before + 2 and after[("lstmd_snapshot_last_success_timestamp_seconds", frozenset())] == 0
         reply = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat sat"))
         assert reply.position == 3
-    assert "ERROR server.durable: cannot write the session snapshot" in server.log()
+    assert "ERROR lstmd.server.durable: cannot write the session snapshot" in server.log()
     assert "still serving, but 1 sessions would not survive a restart" in server.log()
     server.process.send_signal(signal.SIGTERM)
     assert server.wait() == 0 and "stopped" in server.lines[-1]

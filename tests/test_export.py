@@ -13,11 +13,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.cli import main as export_main
-from export.model_format import ModelFormatError, check_graph, read_model_dir
-from export.onnx_export import load_torch_model
-from export.tokenizer import Vocab
-from export.verify import VerificationError, run_ort, verify
+from lstmd.export.cli import main as export_main
+from lstmd.export.onnx_export import load_torch_model
+from lstmd.export.verify import VerificationError, verify
+from lstmd.model import graph
+from lstmd.model.folder import ModelFormatError, read_model_dir
+from lstmd.model.graph import check_shapes, shapes
+from lstmd.model.tokenizer import Vocab
 
 USER_MODEL = f"{Path(__file__).parent / 'user_model.py'}:UserLM"
 TEXT = (
@@ -30,10 +32,6 @@ def tiny_train(corpus: Path, out: Path) -> list[str]:
     """``lstmd-export train`` arguments for a model that trains in about a second."""
     sizes = ["--vocab-size", "50", "--embed-size", "16", "--hidden-size", "16", "--batch-size", "4", "--bptt", "8"]
     return ["train", "--corpus", str(corpus), "--out", str(out), *sizes, "--epochs", "1", "--threads", "1"]
-
-
-def shapes(nodes: list[ort.NodeArg]) -> dict[str, list[object]]:
-    return {n.name: list(n.shape) for n in nodes}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +88,7 @@ def test_exported_folder_matches_the_format_and_card(model_dir: Path) -> None:
     assert card.perplexity["test"] > 1 and card.perplexity["baseline_test"] > 1
     assert card.verification["max_abs_difference"]["parity_random"] <= 1e-4
     session = ort.InferenceSession(str(model_dir / "model.onnx"))
-    check_graph(shapes(session.get_inputs()), shapes(session.get_outputs()), card)
+    check_shapes(shapes(session.get_inputs()), shapes(session.get_outputs()), card)
     assert "test perplexity / baseline" in (model_dir / "MODEL_CARD.md").read_text()
 
 
@@ -125,9 +123,9 @@ def test_a_users_own_lstm_lm_exports_verifies_and_runs(tmp_path: Path, corpus: P
     session = ort.InferenceSession(str(folder / "model.onnx"))
     tokens = np.array([vocab.encode_text("the cat sat on the mat .")], dtype=np.int64)
     zeros = np.zeros((3, 1, 20), np.float32)
-    out = run_ort(session, tokens, zeros, zeros, k=3)
-    assert out["logprobs"].shape == (1, len(words)) and np.isclose(np.exp(out["logprobs"]).sum(), 1, atol=1e-5)
-    assert out["top_ids"].shape == (1, 3) and out["h1"].shape == (3, 1, 20)
+    out = graph.run(session, tokens, zeros, zeros, 3)
+    assert out.logprobs.shape == (1, len(words)) and np.isclose(np.exp(out.logprobs).sum(), 1, atol=1e-5)
+    assert out.top_ids.shape == (1, 3) and out.h.shape == (3, 1, 20)
     source = args[1:5] + args[5:9] + ["--text", str(corpus)]  # checkpoint, vocab, class, kwargs
     assert export_main(["verify", str(folder), *source]) == 0
 
@@ -162,7 +160,7 @@ def test_wrong_graph_names_and_vocabulary_size_are_rejected(model_dir: Path) -> 
     inputs, outputs = shapes(session.get_inputs()), shapes(session.get_outputs())
     renamed = {("input_ids" if k == "tokens" else k): v for k, v in inputs.items()}
     with pytest.raises(ModelFormatError, match="inputs are"):
-        check_graph(renamed, outputs, card)
+        check_shapes(renamed, outputs, card)
     card.vocab_size += 1
     with pytest.raises(ModelFormatError, match="logprobs has shape"):
-        check_graph(inputs, outputs, card)
+        check_shapes(inputs, outputs, card)

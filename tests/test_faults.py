@@ -22,10 +22,10 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lstmd.v1 import lstmd_pb2 as pb
 
-from client import AsyncClient, AsyncSession, Prediction
-from server.app import RunningServer
+from lstmd.client import AsyncClient, AsyncSession, Prediction
+from lstmd.server.app import RunningServer
+from lstmd.v1 import lstmd_pb2 as pb
 from tests.conftest import ServerProcess
 from tests.test_durable_sessions import PROBE, VOCAB
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings
+from lstmd.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 STUBS = ["lstmd_pb2.py", "lstmd_pb2.pyi", "lstmd_pb2_grpc.py", "lstmd_pb2_grpc.pyi"]
@@ -51,14 +51,16 @@ def test_console_scripts_print_help(command: str) -> None:
     assert out.startswith(f"usage: {command}")
 
 
-@pytest.mark.parametrize("module", ["client", "server", "export"])
+@pytest.mark.parametrize("module", ["lstmd.client", "lstmd.server", "lstmd.export"])
 def test_packages_run_as_modules(module: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--help"], check=True, capture_output=True, text=True)
     assert "usage:" in out.stdout
 
 
 def test_server_help_documents_every_setting() -> None:
-    out = subprocess.run([sys.executable, "-m", "server", "--help"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "lstmd.server", "--help"], check=True, capture_output=True, text=True
+    ).stdout
     for name in Settings.__dataclass_fields__:
         assert f"LSTMD_{name.upper()}" in out
 

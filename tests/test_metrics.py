@@ -5,10 +5,10 @@ from __future__ import annotations
 import urllib.request
 from typing import Any
 
-from lstmd.v1 import lstmd_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import RunningServer
+from lstmd.server.app import RunningServer
+from lstmd.v1 import lstmd_pb2 as pb
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export.ngram import KneserNey
+from lstmd.export.ngram import KneserNey
 
 # Training text over ids 0..9 with some structure; ids 10 and 11 never occur in it.
 VOCAB = 12

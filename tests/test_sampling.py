@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.batcher import Sampling, sample
+from lstmd.server.batcher import Sampling, sample
 
 PROBS = np.array([0.5, 0.25, 0.15, 0.07, 0.03])
 

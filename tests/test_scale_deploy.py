@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from bench.cluster import NGINX_CONF, binary, nginx_config
-from server.settings import Settings
+from lstmd.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "deploy/docker-compose.scale.yml"

@@ -19,14 +19,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from lstmd import client
+from lstmd.client import AsyncClient, Client
+from lstmd.server.app import RunningServer
+from lstmd.server.security import SecurityConfigError, load_keys
+from lstmd.server.settings import Settings
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-
-import client
-from client import AsyncClient, Client
-from server.app import RunningServer
-from server.security import SecurityConfigError, load_keys
-from server.settings import Settings
 from tests.conftest import Reference, ServerFactory, start_process
 from tests.test_cli import LSTMD, lstmd
 from tests.test_server import assert_matches, code_of

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from lstmd.v1 import lstmd_pb2 as pb
 from prometheus_client import REGISTRY
 
-from server.app import RunningServer
+from lstmd.server.app import RunningServer
+from lstmd.v1 import lstmd_pb2 as pb
 from tests.conftest import HIDDEN, LAYERS, Reference, ServerFactory
 
 TEXTS = [

@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-
 from tests.conftest import start_process
 
 
@@ -65,7 +65,7 @@ def test_refuses_to_start_on_a_broken_model_folder(models_dir: Path, tmp_path: P
     shutil.copytree(models_dir, broken)
     (broken / "tiny2/1/model.onnx").write_bytes(b"not a model")
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--models-dir", str(broken)], capture_output=True, text=True
+        [sys.executable, "-m", "lstmd.server", "--models-dir", str(broken)], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert "cannot serve" in result.stderr and "tiny2/1" in result.stderr and "checksum" in result.stderr
@@ -84,7 +84,7 @@ def test_refuses_impossible_settings(models_dir: Path, flags: list[str], message
     if "cuda" in flags and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         flags = ["--providers", "cpu,tpu"]  # a machine with CUDA: still an impossible setting
         message = "--providers takes"
-    result = subprocess.run([sys.executable, "-m", "server", "--models-dir", str(models_dir), *flags],
+    result = subprocess.run([sys.executable, "-m", "lstmd.server", "--models-dir", str(models_dir), *flags],
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 2 and message in result.stderr
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import snapshot
-from server.snapshot import SessionRecord, SnapshotError, UnsupportedVersion
+from lstmd.server import snapshot
+from lstmd.server.snapshot import SessionRecord, SnapshotError, UnsupportedVersion
 
 
 def records() -> list[SessionRecord]:

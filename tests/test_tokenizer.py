@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from export.tokenizer import EOS, UNK, Vocab, detokenize, tokenize
+from lstmd.model.tokenizer import EOS, UNK, Vocab, detokenize, tokenize
 
 
 @pytest.mark.parametrize(

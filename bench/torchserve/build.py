@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.model import LSTMLanguageModel, ModelConfig
+from lstmd.export.model import LSTMLanguageModel, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = Path("server/models/pd-english/1")

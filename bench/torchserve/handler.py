@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from export.model import LSTMLanguageModel, ModelConfig
+    from lstmd.export.model import LSTMLanguageModel, ModelConfig
 else:  # export/model.py, archived as the model file
     from model import LSTMLanguageModel, ModelConfig
 

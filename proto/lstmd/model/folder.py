@@ -2,15 +2,12 @@
 
 One folder per model version, ``<models_dir>/<name>/<version>/``, holding:
 
-- ``model.onnx``: inputs ``tokens`` (batch, time) int64, ``h0`` / ``c0`` (layers, batch, hidden)
-  float32 and ``top_k`` () int64; outputs ``logprobs`` (batch, vocab): log-softmax after the
-  last step, ``top_logprobs`` / ``top_ids`` (batch, top_k): its ``top_k`` best entries, most
-  likely first, and ``h1`` / ``c1``: the state after the last step. Batch and time are dynamic.
+- ``model.onnx``: the graph, with the inputs and outputs of ``lstmd.model.graph``.
 - ``vocab.txt``: one word per line, the line number being the token id.
 - ``model.json``: the model card (see ``ModelCard``), with the SHA-256 of ``model.onnx``.
 - ``MODEL_CARD.md``: the same card for people.
 
-Pure Python: the server imports this module, and it must not pull in torch.
+Pure Python (no torch, no numpy): server, export and tests all read folders through this module.
 """
 
 from __future__ import annotations
@@ -21,12 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.tokenizer import Vocab
+from lstmd.model.tokenizer import Vocab
 
 FORMAT_VERSION = 1
 ONNX_FILE, VOCAB_FILE, CARD_FILE, CARD_TEXT_FILE = "model.onnx", "vocab.txt", "model.json", "MODEL_CARD.md"
-INPUTS = ("tokens", "h0", "c0", "top_k")
-OUTPUTS = ("logprobs", "top_logprobs", "top_ids", "h1", "c1")
 
 
 class ModelFormatError(Exception):
@@ -125,22 +120,3 @@ def read_model_dir(folder: str | Path) -> tuple[ModelCard, Vocab]:
     if len(vocab) != card.vocab_size:
         raise ModelFormatError(f"{folder}: {VOCAB_FILE} has {len(vocab)} words, the card says {card.vocab_size}")
     return card, vocab
-
-
-def check_graph(inputs: dict[str, list[Any]], outputs: dict[str, list[Any]], card: ModelCard) -> None:
-    """Check an ONNX graph's input and output names and fixed dimensions against the card.
-
-    ``inputs`` / ``outputs`` map names to shapes as ONNX Runtime reports them (ints for fixed
-    dimensions, strings or None for dynamic ones).
-    """
-    for kind, expected, actual in (("inputs", INPUTS, inputs), ("outputs", OUTPUTS, outputs)):
-        if sorted(actual) != sorted(expected):
-            raise ModelFormatError(f"model.onnx {kind} are {sorted(actual)}, expected {sorted(expected)}")
-    state = [card.num_layers, None, card.hidden_size]
-    expected_shapes = {"h0": state, "c0": state, "h1": state, "c1": state, "logprobs": [None, card.vocab_size]}
-    shapes = {**inputs, **outputs}
-    for name, want in expected_shapes.items():
-        got = shapes[name]
-        fixed_ok = len(got) == len(want) and all(w is None or g == w for g, w in zip(got, want, strict=True))
-        if not fixed_ok:
-            raise ModelFormatError(f"model.onnx {name} has shape {got}, the card implies {want} (None: any)")

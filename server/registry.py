@@ -1,6 +1,6 @@
 """Loading and validating model folders, and running one ONNX Runtime call.
 
-Layout: ``<models_dir>/<name>/<version>/`` in the format of ``export.model_format``. For each
+Layout: ``<models_dir>/<name>/<version>/`` in the format of ``lstmd.model.folder``. For each
 name the highest version is served. Any broken folder stops start-up with a message that
 names it: a server that silently serves fewer models than asked is worse than one that fails.
 """
@@ -8,38 +8,20 @@ names it: a server that silently serves fewer models than asked is worse than on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from export.model_format import ONNX_FILE, OUTPUTS, ModelCard, ModelFormatError, check_graph, read_model_dir
-from server.errors import NotFound
-from server.settings import Settings
+from lstmd.model import graph
+from lstmd.model.folder import ONNX_FILE, ModelCard, ModelFormatError, read_model_dir
+from lstmd.server.errors import NotFound
+from lstmd.server.settings import Settings
 
 log = logging.getLogger(__name__)
-
-_OPTIMIZATION = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class ModelError(Exception):
     """A model cannot be served; the server refuses to start."""
-
-
-@dataclass
-class Outputs:
-    logprobs: np.ndarray  # (batch, vocab)
-    top_logprobs: np.ndarray  # (batch, k)
-    top_ids: np.ndarray  # (batch, k)
-    h: np.ndarray  # (layers, batch, hidden)
-    c: np.ndarray  # (layers, batch, hidden)
 
 
 class Model:
@@ -50,8 +32,13 @@ class Model:
         self.card, self.vocab = read_model_dir(folder)
         self.name, self.version = self.card.name, self.card.version
         self.layers, self.hidden = self.card.num_layers, self.card.hidden_size
-        self.session = _ort_session(folder / ONNX_FILE, settings)
-        check_graph(_shapes(self.session.get_inputs()), _shapes(self.session.get_outputs()), self.card)
+        try:
+            self.session = graph.load(folder / ONNX_FILE, settings.intra_op_threads, spinning=False,
+                                      optimization=settings.graph_optimization,
+                                      providers=settings.providers.split(","))  # fmt: skip
+        except ValueError as e:  # a provider this onnxruntime lacks
+            raise ModelError(f"{e} (--providers {settings.providers})") from e
+        graph.check(self.session, self.card)
         # A new session starts as if after the end of a paragraph: the state after "<eos>".
         eos = self.vocab.eos_id
         zero = self.zero_state(1)
@@ -71,38 +58,11 @@ class Model:
         """Zero (h, c) for ``batch`` sequences: (2, layers, batch, hidden)."""
         return np.zeros((2, self.layers, batch, self.hidden), np.float32)
 
-    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, k: int, with_logprobs: bool = True) -> Outputs:
-        """One ONNX Runtime call: ``tokens`` (batch, time), ``h``/``c`` (layers, batch, hidden). Blocking.
-
-        Without ``with_logprobs`` the (batch, vocab) log-probabilities are not copied out (the graph
-        still computes them for top-k); ``Outputs.logprobs`` is then empty."""
-        feeds = {"tokens": tokens, "h0": h, "c0": c, "top_k": np.array(k, np.int64)}
-        names = list(OUTPUTS if with_logprobs else OUTPUTS[1:])
-        values = dict(zip(names, self.session.run(names, feeds), strict=True))
-        logprobs = values.get("logprobs", np.empty((tokens.shape[0], 0), np.float32))
-        return Outputs(logprobs, values["top_logprobs"], values["top_ids"], values["h1"], values["c1"])
-
-
-def _shapes(args: list[ort.NodeArg]) -> dict[str, list[int | None]]:
-    """Names to shapes, with None for dynamic dimensions."""
-    return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
-
-
-def _ort_session(path: Path, settings: Settings) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
-    options.inter_op_num_threads = 1
-    # Idle intra-op threads spin by default, burning a core the gRPC event loop needs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = _OPTIMIZATION[settings.graph_optimization]
-    wanted = [_PROVIDERS[p] for p in settings.providers.split(",")]
-    missing = set(wanted) - set(ort.get_available_providers())
-    if missing:
-        raise ModelError(
-            f"execution provider(s) {', '.join(sorted(missing))} asked for (--providers {settings.providers}) "
-            f"but this onnxruntime has only {', '.join(ort.get_available_providers())}"
-        )
-    return ort.InferenceSession(str(path), options, providers=wanted)
+    def run(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, k: int, with_logprobs: bool = True
+    ) -> graph.Outputs:
+        """One ONNX Runtime call (``lstmd.model.graph.run``). Blocking."""
+        return graph.run(self.session, tokens, h, c, k, with_logprobs)
 
 
 class ModelRegistry:
