@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from lstmd.model.tokenizer import Vocab
 
 DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "pd-english")
+# What the export extra adds to the client's install (pip install 'lstmd[export]')
+EXPORT_MODULES = {"torch", "onnx", "onnxscript", "tqdm", "numpy", "onnxruntime"}
 
 
 def _parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -182,5 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_verify(sub)
     _add_baseline(sub)
     args = parser.parse_args(argv)
-    {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify, "baseline": _run_baseline}[args.command](args)
+    try:
+        {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify, "baseline": _run_baseline}[args.command](args)
+    except ModuleNotFoundError as e:
+        if e.name not in EXPORT_MODULES:
+            raise
+        print(f"lstmd-export: this install lacks {e.name}, which {args.command} needs: pip install 'lstmd[export]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
     return 0
