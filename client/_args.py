@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lstmd.client._sync import DEFAULT_TARGET
+from lstmd.client._core import DEFAULT_TARGET
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
