@@ -4,7 +4,7 @@ restart or crash (``Recovery``)."""
 
 from lstmd.client._async import AsyncClient, AsyncSession, AsyncStream
 from lstmd.client._errors import (
-    CapacityError,
+    CapacityExceeded,
     DeadlineExceeded,
     InvalidInput,
     LstmdError,
@@ -22,7 +22,7 @@ __all__ = [
     "AsyncSession",
     "AsyncStream",
     "Candidate",
-    "CapacityError",
+    "CapacityExceeded",
     "Client",
     "DeadlineExceeded",
     "GeneratedToken",

@@ -25,7 +25,7 @@ class NotFound(LstmdError):
     """Unknown model or session; a session may have expired or been evicted (NOT_FOUND)."""
 
 
-class CapacityError(LstmdError):
+class CapacityExceeded(LstmdError):
     """The server is at its session limit, or the message was too large (RESOURCE_EXHAUSTED)."""
 
 
@@ -57,7 +57,7 @@ class Unauthenticated(LstmdError):
 _BY_CODE: dict[grpc.StatusCode, type[LstmdError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityExceeded,
     grpc.StatusCode.FAILED_PRECONDITION: PositionMismatch,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

@@ -1,65 +1,36 @@
-"""The blocking client."""
+"""The blocking client: the I/O of ``Client``, ``Session`` and ``Stream``; the rest is in ``_core``."""
 
 from __future__ import annotations
 
 import contextlib
 import queue
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Unpack
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lstmd.client._errors import LstmdError, NotFound, PositionMismatch, from_rpc_error
-from lstmd.client._recovery import (
-    DEFAULT_TAIL,
-    DEFAULT_WAIT_FOR_RESTART_S,
-    MAX_RECOVERIES,
-    Backoff,
-    Plan,
-    Recovery,
-    Tail,
-    report,
-)
+from lstmd.client._core import CHANNEL_OPTIONS, BaseClient, BaseSession, BaseStream, Flow, Sleep, Steps, T
+from lstmd.client._errors import NotFound, PositionMismatch, from_rpc_error
+from lstmd.client._recovery import MAX_RECOVERIES
 from lstmd.client._types import (
+    FeedOptions,
     GeneratedToken,
+    GenerateOptions,
     Input,
     ModelInfo,
     Prediction,
+    SamplingOptions,
     SessionInfo,
-    feed_request,
     generate_request,
     stream_request,
 )
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 
-T = TypeVar("T")
-Metadata = Sequence[tuple[str, str]]
-DEFAULT_TARGET = "localhost:50051"
-# Reconnect to a restarted server within a second or two, not after gRPC's default back-off (up to 2 min).
-CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
-
-def make_credentials(
-    tls: bool, root_certificates: bytes | None, certificate_chain: bytes | None, private_key: bytes | None
-) -> grpc.ChannelCredentials | None:
-    """TLS credentials when any TLS option is given (a client certificate and key: mutual TLS)."""
-    if bool(certificate_chain) != bool(private_key):
-        raise ValueError("certificate_chain and private_key go together (mutual TLS): give both or neither")
-    if not (tls or root_certificates or certificate_chain):
-        return None
-    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-
-
-def call_metadata(metadata: Metadata, api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """The metadata sent with every call: ``metadata``, and the API key as a bearer token."""
-    return (*metadata, *((("authorization", f"Bearer {api_key}"),) if api_key else ()))
-
-
-class Client:
+class Client(BaseClient):
     """A connection to an lstmd server.
 
     >>> with Client("localhost:50051") as client:
@@ -86,31 +57,16 @@ class Client:
     and ``private_key`` (PEM bytes) present a client certificate, for servers that require one.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        api_key: str | None = None,
-        metadata: Metadata = (),
-        timeout: float | None = 10.0,
-        retries: int = 3,
-        wait_for_restart_s: float = DEFAULT_WAIT_FOR_RESTART_S,
-        recovery_tail: int = DEFAULT_TAIL,
-    ):
-        credentials = make_credentials(tls, root_certificates, certificate_chain, private_key)
+    _channel: grpc.Channel
+    _stub: lstmd_pb2_grpc.LstmdStub
+
+    def _connect(self, target: str, credentials: grpc.ChannelCredentials | None) -> None:
         self._channel = (
             grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
             if credentials
             else grpc.insecure_channel(target, CHANNEL_OPTIONS)
         )
         self._stub = lstmd_pb2_grpc.LstmdStub(self._channel)
-        self.target, self.timeout, self.retries = target, timeout, retries
-        self.wait_for_restart_s, self.recovery_tail = wait_for_restart_s, recovery_tail
-        self.metadata = call_metadata(metadata, api_key)
 
     def __enter__(self) -> Client:
         return self
@@ -121,61 +77,44 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., T], request: Any, retry: bool = True) -> T:
-        backoff = Backoff(self.retries, self.wait_for_restart_s)
-        while True:
+    def _run(self, flow: Flow[T]) -> T:
+        """Do what ``flow`` asks, a blocking call or sleep at a time, and return its result."""
+        steps = Steps(flow)
+        for step in steps:
             try:
-                return method(request, timeout=self.timeout, metadata=self.metadata)
+                if isinstance(step, Sleep):
+                    time.sleep(step.seconds)
+                    steps.reply(None)
+                else:
+                    steps.reply(step.method(step.request, timeout=self.timeout, metadata=self.metadata))
             except grpc.RpcError as e:
-                error = from_rpc_error(e)
-                delay = backoff.delay(error) if retry else None
-                if delay is None:
-                    raise error from None
-                time.sleep(delay)
+                steps.fail(from_rpc_error(e))
+        return steps.result
 
     def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING"."""
-        reply = self._call(
-            health_pb2_grpc.HealthStub(self._channel).Check, health_pb2.HealthCheckRequest(service=service)
-        )
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        return self._run(self._health(service))
 
     def list_models(self) -> list[ModelInfo]:
-        return [ModelInfo.from_pb(m) for m in self._call(self._stub.ListModels, pb.ListModelsRequest()).models]
+        return self._run(self._list_models())
 
     def create_session(self, model: str = "", top_k: int = 0) -> Session:
         """A new session (not retried: a retry could leave an orphan session behind)."""
-        return Session(self, self._create(model, top_k))
-
-    def _create(self, model: str, top_k: int) -> SessionInfo:
-        info = self._call(self._stub.CreateSession, pb.CreateSessionRequest(model=model, top_k=top_k), retry=False)
-        return SessionInfo.from_pb(info)
+        return Session(self, self._run(self._create(model, top_k)))
 
     def get_session(self, session_id: str) -> Session:
-        return Session(
-            self, SessionInfo.from_pb(self._call(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id)))
-        )
+        return Session(self, self._run(self._get(session_id)))
 
     def delete_session(self, session_id: str) -> None:
-        self._call(self._stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id), retry=False)
+        self._run(self._delete(session_id))
 
     def fork_session(self, session_id: str) -> Session:
-        info = self._call(self._stub.ForkSession, pb.ForkSessionRequest(session_id=session_id), retry=False)
-        return Session(self, SessionInfo.from_pb(info))
+        return Session(self, self._run(self._fork(session_id)))
 
-    def feed(
-        self,
-        session_id: str,
-        data: Input,
-        *,
-        expected_position: int | None = None,
-        top_k: int = 0,
-        token_logprobs: bool = False,
-    ) -> Prediction:
-        """Append text (or token ids) to a session; the prediction after its last token.
-        Retried only with ``expected_position``, which makes a retry unable to apply twice."""
-        request = feed_request(session_id, data, expected_position, top_k, token_logprobs)
-        return Prediction.from_pb(self._call(self._stub.Feed, request, retry=expected_position is not None))
+    def feed(self, session_id: str, data: Input, **options: Unpack[FeedOptions]) -> Prediction:
+        """Append text (or token ids) to a session; the prediction after its last token. Retried
+        only with ``expected_position``, which makes a retry unable to apply twice (``FeedOptions``)."""
+        return self._run(self._feed(session_id, data, **options))
 
     def stream(self, inputs: Iterable[Input], *, session_id: str = "", model: str = "", top_k: int = 0,
                token_logprobs: bool = False) -> Iterator[Prediction]:  # fmt: skip
@@ -192,23 +131,10 @@ class Client:
         """A stream to feed interactively: ``stream.feed(text)`` returns each prediction."""
         return Stream(self, session_id, model, top_k)
 
-    def generate(
-        self,
-        prompt: str = "",
-        *,
-        session_id: str = "",
-        model: str = "",
-        max_tokens: int = 50,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        expected_position: int | None = None,
-    ) -> Iterator[GeneratedToken]:
-        """Sample words after ``prompt`` (and the session's text), yielding each as it comes."""
-        request = generate_request(session_id, prompt, max_tokens, temperature, top_k, top_p, seed, stop, model,
-                                   expected_position)  # fmt: skip
+    def generate(self, prompt: str = "", **options: Unpack[GenerateOptions]) -> Iterator[GeneratedToken]:
+        """Sample words after ``prompt`` (and the session's text), yielding each as it comes
+        (``GenerateOptions``)."""
+        request = generate_request(prompt, **options)
         try:
             for reply in self._stub.Generate(request, timeout=None, metadata=self.metadata):
                 yield GeneratedToken.from_pb(reply)
@@ -216,18 +142,16 @@ class Client:
             raise from_rpc_error(e) from None
 
 
-class Stream:
+class Stream(BaseStream):
     """One bidirectional stream fed one input at a time. Close it (or use ``with``) when done."""
 
     def __init__(self, client: Client, session_id: str, model: str, top_k: int):
+        super().__init__(session_id, model, top_k)
         self._requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
-        self._session_id, self._model, self._top_k = session_id, model, top_k
         self._replies = client._stub.Stream(iter(self._requests.get, None), metadata=client.metadata)
 
     def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
-        request = stream_request(data, top_k or self._top_k, token_logprobs, self._session_id, self._model)
-        self._requests.put(request)
-        self._session_id = self._model = ""  # the server reads them from the first message only
+        self._requests.put(self._request(data, top_k, token_logprobs))
         try:
             return Prediction.from_pb(next(self._replies))
         except grpc.RpcError as e:
@@ -244,7 +168,7 @@ class Stream:
         self.close()
 
 
-class Session:
+class Session(BaseSession[Client]):
     """A server session. Feeds carry ``expected_position``, so they are exactly-once and safely
     retried. As a context manager it deletes itself on exit.
 
@@ -254,39 +178,15 @@ class Session:
     recovery it is where the re-fed tail ends). ``recoveries`` lists every recovery; ``exact``
     stays True while every recovery was exact."""
 
-    def __init__(self, client: Client, info: SessionInfo, tail: Tail | None = None):
-        self.client = client
-        self.info = info
-        self.id = info.session_id
-        self.position = info.position
-        self.recoveries: list[Recovery] = []
-        self._tail = tail or Tail(client.recovery_tail, info.position)
-        self._deleted = False
-
-    @property
-    def exact(self) -> bool:
-        """False once a recovery had to be approximate (the tail was shorter than what was lost)."""
-        return all(r.exact for r in self.recoveries)
-
     def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
-        for recovered in range(MAX_RECOVERIES + 1):
-            try:
-                prediction = self.client.feed(self.id, data, expected_position=self.position, top_k=top_k,
-                                              token_logprobs=token_logprobs)  # fmt: skip
-            except (NotFound, PositionMismatch) as error:
-                if recovered == MAX_RECOVERIES or not self._recover(error):
-                    raise
-                continue
-            self._fed([t.id for t in prediction.tokens], prediction.position)
-            return prediction
-        raise AssertionError("unreachable")
+        return self.client._run(self._feed(data, top_k, token_logprobs))
 
-    def generate(self, prompt: str = "", **options: Any) -> Iterator[GeneratedToken]:
+    def generate(self, prompt: str = "", **options: Unpack[SamplingOptions]) -> Iterator[GeneratedToken]:
         """Sample words after the session's text (after ``prompt``, fed first as an ordinary feed,
         so the recovery tail knows its tokens). A generation cut off by a failure is not resumed."""
         if prompt:
             self.feed(prompt)
-        for recovered in range(MAX_RECOVERIES + 1):
+        for attempt in range(MAX_RECOVERIES + 1):
             started = False
             try:
                 for token in self.client.generate(session_id=self.id, expected_position=self.position, **options):
@@ -295,55 +195,19 @@ class Session:
                     yield token
                 return
             except (NotFound, PositionMismatch) as error:
-                if started or recovered == MAX_RECOVERIES or not self._recover(error):
+                if started or not self.client._run(self._recover(error, attempt)):
                     raise
         raise AssertionError("unreachable")
 
-    def _fed(self, ids: list[int], position: int) -> None:
-        self._tail.add(ids, position)
-        self.position = position
-
-    def _recover(self, error: LstmdError) -> bool:
-        plan = None if self._deleted else self._tail.plan(error, self.position)
-        if plan is None:
-            return False
-        old = self.id
-        if plan.recreate:
-            info = self.client._create(self.info.model, self.info.top_k)
-            if info.model_version != self.info.model_version:  # token ids may mean other words now
-                self.client.delete_session(info.session_id)
-                return False
-            self.info, self.id = info, info.session_id
-        position = plan.start
-        for chunk in plan.chunks:
-            position = self.client.feed(self.id, chunk, expected_position=position, top_k=1).position
-        self._recovered(plan, old, position)
-        return True
-
-    def _recovered(self, plan: Plan, old_id: str, position: int) -> None:
-        recovery = Recovery(plan.reason, old_id, self.id, plan.start, position, sum(map(len, plan.chunks)),
-                            plan.exact)  # fmt: skip
-        self.recoveries.append(recovery)
-        self._tail.end = self.position = position
-        report(recovery)
-
     def fork(self) -> Session:
         """A copy, which knows this session's tail (and so recovers as well as it would)."""
-        twin = self.client.fork_session(self.id)
-        if twin.position == self.position:
-            twin._tail = self._tail.copy()
-        return twin
+        return Session(self.client, *self.client._run(self._fork()))
 
     def refresh(self) -> SessionInfo:
-        self.info = self.client.get_session(self.id).info
-        if self.info.position != self.position:
-            self._tail.reset(self.info.position)
-        self.position = self.info.position
-        return self.info
+        return self.client._run(self._refresh())
 
     def delete(self) -> None:
-        self._deleted = True
-        self.client.delete_session(self.id)
+        self.client._run(self._delete())
 
     def __enter__(self) -> Session:
         return self

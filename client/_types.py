@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 from lstmd.v1 import lstmd_pb2 as pb
 
@@ -104,8 +104,39 @@ def _with_input(request: R, data: Input) -> R:
 R = TypeVar("R", pb.FeedRequest, pb.StreamRequest)
 
 
+class FeedOptions(TypedDict, total=False):
+    """A feed's options. ``expected_position``: apply only at this position (None: wherever the
+    session is), which also makes the feed safe to retry; ``top_k``: candidates to return (0: the
+    session's default); ``token_logprobs``: the log-probability of each token fed."""
+
+    expected_position: int | None
+    top_k: int
+    token_logprobs: bool
+
+
+class SamplingOptions(TypedDict, total=False):
+    """A generation's sampling: ``max_tokens`` (50), ``temperature`` (1.0), ``top_k`` (0: all
+    words), ``top_p`` (0: off), ``seed`` (None: random), ``stop`` words (stop after any)."""
+
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop: list[str] | None
+
+
+class GenerateOptions(SamplingOptions, total=False):
+    """A generation's sampling and where it runs: on ``session_id`` (at ``expected_position`` when
+    given), or on a new temporary session of ``model`` (the server's default when empty)."""
+
+    session_id: str
+    model: str
+    expected_position: int | None
+
+
 def feed_request(
-    session_id: str, data: Input, expected_position: int | None, top_k: int, token_logprobs: bool
+    session_id: str, data: Input, expected_position: int | None = None, top_k: int = 0, token_logprobs: bool = False
 ) -> pb.FeedRequest:
     request = pb.FeedRequest(session_id=session_id, expected_position=expected_position, top_k=top_k,
                              return_token_logprobs=token_logprobs)  # fmt: skip
@@ -121,8 +152,9 @@ def stream_request(
 
 
 def generate_request(
-    session_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
-    seed: int | None, stop: list[str] | None, model: str, expected_position: int | None = None,
+    prompt: str = "", *, session_id: str = "", model: str = "", max_tokens: int = 50, temperature: float = 1.0,
+    top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None,
+    expected_position: int | None = None,
 ) -> pb.GenerateRequest:  # fmt: skip
     return pb.GenerateRequest(
         session_id=session_id, model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,

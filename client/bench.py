@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
+import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from lstmd.client._args import client_options
 from lstmd.client._async import AsyncClient
 from lstmd.client._errors import LstmdError
-from lstmd.client.cli import client_options
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,12 +50,12 @@ class Tally:
 
 async def _one_stream(client: AsyncClient, args: argparse.Namespace, vocab: int, seed: int, deadline: float,
                       tally: Tally, progress: Any) -> None:  # fmt: skip
-    rng = np.random.default_rng(seed)
+    rng = random.Random(seed)
     feeds = 0
     stream = client.open_stream(model=args.model)
     try:
         while (feeds < args.tokens) if not args.duration else (time.monotonic() < deadline):
-            ids = rng.integers(2, vocab, size=args.prompt_tokens).tolist()
+            ids = [rng.randrange(2, vocab) for _ in range(args.prompt_tokens)]
             started = time.perf_counter()
             try:
                 await stream.feed(ids, top_k=1)
@@ -73,7 +74,7 @@ async def _one_stream(client: AsyncClient, args: argparse.Namespace, vocab: int,
 
 
 async def _run(args: argparse.Namespace, streams: int, first_seed: int, progress: Any) -> Tally:
-    async with AsyncClient(args.target, timeout=args.timeout, **client_options(args)) as client:
+    async with AsyncClient(**client_options(args)) as client:
         models = await client.list_models()
         model = next(m for m in models if m.name == args.model or (not args.model and m.is_default))
         deadline = time.monotonic() + args.duration
@@ -120,8 +121,8 @@ def run_bench(args: argparse.Namespace) -> int:
     total = 0 if args.duration else args.streams * args.tokens * args.prompt_tokens
     started = time.monotonic()
     with context.Pool(args.processes, initializer=_init_worker, initargs=(progress,)) as pool:
-        seeds = np.cumsum([args.seed * 100_000, *shares[:-1]])
-        pending = pool.starmap_async(_worker, [(args, n, int(s)) for n, s in zip(shares, seeds, strict=True)])
+        seeds = itertools.accumulate([args.seed * 100_000, *shares[:-1]])  # each stream its own seed
+        pending = pool.starmap_async(_worker, [(args, n, s) for n, s in zip(shares, seeds, strict=True)])
         while not pending.ready():
             if not args.quiet:
                 _show_progress(progress, total, started)
@@ -141,7 +142,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def summarize(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge the processes' tallies. Time counts from the first process starting its load to the
     last one finishing, so process start-up is not counted."""
-    latencies = np.array([x for r in results for x in r["latencies"]]) * 1000
+    latencies = [x * 1000 for r in results for x in r["latencies"]]
     tokens = sum(r["tokens"] for r in results)
     errors: dict[str, int] = {}
     for r in results:
@@ -149,19 +150,26 @@ def summarize(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[s
             errors[code] = errors.get(code, 0) + n
     cpu = sum(r["cpu"] for r in results)
     wall = max(r["finished"] for r in results) - min(r["started"] for r in results)
-    percentiles = {f"p{q}": float(np.percentile(latencies, q)) if latencies.size else 0.0 for q in (50, 90, 99)}
+    percentiles = {f"p{q}": _percentile(latencies, q) for q in (50, 90, 99)}
     return {
         "streams": args.streams,
         "processes": args.processes,
         "tokens_per_feed": args.prompt_tokens,
-        "feeds": int(latencies.size),
+        "feeds": len(latencies),
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
-        "latency_ms": {**percentiles, "max": float(latencies.max()) if latencies.size else 0.0},
+        "latency_ms": {**percentiles, "max": max(latencies, default=0.0)},
         "errors": errors,
         "client_cpu_percent": 100 * cpu / wall / args.processes,
     }
+
+
+def _percentile(values: list[float], q: int) -> float:
+    """The q-th percentile, interpolated between the two nearest values (numpy's default); 0 for none."""
+    if len(values) < 2:
+        return values[0] if values else 0.0
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -5,41 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from lstmd.client._args import add_connection_arguments, client_options
 from lstmd.client._errors import LstmdError
-from lstmd.client._sync import DEFAULT_TARGET, Client
+from lstmd.client._sync import Client
 from lstmd.client._types import Prediction
+from lstmd.client.bench import add_bench_arguments, run_bench
 from lstmd.model.tokenizer import detokenize
 
 
-def client_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Client keyword arguments from the common flags: TLS files and the API key."""
-
-    def read(flag: str, name: str | None) -> bytes | None:
-        try:
-            return Path(name).read_bytes() if name else None
-        except OSError as e:
-            raise SystemExit(f"lstmd: {flag} {name}: {e.strerror}") from None
-
-    if bool(args.tls_cert_file) != bool(args.tls_key_file):
-        raise SystemExit("lstmd: --tls-cert-file and --tls-key-file go together (mutual TLS): give both")
-    return {
-        "tls": args.tls,
-        "root_certificates": read("--tls-ca-file", args.tls_ca_file),
-        "certificate_chain": read("--tls-cert-file", args.tls_cert_file),
-        "private_key": read("--tls-key-file", args.tls_key_file),
-        "api_key": args.api_key or os.environ.get("LSTMD_API_KEY") or None,
-        "wait_for_restart_s": 0.0,  # a command (or a benchmark) reports a down server at once
-    }
-
-
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, timeout=args.timeout, **client_options(args))
+    return Client(**client_options(args))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -144,26 +123,13 @@ def cmd_type(args: argparse.Namespace) -> int:
         return run_interactive(client, args.model, args.top_k)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from lstmd.client.bench import run_bench
-
-    return run_bench(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstmd", description="Talk to an lstmd server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: object, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
-        p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, in seconds")
-        p.add_argument("--api-key", help="API key, for servers that require one (default: $LSTMD_API_KEY, "
-                       "which is better: other users of the machine can see flags in the process list)")  # fmt: skip
-        p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
-        p.add_argument("--tls-ca-file", help="connect with TLS, trusting the CA certificates in this PEM file")
-        p.add_argument("--tls-cert-file", help="PEM client certificate, for servers that require one (mutual TLS)")
-        p.add_argument("--tls-key-file", help="PEM private key of --tls-cert-file")
+        add_connection_arguments(p)
         p.set_defaults(func=func)
         return p
 
@@ -200,9 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("models", cmd_models, "list the served models")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    from lstmd.client.bench import add_bench_arguments
-
-    add_bench_arguments(command("bench", cmd_bench, "load generator: concurrent streams, per-token latency"))
+    add_bench_arguments(command("bench", run_bench, "load generator: concurrent streams, per-token latency"))
     return parser
 
 

@@ -37,7 +37,11 @@ class CapacityExceeded(LstmdError):
     pass
 
 
-class StoreUnavailable(LstmdError):
+class Unavailable(LstmdError):
+    """The service cannot answer now; the call may be retried (UNAVAILABLE)."""
+
+
+class StoreUnavailable(Unavailable):
     """The shared session store (Redis) cannot be reached: the call may be retried once it is back."""
 
 
@@ -51,9 +55,13 @@ STATUS = {
     PositionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
 def status_of(error: LstmdError) -> grpc.StatusCode:
-    return STATUS[type(error)]
+    """The code of ``error``'s class, or of its nearest base in the table: a subclass maps like its base."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    raise KeyError(f"{type(error).__name__} has no status code: add it, or a base of it, to STATUS")

@@ -116,7 +116,7 @@ def test_error_mapping_table() -> None:
     expected = {
         grpc.StatusCode.INVALID_ARGUMENT: client.InvalidInput,
         grpc.StatusCode.NOT_FOUND: client.NotFound,
-        grpc.StatusCode.RESOURCE_EXHAUSTED: client.CapacityError,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: client.CapacityExceeded,
         grpc.StatusCode.FAILED_PRECONDITION: client.PositionMismatch,
         grpc.StatusCode.UNAVAILABLE: client.Unavailable,
         grpc.StatusCode.DEADLINE_EXCEEDED: client.DeadlineExceeded,

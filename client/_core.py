@@ -1,0 +1,267 @@
+"""What the blocking and the asyncio client share, written once: options, credentials, call
+metadata, the requests and results of each call, retries, and the recovery of a session.
+
+The logic of each unary call is a *flow*: a generator that yields what it needs done (a
+``Call`` to make, a ``Sleep`` between retries), gets the reply sent back or the error thrown in,
+and returns the result. ``Client`` and ``AsyncClient`` differ in how they run a flow (``_run``:
+blocking, or awaited) and in the streaming calls, which they write out each: the I/O only.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, Unpack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lstmd.client._errors import LstmdError, NotFound, PositionMismatch
+from lstmd.client._recovery import (
+    DEFAULT_TAIL,
+    DEFAULT_WAIT_FOR_RESTART_S,
+    MAX_RECOVERIES,
+    Backoff,
+    Plan,
+    Recovery,
+    Tail,
+    report,
+)
+from lstmd.client._types import FeedOptions, Input, ModelInfo, Prediction, SessionInfo, feed_request, stream_request
+from lstmd.v1 import lstmd_pb2 as pb
+from lstmd.v1 import lstmd_pb2_grpc
+
+T = TypeVar("T")
+Metadata = Sequence[tuple[str, str]]
+DEFAULT_TARGET = "localhost:50051"
+# Reconnect to a restarted server within a second or two, not after gRPC's default back-off (up to 2 min).
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+def make_credentials(
+    tls: bool, root_certificates: bytes | None, certificate_chain: bytes | None, private_key: bytes | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any TLS option is given (a client certificate and key: mutual TLS)."""
+    if bool(certificate_chain) != bool(private_key):
+        raise ValueError("certificate_chain and private_key go together (mutual TLS): give both or neither")
+    if not (tls or root_certificates or certificate_chain):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def call_metadata(metadata: Metadata, api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata sent with every call: ``metadata``, and the API key as a bearer token."""
+    return (*metadata, *((("authorization", f"Bearer {api_key}"),) if api_key else ()))
+
+
+@dataclass(frozen=True)
+class Call:
+    """One attempt at a unary call: ``method`` (a stub's) with ``request``; the reply is sent back."""
+
+    method: Callable[..., Any]
+    request: Any
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """A pause of ``seconds`` before the next attempt."""
+
+    seconds: float
+
+
+Flow = Generator[Call | Sleep, Any, T]
+
+
+class Steps(Generic[T]):
+    """Runs a flow for a driver: iterate for what to do, report each outcome with ``reply`` or
+    ``fail``; when the iteration ends, ``result`` holds what the flow returned. An error the flow
+    does not handle comes out of the iteration."""
+
+    result: T
+
+    def __init__(self, flow: Flow[T]):
+        self._flow = flow
+        self._resume: Callable[[], Call | Sleep] = flow.__next__
+
+    def __iter__(self) -> Steps[T]:
+        return self
+
+    def __next__(self) -> Call | Sleep:
+        try:
+            return self._resume()
+        except StopIteration as done:
+            self.result = done.value
+            raise StopIteration from None
+
+    def reply(self, value: Any) -> None:
+        self._resume = functools.partial(self._flow.send, value)
+
+    def fail(self, error: LstmdError) -> None:
+        self._resume = functools.partial(self._flow.throw, error)
+
+
+class BaseClient:
+    """The options and the unary calls of ``Client`` and ``AsyncClient`` (see ``Client``)."""
+
+    _channel: grpc.Channel | grpc.aio.Channel
+    _stub: lstmd_pb2_grpc.LstmdStub | lstmd_pb2_grpc.LstmdAsyncStub
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        api_key: str | None = None,
+        metadata: Metadata = (),
+        timeout: float | None = 10.0,
+        retries: int = 3,
+        wait_for_restart_s: float = DEFAULT_WAIT_FOR_RESTART_S,
+        recovery_tail: int = DEFAULT_TAIL,
+    ):
+        self._connect(target, make_credentials(tls, root_certificates, certificate_chain, private_key))
+        self._health_stub = health_pb2_grpc.HealthStub(self._channel)
+        self.target, self.timeout, self.retries = target, timeout, retries
+        self.wait_for_restart_s, self.recovery_tail = wait_for_restart_s, recovery_tail
+        self.metadata = call_metadata(metadata, api_key)
+
+    def _connect(self, target: str, credentials: grpc.ChannelCredentials | None) -> None:
+        """Open ``_channel`` (TLS with ``credentials``, plaintext without) and its ``_stub``."""
+        raise NotImplementedError
+
+    def _unary(self, method: Callable[..., Any], request: Any, retry: bool = True) -> Flow[Any]:
+        """A call, retried as ``Backoff`` says (``retry=False``: never, for calls unsafe to repeat)."""
+        backoff = Backoff(self.retries, self.wait_for_restart_s)
+        while True:
+            try:
+                return (yield Call(method, request))
+            except LstmdError as error:
+                delay = backoff.delay(error) if retry else None
+                if delay is None:
+                    raise
+            yield Sleep(delay)
+
+    def _health(self, service: str) -> Flow[str]:
+        reply = yield from self._unary(self._health_stub.Check, health_pb2.HealthCheckRequest(service=service))
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def _list_models(self) -> Flow[list[ModelInfo]]:
+        reply = yield from self._unary(self._stub.ListModels, pb.ListModelsRequest())
+        return [ModelInfo.from_pb(m) for m in reply.models]
+
+    def _create(self, model: str, top_k: int) -> Flow[SessionInfo]:
+        """Not retried: a retry could leave an orphan session behind."""
+        request = pb.CreateSessionRequest(model=model, top_k=top_k)
+        return SessionInfo.from_pb((yield from self._unary(self._stub.CreateSession, request, retry=False)))
+
+    def _get(self, session_id: str) -> Flow[SessionInfo]:
+        request = pb.GetSessionRequest(session_id=session_id)
+        return SessionInfo.from_pb((yield from self._unary(self._stub.GetSession, request)))
+
+    def _delete(self, session_id: str) -> Flow[None]:
+        yield from self._unary(self._stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id), retry=False)
+
+    def _fork(self, session_id: str) -> Flow[SessionInfo]:
+        request = pb.ForkSessionRequest(session_id=session_id)
+        return SessionInfo.from_pb((yield from self._unary(self._stub.ForkSession, request, retry=False)))
+
+    def _feed(self, session_id: str, data: Input, **options: Unpack[FeedOptions]) -> Flow[Prediction]:
+        """Retried only with ``expected_position``, which makes a retry unable to apply twice."""
+        request = feed_request(session_id, data, **options)
+        retry = options.get("expected_position") is not None
+        return Prediction.from_pb((yield from self._unary(self._stub.Feed, request, retry=retry)))
+
+
+C = TypeVar("C", bound=BaseClient)
+
+
+class BaseStream:
+    """What ``Stream`` and ``AsyncStream`` send: the session and model go with the first message only."""
+
+    def __init__(self, session_id: str, model: str, top_k: int):
+        self._session_id, self._model, self._top_k = session_id, model, top_k
+
+    def _request(self, data: Input, top_k: int, token_logprobs: bool) -> pb.StreamRequest:
+        request = stream_request(data, top_k or self._top_k, token_logprobs, self._session_id, self._model)
+        self._session_id = self._model = ""  # the server reads them from the first message only
+        return request
+
+
+class BaseSession(Generic[C]):
+    """The state and the recovery of ``Session`` and ``AsyncSession`` (see ``Session``)."""
+
+    def __init__(self, client: C, info: SessionInfo, tail: Tail | None = None):
+        self.client = client
+        self.info = info
+        self.id = info.session_id
+        self.position = info.position
+        self.recoveries: list[Recovery] = []
+        self._tail = tail or Tail(client.recovery_tail, info.position)
+        self._deleted = False
+
+    @property
+    def exact(self) -> bool:
+        """False once a recovery had to be approximate (the tail was shorter than what was lost)."""
+        return all(r.exact for r in self.recoveries)
+
+    def _feed(self, data: Input, top_k: int, token_logprobs: bool) -> Flow[Prediction]:
+        """A feed at the session's position, recovering the session as often as it must."""
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                prediction = yield from self.client._feed(self.id, data, expected_position=self.position,
+                                                          top_k=top_k, token_logprobs=token_logprobs)  # fmt: skip
+            except (NotFound, PositionMismatch) as error:
+                if not (yield from self._recover(error, attempt)):
+                    raise
+                continue
+            self._fed([t.id for t in prediction.tokens], prediction.position)
+            return prediction
+        raise AssertionError("unreachable")
+
+    def _fed(self, ids: list[int], position: int) -> None:
+        self._tail.add(ids, position)
+        self.position = position
+
+    def _recover(self, error: LstmdError, attempt: int) -> Flow[bool]:
+        """Recover from ``error`` on the ``attempt``-th recovery of a call; False when it cannot."""
+        plan = None if self._deleted or attempt >= MAX_RECOVERIES else self._tail.plan(error, self.position)
+        if plan is None:
+            return False
+        old = self.id
+        if plan.recreate:
+            info = yield from self.client._create(self.info.model, self.info.top_k)
+            if info.model_version != self.info.model_version:  # token ids may mean other words now
+                yield from self.client._delete(info.session_id)
+                return False
+            self.info, self.id = info, info.session_id
+        position = plan.start
+        for chunk in plan.chunks:
+            position = (yield from self.client._feed(self.id, chunk, expected_position=position, top_k=1)).position
+        self._recovered(plan, old, position)
+        return True
+
+    def _recovered(self, plan: Plan, old_id: str, position: int) -> None:
+        recovery = Recovery(plan.reason, old_id, self.id, plan.start, position, sum(map(len, plan.chunks)),
+                            plan.exact)  # fmt: skip
+        self.recoveries.append(recovery)
+        self._tail.end = self.position = position
+        report(recovery)
+
+    def _fork(self) -> Flow[tuple[SessionInfo, Tail | None]]:
+        """The copy's info, and this session's tail for it when the copy is at the same position."""
+        info = yield from self.client._fork(self.id)
+        return info, (self._tail.copy() if info.position == self.position else None)
+
+    def _refresh(self) -> Flow[SessionInfo]:
+        self.info = yield from self.client._get(self.id)
+        if self.info.position != self.position:
+            self._tail.reset(self.info.position)
+        self.position = self.info.position
+        return self.info
+
+    def _delete(self) -> Flow[None]:
+        self._deleted = True
+        yield from self.client._delete(self.id)
