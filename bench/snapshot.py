@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lstmd.server.durable import FILE_NAME, Snapshots
 from lstmd.server.engine import Candidate, Prediction, Token
 from lstmd.server.registry import load_models
 from lstmd.server.sessions import SessionStore
 from lstmd.server.settings import Settings
+from lstmd.server.snapshot_policy import FILE_NAME, Snapshots
 
 
 async def measure(sessions: int, folder: Path) -> None:

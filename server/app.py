@@ -16,13 +16,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from lstmd.server import metrics
-from lstmd.server.durable import Snapshots
 from lstmd.server.engine import Engine
 from lstmd.server.interceptors import AuthInterceptor, MetricsInterceptor
 from lstmd.server.registry import ModelRegistry
 from lstmd.server.security import load_keys, server_credentials
 from lstmd.server.servicer import LstmdServicer
 from lstmd.server.settings import Settings
+from lstmd.server.snapshot_policy import Snapshots
 from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     keys = load_keys(settings)
     shared = None
     if settings.session_store != "memory":
-        from lstmd.server.shared import RedisSessionStore  # the redis extra: only needed when configured
+        from lstmd.server.redis_store import RedisSessionStore  # the redis extra: only needed when configured
 
         shared = RedisSessionStore(settings.session_store, registry, settings.session_ttl_s)
     engine = Engine(settings, registry, shared)

@@ -166,7 +166,7 @@ class SessionStore:
 
 
 class SharedStore(Protocol):
-    """A session store outside this process, shared by every replica (server.shared: Redis).
+    """A session store outside this process, shared by every replica (server.redis_store: Redis).
 
     The engine keeps the embedded SessionStore above for the default, in-memory case and calls
     it synchronously, so a step on an in-memory session costs no await and no copy; a shared store

@@ -18,8 +18,8 @@ from lstmd.client import AsyncClient, AsyncSession, Client, Prediction, Recovery
 from lstmd.client._errors import NotFound, PositionMismatch
 from lstmd.client._recovery import Tail
 from lstmd.server.app import start
-from lstmd.server.durable import FILE_NAME
 from lstmd.server.registry import load_models
+from lstmd.server.snapshot_policy import FILE_NAME
 from tests.conftest import ServerFactory, ServerProcess, settings_for
 
 # Feeds of a session's history: text, token ids and single tokens, so chunks of several shapes are re-fed.

@@ -43,8 +43,8 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from lstmd.server import metrics
-from lstmd.server.durable import _request_from_json, _request_to_json
 from lstmd.server.errors import InvalidInput, NotFound, StoreUnavailable
+from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model, ModelRegistry
 from lstmd.server.sessions import _ID, Session
 
@@ -192,7 +192,7 @@ class RedisSessionStore:
         session.last_used = time.time()
         header = _HEADER.pack(FORMAT, session.last_token, session.top_k, session.created, session.last_used)
         state = np.stack((session.state, session.prev_state)).tobytes()  # (2, 2, layers, hidden) float32
-        request = json.dumps(_request_to_json(session.last_request)) if with_request else ""
+        request = json.dumps(record_to_json(session.last_request)) if with_request else ""
         args = (str(read_position), str(session.position), header, state, request, self._ttl_ms)
         outcome = await self._submit("write", lambda pipe: _script(pipe, self._cas, PREFIX + session.id, args))
         if outcome == _GONE:
@@ -240,7 +240,7 @@ class RedisSessionStore:
             raise NotFound(f"session {session_id} is stored in format {form}, this replica reads {FORMAT}")
         states = np.frombuffer(fields[b"st"], np.float32).reshape(2, 2, model.layers, model.hidden)
         request = fields.get(b"req")
-        last_request = _request_from_json(json.loads(request), session_id) if request else None
+        last_request = record_from_json(json.loads(request), session_id) if request else None
         return Session(session_id, model, top_k, states[0], states[1], last_token, int(fields[b"pos"]), created,
                        last_used, last_request, owner=fields[b"owner"].decode())  # fmt: skip
 
