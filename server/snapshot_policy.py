@@ -20,8 +20,9 @@ from pathlib import Path
 
 from lstmd.server import metrics, snapshot_format
 from lstmd.server.exactly_once import record_from_json, record_to_json
+from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.registry import ModelRegistry
-from lstmd.server.sessions import Session, SessionStore
+from lstmd.server.sessions import Session
 from lstmd.server.settings import Settings
 from lstmd.server.snapshot_format import SessionRecord, SnapshotError
 
@@ -30,7 +31,7 @@ FILE_NAME = "sessions.snap"
 
 
 class Snapshots:
-    def __init__(self, settings: Settings, store: SessionStore, registry: ModelRegistry):
+    def __init__(self, settings: Settings, store: MemorySessionStore, registry: ModelRegistry):
         self.path = Path(settings.snapshot_dir) / FILE_NAME
         self.interval_s = settings.snapshot_interval_s
         self._store = store

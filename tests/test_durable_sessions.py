@@ -34,7 +34,7 @@ from lstmd.server.snapshot_format import SessionRecord
 from lstmd.server.snapshot_policy import FILE_NAME
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-from tests.conftest import HIDDEN, LAYERS, WORDS, ServerFactory, ServerProcess
+from tests.conftest import HIDDEN, LAYERS, WORDS, ServerFactory, ServerProcess, memory_sessions
 from tests.test_metrics import scrape
 
 VOCAB = len(WORDS) + 2  # <unk>, <eos> and the words
@@ -288,7 +288,7 @@ async def test_sessions_the_served_models_cannot_take_are_refused_one_by_one(
     snapshot_format.write(tmp_path / FILE_NAME, records, len(records))
     with caplog.at_level(logging.INFO, logger="lstmd.server.snapshot_policy"):
         async with make_server(snapshot_dir=str(tmp_path), max_sessions=3) as (running, _):
-            assert [s.id for s in running.engine.sessions.all()] == ["1" * 32, "5" * 32, "6" * 32]
+            assert [s.id for s in memory_sessions(running).all()] == ["1" * 32, "5" * 32, "6" * 32]
     messages = [r.getMessage() for r in caplog.records]
     refusals = {m[8:40]: m for m in messages if m.startswith("session ") and "not restored" in m}
     assert sorted(refusals) == ["2" * 32, "3" * 32, "4" * 32]
