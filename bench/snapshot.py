@@ -17,20 +17,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from lstmd.server.durable import FILE_NAME, Snapshots
 from lstmd.server.engine import Candidate, Prediction, Token
+from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.registry import load_models
-from lstmd.server.sessions import SessionStore
 from lstmd.server.settings import Settings
+from lstmd.server.snapshot_policy import FILE_NAME, Snapshots
 
 
 async def measure(sessions: int, folder: Path) -> None:
     settings = Settings(snapshot_dir=str(folder), max_sessions=sessions)
     registry = load_models(settings)
     model = registry.get("")
-    store = SessionStore(sessions, "evict", 3600)
+    store = MemorySessionStore(sessions, "evict", 3600)
     for i in range(sessions):
-        session = store.create(model, 5, owner="")
+        session = await store.create(model, 5, owner="")
         session.position = i
         answer = Prediction(session.id, i, [Token(3, "the", False)], [Candidate("sea", 9, 0.019)] * 5, [])
         session.last_request = ((i - 1, (3,), 5, False), answer)
@@ -55,7 +55,7 @@ async def measure(sessions: int, folder: Path) -> None:
     size = (folder / FILE_NAME).stat().st_size
 
     started = time.perf_counter()
-    restored = Snapshots(settings, SessionStore(sessions, "evict", 3600), registry).restore()
+    restored = Snapshots(settings, MemorySessionStore(sessions, "evict", 3600), registry).restore()
     restore_s = time.perf_counter() - started
     print(f"{sessions} sessions of {model.name} ({2 * model.card.state_bytes} bytes of state each): "
           f"snapshot {size / 1e6:.1f} MB written in {written:.2f} s, longest event-loop stall "

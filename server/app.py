@@ -16,13 +16,15 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from lstmd.server import metrics
-from lstmd.server.durable import Snapshots
 from lstmd.server.engine import Engine
 from lstmd.server.interceptors import AuthInterceptor, MetricsInterceptor
+from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.registry import ModelRegistry
 from lstmd.server.security import load_keys, server_credentials
 from lstmd.server.servicer import LstmdServicer
+from lstmd.server.sessions import SessionStore
 from lstmd.server.settings import Settings
+from lstmd.server.snapshot_policy import Snapshots
 from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,8 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     for unusable TLS files or API keys, before anything starts."""
     credentials = server_credentials(settings)
     keys = load_keys(settings)
-    shared = None
-    if settings.session_store != "memory":
-        from lstmd.server.shared import RedisSessionStore  # the redis extra: only needed when configured
-
-        shared = RedisSessionStore(settings.session_store, registry, settings.session_ttl_s)
-    engine = Engine(settings, registry, shared)
-    snapshots = Snapshots(settings, engine.sessions, registry) if settings.snapshot_dir else None
+    store, snapshots = open_store(settings, registry)
+    engine = Engine(settings, registry, store)
     if snapshots:
         snapshots.restore()
     await engine.start()
@@ -101,9 +98,21 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     names = ", ".join(registry.models)
     log.info("serving %s on %s:%d, metrics on :%d/metrics", names, settings.host, port, running.metrics_port)
     tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"
-    log.info("sessions in %s", shared.describe() if shared else "memory (this process)")
+    log.info("sessions in %s", store.describe())
     log.info("TLS %s; API keys %s", tls, f"on: {len(keys)} ({', '.join(k.id for k in keys.keys)})" if keys else "off")
     return running
+
+
+def open_store(settings: Settings, registry: ModelRegistry) -> tuple[SessionStore, Snapshots | None]:
+    """The session store the settings name, and the snapshots of the memory store when configured.
+    Snapshots are the memory store's alone: Redis keeps its sessions itself (the settings refuse both)."""
+    if settings.session_store == "memory":
+        memory = MemorySessionStore(settings.max_sessions, settings.at_capacity, settings.session_ttl_s,
+                                    settings.max_sessions_per_key, settings.sweep_interval_s)  # fmt: skip
+        return memory, Snapshots(settings, memory, registry) if settings.snapshot_dir else None
+    from lstmd.server.redis_store import RedisSessionStore  # the redis extra: only needed when configured
+
+    return RedisSessionStore(settings.session_store, registry, settings.session_ttl_s), None
 
 
 async def run(settings: Settings, registry: ModelRegistry) -> None:

@@ -5,7 +5,6 @@ The gRPC servicer only converts messages and calls this; nothing here knows abou
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -17,13 +16,13 @@ import numpy as np
 
 from lstmd.model.tokenizer import normalize, tokenize
 from lstmd.server.batcher import Batcher, Sampling, StepResult
-from lstmd.server.errors import InvalidInput, NotFound, PositionMismatch, StoreUnavailable
+from lstmd.server.errors import InvalidInput, PositionMismatch, StoreUnavailable
 from lstmd.server.registry import Model, ModelRegistry
-from lstmd.server.sessions import Session, SessionStore, SharedStore
+from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
 
 log = logging.getLogger(__name__)
-MAX_CONFLICTS = 16  # a shared-store step lost to other replicas this often in a row is refused
+MAX_CONFLICTS = 16  # a step whose compare-and-set other replicas win this often in a row is refused
 
 
 # The types below are created for every token streamed: plain slotted dataclasses, which
@@ -85,63 +84,44 @@ class GeneratedWord:
 
 
 class Engine:
-    def __init__(self, settings: Settings, registry: ModelRegistry, shared: SharedStore | None = None):
+    """Sessions, feeds and generation over one SessionStore: this process's memory, or Redis for replicas.
+    A step is computed on the store's Session and then ``commit``ted to the store."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore):
         self.settings = settings
         self.registry = registry
-        self.shared = shared  # None: sessions live in ``sessions``, in this process
-        self.sessions = SessionStore(
-            settings.max_sessions, settings.at_capacity, settings.session_ttl_s, settings.max_sessions_per_key
-        )
+        self.store = store
         self._executor = ThreadPoolExecutor(max_workers=len(registry.models), thread_name_prefix="onnxruntime")
         self._batchers = {
             name: Batcher(model, self._executor, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
             for name, model in registry.models.items()
         }
-        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         for batcher in self._batchers.values():
             batcher.start()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="session-sweeper")
+        await self.store.start()
 
     async def stop(self) -> None:
-        if self._sweeper:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
         for batcher in self._batchers.values():
             await batcher.stop()
         self._executor.shutdown(wait=True)
-        if self.shared:
-            await self.shared.close()
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval_s)
-            self.sessions.sweep()
+        await self.store.close()
 
     # sessions: ``owner`` is the caller's API key id ("" when keys are off); a caller sees only its own
 
     async def create_session(self, model_name: str, top_k: int, owner: str) -> Session:
         model = self.registry.get(model_name)
-        top_k = self._top_k(model, top_k, self.settings.default_top_k)
-        if self.shared is not None:
-            return await self.shared.create(model, top_k, owner)
-        return self.sessions.create(model, top_k, owner)
+        return await self.store.create(model, self._top_k(model, top_k, self.settings.default_top_k), owner)
 
     async def get_session(self, session_id: str, owner: str) -> Session:
-        if self.shared is not None:
-            return await self.shared.get(session_id, owner)
-        return self.sessions.get(session_id, owner)
+        return await self.store.get(session_id, owner)
 
     async def delete_session(self, session_id: str, owner: str) -> None:
-        if self.shared is not None:
-            return await self.shared.delete(session_id, owner)
-        self.sessions.delete(session_id, owner)
+        await self.store.delete(session_id, owner)
 
     async def fork_session(self, session_id: str, owner: str) -> Session:
-        if self.shared is not None:
-            return await self.shared.fork(await self.shared.get(session_id, owner))
-        return self.sessions.fork(self.sessions.get(session_id, owner))
+        return await self.store.fork(await self.store.get(session_id, owner))
 
     @contextlib.asynccontextmanager
     async def stream_session(self, session_id: str, model_name: str, owner: str) -> AsyncIterator[Session]:
@@ -156,89 +136,47 @@ class Engine:
         finally:
             session.users -= 1
             if not session_id:
-                await self._discard(session)
-
-    async def _discard(self, session: Session) -> None:
-        if self.shared is None:
-            self.sessions.discard(session)
-            return
-        try:
-            await self.shared.delete(session.id, session.owner)
-        except (NotFound, StoreUnavailable) as e:  # gone already, or its TTL removes it
-            log.info("ephemeral session %s… not deleted at stream end: %s", session.id[:8], e)
+                await self.store.discard(session)
 
     # feeding
 
     async def feed(self, session: Session, args: FeedArgs) -> Prediction:
-        if self.shared is not None:
-            return await self._feed_shared(session, args, self.shared)
+        """Apply a feed. The step is computed from ``session`` and committed only if the store still
+        holds the position it was computed from; a lost commit (another replica stepped the session
+        first) leaves ``session`` re-read and the feed is decided again. So a feed with
+        ``expected_position`` gets exactly the answers it would get from one server: its own answer
+        replayed if it was applied already (e.g. by another replica before a retry), else
+        FAILED_PRECONDITION; a feed without one is applied on the newest state."""
         tokens = self._tokens(session.model, args.text, args.token_ids)
         top_k = self._top_k(session.model, args.top_k, session.top_k)
-        key = (args.expected_position, tuple(t.id for t in tokens), top_k, args.want_logprobs)
+        ids = [t.id for t in tokens]
+        key = (args.expected_position, tuple(ids), top_k, args.want_logprobs)  # server.exactly_once
         session.users += 1
         try:
             async with session.lock:
-                self._check_alive(session)
-                if args.expected_position is not None and args.expected_position != session.position:
-                    if session.last_request is not None and session.last_request[0] == key:
-                        answered: Prediction = session.last_request[1]
-                        return replace(answered, replayed=True)
-                    raise PositionMismatch(args.expected_position, session.position)
-                ids = [t.id for t in tokens]
-                result, logprobs = await self._apply(session, ids, top_k, args.want_logprobs)
-                prediction = Prediction(session.id, session.position, tokens, _candidates(session.model, result),
-                                        logprobs)  # fmt: skip
-                if args.expected_position is not None:
-                    session.last_request = (key, prediction)
-                return prediction
+                for _ in range(MAX_CONFLICTS):
+                    if args.expected_position is not None and args.expected_position != session.position:
+                        await self.store.load(session)  # a copy may be stale: decide on the stored session
+                        if args.expected_position != session.position:
+                            if session.last_request is not None and session.last_request[0] == key:
+                                answered: Prediction = session.last_request[1]
+                                return replace(answered, replayed=True)
+                            raise PositionMismatch(args.expected_position, session.position)
+                    read = session.position
+                    result, logprobs = await self._apply(session, ids, top_k, args.want_logprobs)
+                    prediction = Prediction(session.id, session.position, tokens, _candidates(session.model, result),
+                                            logprobs)  # fmt: skip
+                    if args.expected_position is not None:
+                        session.last_request = (key, prediction)
+                    if await self.store.commit(session, read, args.expected_position is not None):
+                        return prediction
         finally:
             session.users -= 1
-            self.sessions.touch(session)
-
-    async def _feed_shared(self, session: Session, args: FeedArgs, shared: SharedStore) -> Prediction:
-        """``feed`` with the session in a shared store. ``session`` is this replica's copy (a stream keeps
-        it between feeds): the step is computed from it and written only if the store still holds the
-        position it was computed from. A lost write is discarded and the session re-read; then a feed
-        with ``expected_position`` gets exactly the answers it would get from one server (its own
-        answer replayed if it was applied, e.g. by another replica before a retry, else
-        FAILED_PRECONDITION), and a feed without one is applied again on the newer state."""
-        tokens = self._tokens(session.model, args.text, args.token_ids)
-        top_k = self._top_k(session.model, args.top_k, session.top_k)
-        key = (args.expected_position, tuple(t.id for t in tokens), top_k, args.want_logprobs)
-        ids = [t.id for t in tokens]
-        async with session.lock:
-            for _ in range(MAX_CONFLICTS):
-                if args.expected_position is not None and args.expected_position != session.position:
-                    await shared.load(session)  # this copy may be stale: decide on the stored session
-                    if args.expected_position != session.position:
-                        if session.last_request is not None and session.last_request[0] == key:
-                            answered: Prediction = session.last_request[1]
-                            return replace(answered, replayed=True)
-                        raise PositionMismatch(args.expected_position, session.position)
-                read = session.position
-                result, logprobs = await self._apply(session, ids, top_k, args.want_logprobs)
-                prediction = Prediction(session.id, session.position, tokens, _candidates(session.model, result),
-                                        logprobs)  # fmt: skip
-                if args.expected_position is not None:
-                    session.last_request = (key, prediction)
-                if await self._commit(session, read, args.expected_position is not None):
-                    return prediction
+            self.store.touch(session)
         raise StoreUnavailable(
             f"session {session.id} was advanced by other calls {MAX_CONFLICTS} times while this feed ran; it was "
             "not applied: retry"
         )
-
-    async def _commit(self, session: Session, read: int, with_request: bool) -> bool:
-        """Write a step to the shared store; on a lost compare-and-set (or no answer) re-read the session."""
-        assert self.shared is not None
-        try:
-            if await self.shared.commit(session, read, with_request):
-                return True
-        except StoreUnavailable:
-            session.position = -1  # unknown whether it was written: the next use re-reads it
-            raise
-        await self.shared.load(session)
-        return False
 
     async def _apply(
         self, session: Session, ids: list[int], top_k: int, want_logprobs: bool, sampling: Sampling | None = None
@@ -292,26 +230,21 @@ class Engine:
         session.users += 1
         try:
             async with session.lock:
-                if self.shared is not None:
-                    await self.shared.load(session)
-                else:
-                    self._check_alive(session)
+                await self.store.load(session)
                 if args.expected_position is not None and args.expected_position != session.position:
                     raise PositionMismatch(args.expected_position, session.position)
                 if prompt:
                     read = session.position
                     result, _ = await self._apply(session, [t.id for t in prompt], 1, False, sampling)
-                    if self.shared is not None:
-                        await self._commit_generated(session, read)
+                    await self._commit_generated(session, read)
                 else:
                     result = await batcher.run([session.last_token], session.prev_state, 1, sampling)
                 for i in range(args.max_tokens):
                     word_id, probability = result.sampled, result.sampled_prob
                     read = session.position
                     result, _ = await self._apply(session, [word_id], 1, False, sampling)
-                    if self.shared is not None:
-                        await self._commit_generated(session, read)
-                    self.sessions.touch(session)
+                    await self._commit_generated(session, read)
+                    self.store.touch(session)
                     word = model.vocab.words[word_id]
                     finish = "stop_word" if word in stop else "max_tokens" if i == args.max_tokens - 1 else ""
                     yield GeneratedWord(session.id, word, word_id, probability, session.position, finish)
@@ -319,19 +252,15 @@ class Engine:
                         return
         finally:
             session.users -= 1
-            self.sessions.touch(session)
+            self.store.touch(session)
 
     async def _commit_generated(self, session: Session, read: int) -> None:
-        """A generated word is written like a fed one; if another replica fed the session meanwhile,
+        """A generated word is committed like a fed one; if another replica fed the session meanwhile,
         the generation stops (its words so far stand) rather than write over that feed."""
-        if not await self._commit(session, read, False):
+        if not await self.store.commit(session, read, False):
             raise PositionMismatch(read, session.position)
 
     # validation
-
-    def _check_alive(self, session: Session) -> None:
-        if not self.sessions.contains(session):
-            raise NotFound(f"session {session.id} was deleted or expired while this request waited")
 
     def _tokens(self, model: Model, text: str | None, token_ids: list[int] | None) -> list[Token]:
         limit = self.settings.max_feed_tokens

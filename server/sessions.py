@@ -1,23 +1,25 @@
-"""Sessions: each one text's LSTM state on the server, and the bounded store that holds them."""
+"""Sessions: each one text's LSTM state on the server, and the interface of the store that holds them.
+
+Two stores implement ``SessionStore``: ``MemorySessionStore`` (server.memory_store, the default:
+this process, bounded, with idle expiry) and ``RedisSessionStore`` (server.redis_store: shared
+by every replica). The engine calls whichever it was given, the same way.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import secrets
 import time
-from collections import Counter, OrderedDict
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from lstmd.server import metrics
-from lstmd.server.errors import CapacityExceeded, InvalidInput, NotFound
+from lstmd.server.errors import InvalidInput, NotFound
 from lstmd.server.registry import Model
 
-log = logging.getLogger(__name__)
 _ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -36,152 +38,90 @@ class Session:
     position: int = 0
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
-    last_request: tuple[Any, Any] | None = None  # (request key, its answer): exactly-once replays
+    last_request: tuple[Any, Any] | None = None  # server.exactly_once: (request key, its answer)
     users: int = 0  # open streams and calls using it: never expired or evicted while > 0
     owner: str = ""  # id of the API key that created it ("" when keys are off)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # feeds apply one at a time, in order
+
+    @classmethod
+    def new(cls, model: Model, top_k: int, owner: str) -> Session:
+        """A fresh session of ``model``, with a new random id."""
+        state, prev_state, last_token = model.initial_state()
+        return cls(secrets.token_hex(16), model, top_k, state, prev_state, last_token, owner=owner)
+
+    def fork(self) -> Session:
+        """A copy with a new id, owned by the same key."""
+        return Session(secrets.token_hex(16), self.model, self.top_k, self.state.copy(), self.prev_state.copy(),
+                       self.last_token, self.position, owner=self.owner)  # fmt: skip
 
     def busy(self) -> bool:
         return self.users > 0 or self.lock.locked()
 
 
-class SessionStore:
-    """All sessions, least recently used first. Bounded: at the limit a new session either
-    evicts the least recently used idle one (``evict``) or is refused (``reject``).
-
-    With API keys every session has an ``owner``: the store shows a session only to its owner
-    (to anyone else it does not exist), and holds at most ``max_per_owner`` sessions per owner
-    (0: no limit)."""
-
-    def __init__(self, max_sessions: int, at_capacity: str, ttl_s: float, max_per_owner: int = 0):
-        self.max_sessions = max_sessions
-        self.at_capacity = at_capacity
-        self.ttl_s = ttl_s
-        self.max_per_owner = max_per_owner
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
-        self._owned: Counter[str] = Counter()  # sessions per owner
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def create(self, model: Model, top_k: int, owner: str) -> Session:
-        self._make_room(owner)
-        state, prev_state, last_token = model.initial_state()
-        session = Session(secrets.token_hex(16), model, top_k, state, prev_state, last_token, owner=owner)
-        return self._add(session)
-
-    def fork(self, source: Session) -> Session:
-        """A copy of ``source``, owned by the same key."""
-        self._make_room(source.owner)
-        copy = Session(
-            secrets.token_hex(16), source.model, source.top_k, source.state.copy(), source.prev_state.copy(),
-            source.last_token, source.position, owner=source.owner,
-        )  # fmt: skip
-        return self._add(copy)
-
-    def restore(self, session: Session) -> bool:
-        """Add a session from a snapshot, keeping its id, as the most recently used. False when full."""
-        if len(self._sessions) >= self.max_sessions or session.id in self._sessions:
-            return False
-        self._sessions[session.id] = session
-        self._owned[session.owner] += 1
-        metrics.sessions_active.set(len(self._sessions))
-        return True
-
-    def all(self) -> list[Session]:
-        """Every session, least recently used first."""
-        return list(self._sessions.values())
-
-    def get(self, session_id: str, owner: str) -> Session:
-        """The session, if ``owner`` owns it. Another owner's session gets the very same NotFound
-        as a missing one, so a caller cannot even learn that it exists."""
-        if not _ID.fullmatch(session_id):
-            raise InvalidInput(f"malformed session id {session_id[:40]!r}: expected 32 lowercase hex characters")
-        session = self._sessions.get(session_id)
-        if session is None or session.owner != owner:
-            raise NotFound(
-                f"session {session_id} not found: it was deleted, expired after {self.ttl_s:g} s idle, "
-                "or was evicted; create a new one"
-            )
-        return session
-
-    def touch(self, session: Session) -> None:
-        session.last_used = time.time()
-        if session.id in self._sessions:
-            self._sessions.move_to_end(session.id)
-
-    def delete(self, session_id: str, owner: str) -> None:
-        self._remove(self.get(session_id, owner), metrics.sessions_deleted)
-
-    def discard(self, session: Session) -> None:
-        """Remove a session if it is still here (ephemeral sessions at stream end)."""
-        if self._sessions.get(session.id) is session:
-            self._remove(session, metrics.sessions_deleted)
-
-    def contains(self, session: Session) -> bool:
-        return self._sessions.get(session.id) is session
-
-    def sweep(self) -> int:
-        """Remove sessions idle for longer than the TTL. Returns how many."""
-        cutoff = time.time() - self.ttl_s
-        expired = [s for s in self._sessions.values() if s.last_used < cutoff and not s.busy()]
-        for session in expired:
-            self._remove(session, metrics.sessions_expired)
-        if expired:
-            log.info("expired %d idle sessions (%d left)", len(expired), len(self._sessions))
-        return len(expired)
-
-    def _add(self, session: Session) -> Session:
-        self._sessions[session.id] = session
-        self._owned[session.owner] += 1
-        metrics.sessions_created.inc()
-        metrics.sessions_active.set(len(self._sessions))
-        return session
-
-    def _remove(self, session: Session, counter: Any) -> None:
-        del self._sessions[session.id]
-        self._owned[session.owner] -= 1
-        counter.inc()
-        metrics.sessions_active.set(len(self._sessions))
-
-    def _make_room(self, owner: str) -> None:
-        if owner and self.max_per_owner and self._owned[owner] >= self.max_per_owner:
-            raise CapacityExceeded(
-                f"API key {owner!r} holds its maximum of {self.max_per_owner} sessions: delete sessions it no "
-                "longer needs (DeleteSession), or ask the server's operator to raise --max-sessions-per-key"
-            )
-        if len(self._sessions) < self.max_sessions:
-            return
-        if self.at_capacity == "evict":
-            victim = next((s for s in self._sessions.values() if not s.busy()), None)  # least recently used first
-            if victim is not None:
-                self._remove(victim, metrics.sessions_evicted)
-                log.info("evicted idle session %s… to make room (limit %d)", victim.id[:8], self.max_sessions)
-                return
-        raise CapacityExceeded(
-            f"the server holds its maximum of {self.max_sessions} sessions"
-            + (" and all are in use" if self.at_capacity == "evict" else "")
-            + ": delete sessions you no longer need, or retry later"
-        )
+def check_id(session_id: str) -> None:
+    if not _ID.fullmatch(session_id):
+        raise InvalidInput(f"malformed session id {session_id[:40]!r}: expected 32 lowercase hex characters")
 
 
-class SharedStore(Protocol):
-    """A session store outside this process, shared by every replica (server.shared: Redis).
+def not_found(session_id: str, ttl_s: float) -> NotFound:
+    return NotFound(
+        f"session {session_id} not found: it was deleted, expired after {ttl_s:g} s idle, or was evicted; "
+        "create a new one"
+    )
 
-    The engine keeps the embedded SessionStore above for the default, in-memory case and calls
-    it synchronously, so a step on an in-memory session costs no await and no copy; a shared store
-    is asynchronous (every call may cross the network) and is only used when configured.
 
-    The Sessions it returns are this replica's copies: ``commit`` writes a step only if the store
-    still holds ``read_position`` (compare-and-set), ``load`` refreshes a copy."""
+class SessionStore(ABC):
+    """Where sessions live. The Sessions a store hands out are what the engine steps: it computes a
+    step on one, then ``commit``s it, which writes it only if the store still holds the position the
+    step was computed from (compare-and-set); ``load`` refreshes one. In memory the Session is the
+    stored session itself, so ``commit`` only checks that it is still held and ``load`` refreshes
+    nothing; a store outside the process (Redis) hands out copies and may lose a compare-and-set to
+    another replica.
 
-    ttl_s: float
+    A caller sees only the sessions its ``owner`` (API key id, "" when keys are off) created: to
+    anyone else a session does not exist."""
 
+    @abstractmethod
     async def create(self, model: Model, top_k: int, owner: str) -> Session: ...
-    async def get(self, session_id: str, owner: str) -> Session: ...
-    async def fork(self, source: Session) -> Session: ...
+
+    @abstractmethod
+    async def get(self, session_id: str, owner: str) -> Session:
+        """The session, if ``owner`` owns it; else NotFound, the same as for a missing one."""
+
+    @abstractmethod
+    async def fork(self, source: Session) -> Session:
+        """A new session with ``source``'s state, owned by the same key."""
+
+    @abstractmethod
     async def delete(self, session_id: str, owner: str) -> None: ...
-    async def load(self, session: Session) -> None: ...
-    async def commit(self, session: Session, read_position: int, with_request: bool) -> bool: ...
-    async def close(self) -> None: ...
-    def describe(self) -> str: ...
+
+    @abstractmethod
+    async def discard(self, session: Session) -> None:
+        """Remove an ephemeral session at the end of its stream; never raises for one already gone."""
+
+    @abstractmethod
+    async def load(self, session: Session) -> None:
+        """Bring ``session`` up to date with the store; NotFound when it is gone."""
+
+    @abstractmethod
+    async def commit(self, session: Session, read_position: int, with_request: bool) -> bool:
+        """Store ``session``'s new step if the store still holds ``read_position``: True when stored;
+        False when another writer advanced it first, and ``session`` then holds the stored state.
+        ``with_request``: also store its exactly-once record. NotFound when the session is gone."""
+
+    @abstractmethod
+    def touch(self, session: Session) -> None:
+        """Mark ``session`` as used now, also after a call that stepped nothing (idle expiry,
+        least-recently-used eviction)."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start background work, once the event loop runs."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop background work and connections."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the sessions are, for the log."""

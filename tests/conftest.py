@@ -23,6 +23,7 @@ from lstmd.export.onnx_export import write_model_dir
 from lstmd.model import graph
 from lstmd.model.tokenizer import EOS, UNK, Vocab
 from lstmd.server.app import RunningServer, start
+from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.registry import load_models
 from lstmd.server.settings import Settings
 from lstmd.v1 import lstmd_pb2_grpc
@@ -94,6 +95,13 @@ def reference(models_dir: Path) -> Reference:
 def settings_for(models_dir: Path, **overrides: Any) -> Settings:
     base = Settings(host="127.0.0.1", port=0, metrics_port=0, models_dir=str(models_dir), default_model="tiny")
     return dataclasses.replace(base, **overrides)
+
+
+def memory_sessions(running: RunningServer) -> MemorySessionStore:
+    """The in-memory store of a server started with the default ``--session-store memory``."""
+    store = running.engine.store
+    assert isinstance(store, MemorySessionStore)
+    return store
 
 
 ServerFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[RunningServer, Any]]]

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
-from tests.conftest import Reference
+from tests.conftest import Reference, memory_sessions
 
 DOCUMENTED = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -206,7 +206,7 @@ async def test_clients_cancelling_midway_leave_sessions_whole(
     or not at all, ephemeral sessions are freed, and the session goes on from where it stands."""
     running, stub = shared
     rng = np.random.default_rng(0)
-    held = len(running.engine.sessions)
+    held = len(memory_sessions(running))
     for i in range(20):
         session = await stub.CreateSession(pb.CreateSessionRequest())
         sid = session.session_id
@@ -231,7 +231,7 @@ async def test_clients_cancelling_midway_leave_sessions_whole(
         after = await stub.Feed(pb.FeedRequest(session_id=sid, text="sat", expected_position=position))
         assert after.position == position + 1
         await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
-    assert len(running.engine.sessions) == held, "ephemeral sessions of cancelled calls were freed"
+    assert len(memory_sessions(running)) == held, "ephemeral sessions of cancelled calls were freed"
 
 
 async def test_the_canary_is_untouched_and_the_server_healthy(

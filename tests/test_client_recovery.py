@@ -18,9 +18,9 @@ from lstmd.client import AsyncClient, AsyncSession, Client, Prediction, Recovery
 from lstmd.client._errors import NotFound, PositionMismatch
 from lstmd.client._recovery import Tail
 from lstmd.server.app import start
-from lstmd.server.durable import FILE_NAME
 from lstmd.server.registry import load_models
-from tests.conftest import ServerFactory, ServerProcess, settings_for
+from lstmd.server.snapshot_policy import FILE_NAME
+from tests.conftest import ServerFactory, ServerProcess, memory_sessions, settings_for
 
 # Feeds of a session's history: text, token ids and single tokens, so chunks of several shapes are re-fed.
 HISTORY: list[str | list[int]] = ["the cat sat on", [10, 11, 12], "the mat .", [20], [21], "and the dog ran", [5, 6]]
@@ -168,6 +168,6 @@ async def test_a_session_is_not_recreated_on_another_model_version(make_server: 
             session.client = c
             with pytest.raises(client.NotFound):
                 await session.feed("sat")
-        assert not session.recoveries and len(again.engine.sessions) == 0, "the trial session was deleted"
+        assert not session.recoveries and len(memory_sessions(again)) == 0, "the trial session was deleted"
     finally:
         await again.stop(0)

@@ -27,14 +27,14 @@ import grpc
 import numpy as np
 import pytest
 
-from lstmd.server import snapshot
+from lstmd.server import snapshot_format
 from lstmd.server.app import RunningServer
-from lstmd.server.durable import FILE_NAME
 from lstmd.server.settings import Settings
-from lstmd.server.snapshot import SessionRecord
+from lstmd.server.snapshot_format import SessionRecord
+from lstmd.server.snapshot_policy import FILE_NAME
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-from tests.conftest import HIDDEN, LAYERS, WORDS, ServerFactory, ServerProcess
+from tests.conftest import HIDDEN, LAYERS, WORDS, ServerFactory, ServerProcess, memory_sessions
 from tests.test_metrics import scrape
 
 VOCAB = len(WORDS) + 2  # <unk>, <eos> and the words
@@ -183,7 +183,7 @@ async def test_periodic_snapshot_survives_sigkill(
         await asyncio.gather(*loads)
     assert first.wait() == -signal.SIGKILL and written >= 16
 
-    positions = {r.id: r.position for r in snapshot.read(tmp_path / FILE_NAME)}  # the last periodic snapshot
+    positions = {r.id: r.position for r in snapshot_format.read(tmp_path / FILE_NAME)}  # the last periodic snapshot
     assert set(positions) == {c.session_id for c in clients}
     for client in clients:
         sent = sum(len(ids) for ids in client.chunks)
@@ -219,7 +219,7 @@ async def test_an_unreadable_snapshot_is_set_aside_and_the_server_serves(
     models_dir: Path, tmp_path: Path, servers: list[ServerProcess], damage: Any, kind: str, reason: str
 ) -> None:
     path = tmp_path / FILE_NAME
-    bad = damage(snapshot.encode([tiny_record("a" * 32), tiny_record("b" * 32)]))
+    bad = damage(snapshot_format.encode([tiny_record("a" * 32), tiny_record("b" * 32)]))
     path.write_bytes(bad)
     servers.append(server := ServerProcess(models_dir, "--snapshot-dir", str(tmp_path)))
     line = next(line for line in server.lines if "refusing the session snapshot" in line)
@@ -235,7 +235,7 @@ async def test_an_unreadable_snapshot_is_set_aside_and_the_server_serves(
         await stub.Feed(pb.FeedRequest(session_id=new.session_id, text="the cat"))
     server.process.send_signal(signal.SIGTERM)
     assert server.wait() == 0
-    assert [r.id for r in snapshot.read(path)] == [new.session_id] and aside[0].exists()
+    assert [r.id for r in snapshot_format.read(path)] == [new.session_id] and aside[0].exists()
 
 
 async def test_a_session_of_another_model_version_is_refused_and_the_others_load(
@@ -285,10 +285,10 @@ async def test_sessions_the_served_models_cannot_take_are_refused_one_by_one(
         tiny_record("5" * 32, model="tiny2"),
         tiny_record("6" * 32),
     ]  # fmt: skip
-    snapshot.write(tmp_path / FILE_NAME, records, len(records))
-    with caplog.at_level(logging.INFO, logger="lstmd.server.durable"):
+    snapshot_format.write(tmp_path / FILE_NAME, records, len(records))
+    with caplog.at_level(logging.INFO, logger="lstmd.server.snapshot_policy"):
         async with make_server(snapshot_dir=str(tmp_path), max_sessions=3) as (running, _):
-            assert [s.id for s in running.engine.sessions.all()] == ["1" * 32, "5" * 32, "6" * 32]
+            assert [s.id for s in memory_sessions(running).all()] == ["1" * 32, "5" * 32, "6" * 32]
     messages = [r.getMessage() for r in caplog.records]
     refusals = {m[8:40]: m for m in messages if m.startswith("session ") and "not restored" in m}
     assert sorted(refusals) == ["2" * 32, "3" * 32, "4" * 32]
@@ -306,7 +306,7 @@ async def test_an_unwritable_snapshot_folder_leaves_the_server_serving_and_says_
     (tmp_path / "blocker").write_text("a file where the folder's parent should be")  # unwritable even for root
     folder = tmp_path / "blocker" / "snapshots"
     servers.append(server := ServerProcess(models_dir, "--snapshot-dir", str(folder), "--snapshot-interval-s", "0.1"))
-    assert "ERROR lstmd.server.durable: cannot create the snapshot folder" in server.log()
+    assert "ERROR lstmd.server.snapshot_policy: cannot create the snapshot folder" in server.log()
     async with channel(server) as ch:
         stub = lstmd_pb2_grpc.LstmdStub(ch)
         session = await stub.CreateSession(pb.CreateSessionRequest())
@@ -319,7 +319,7 @@ async def test_an_unwritable_snapshot_folder_leaves_the_server_serving_and_says_
         assert after[key] >= before + 2 and after[("lstmd_snapshot_last_success_timestamp_seconds", frozenset())] == 0
         reply = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat sat"))
         assert reply.position == 3
-    assert "ERROR lstmd.server.durable: cannot write the session snapshot" in server.log()
+    assert "ERROR lstmd.server.snapshot_policy: cannot write the session snapshot" in server.log()
     assert "still serving, but 1 sessions would not survive a restart" in server.log()
     server.process.send_signal(signal.SIGTERM)
     assert server.wait() == 0 and "stopped" in server.lines[-1]

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
+from tests.conftest import memory_sessions
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -69,4 +70,4 @@ async def test_session_gauges_and_counters(shared: tuple[RunningServer, Any]) ->
     assert delta(before, after, "lstmd_sessions_created_total") == 2
     assert delta(before, after, "lstmd_sessions_deleted_total") == 1
     assert delta(before, after, "lstmd_sessions_active") == 1
-    assert after[("lstmd_sessions_active", frozenset())] == len(running.engine.sessions)
+    assert after[("lstmd_sessions_active", frozenset())] == len(memory_sessions(running))

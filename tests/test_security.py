@@ -27,7 +27,7 @@ from lstmd.server.security import SecurityConfigError, load_keys
 from lstmd.server.settings import Settings
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-from tests.conftest import Reference, ServerFactory, start_process
+from tests.conftest import Reference, ServerFactory, memory_sessions, start_process
 from tests.test_cli import LSTMD, lstmd
 from tests.test_server import assert_matches, code_of
 
@@ -248,7 +248,7 @@ async def test_no_key_or_a_wrong_key_is_unauthenticated_on_every_rpc(
         code, message = await code_of(call)
         assert code == grpc.StatusCode.UNAUTHENTICATED and words in message
         assert KEY_A not in message and KEY_A[:-1] not in message
-    assert len(running.engine.sessions) == 0
+    assert len(memory_sessions(running)) == 0
 
 
 async def test_health_and_reflection_need_no_key_and_a_key_works(keyed: tuple[RunningServer, grpc.aio.Channel]) -> None:
@@ -281,7 +281,7 @@ async def test_another_key_sees_not_found_and_changes_nothing(
     sid = session.session_id
     await alice.Feed(pb.FeedRequest(session_id=sid, text="the cat", expected_position=0))
     before = await alice.GetSession(pb.GetSessionRequest(session_id=sid))
-    count = len(running.engine.sessions)
+    count = len(memory_sessions(running))
     _, missing = await code_of(bob.GetSession(pb.GetSessionRequest(session_id=NOBODY)))
 
     attempts = {
@@ -299,7 +299,7 @@ async def test_another_key_sees_not_found_and_changes_nothing(
         assert message.replace(sid, NOBODY) == missing, f"{name}: the message must not tell a foreign session apart"
 
     assert await alice.GetSession(pb.GetSessionRequest(session_id=sid)) == before  # position, last use: untouched
-    assert len(running.engine.sessions) == count, "no fork, no ephemeral session left behind"
+    assert len(memory_sessions(running)) == count, "no fork, no ephemeral session left behind"
     after = await alice.Feed(pb.FeedRequest(session_id=sid, text="sat", expected_position=2))
     assert after.position == 3 and not after.replayed
     assert_matches(after, reference.logprobs(reference.ids("the cat sat")))
@@ -336,7 +336,7 @@ async def test_per_key_quota_is_resource_exhausted_for_every_way_to_make_a_sessi
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, name
             assert "API key 'alice' holds its maximum of 2 sessions" in message
             assert "delete sessions" in message and "--max-sessions-per-key" in message
-        assert len(running.engine.sessions) == 2
+        assert len(memory_sessions(running)) == 2
         # another key is not held back, and a deleted session frees its place
         assert len([r async for r in bob.Stream(iter([pb.StreamRequest(text="the")]))]) == 1
         for _ in range(2):

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
-from tests.conftest import HIDDEN, LAYERS, Reference, ServerFactory
+from tests.conftest import HIDDEN, LAYERS, Reference, ServerFactory, memory_sessions
 
 TEXTS = [
     "the cat sat on the mat .",
@@ -287,9 +287,9 @@ async def test_stream_continues_a_named_session(stub: Any, reference: Reference)
 
 async def test_ephemeral_stream_sessions_are_freed_at_end_and_on_cancel(shared: tuple[RunningServer, Any]) -> None:
     running, stub = shared
-    before = len(running.engine.sessions)
+    before = len(memory_sessions(running))
     replies = [r async for r in stub.Stream(iter([pb.StreamRequest(model="tiny2", text="the cat")]))]
-    assert len(running.engine.sessions) == before
+    assert len(memory_sessions(running)) == before
     code, _ = await code_of(stub.GetSession(pb.GetSessionRequest(session_id=replies[0].session_id)))
     assert code == grpc.StatusCode.NOT_FOUND
 
@@ -302,13 +302,13 @@ async def test_ephemeral_stream_sessions_are_freed_at_end_and_on_cancel(shared: 
     call = stub.Stream(requests())
     await queue.put(pb.StreamRequest(text="the"))
     await call.read()
-    assert len(running.engine.sessions) == before + 1
+    assert len(memory_sessions(running)) == before + 1
     call.cancel()
     for _ in range(100):
-        if len(running.engine.sessions) == before:
+        if len(memory_sessions(running)) == before:
             break
         await asyncio.sleep(0.02)
-    assert len(running.engine.sessions) == before
+    assert len(memory_sessions(running)) == before
 
 
 async def test_stream_error_ends_the_stream_after_applied_feeds(stub: Any) -> None:
@@ -380,7 +380,7 @@ async def test_idle_sessions_expire(make_server: ServerFactory) -> None:
         session = await stub.CreateSession(pb.CreateSessionRequest())
         await asyncio.sleep(0.6)
         code, _ = await code_of(stub.GetSession(pb.GetSessionRequest(session_id=session.session_id)))
-        assert code == grpc.StatusCode.NOT_FOUND and len(running.engine.sessions) == 0
+        assert code == grpc.StatusCode.NOT_FOUND and len(memory_sessions(running)) == 0
 
 
 async def test_at_capacity_reject_refuses_new_sessions(make_server: ServerFactory) -> None:

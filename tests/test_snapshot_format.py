@@ -1,4 +1,4 @@
-"""The session snapshot file format (server.snapshot): round trip, and every way a file can be
+"""The session snapshot file format (server.snapshot_format): round trip, and every way a file can be
 refused (checksum, truncation at any byte, extra bytes, another format), and the atomic write."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lstmd.server import snapshot
-from lstmd.server.snapshot import SessionRecord, SnapshotError, UnsupportedVersion
+from lstmd.server import snapshot_format
+from lstmd.server.snapshot_format import SessionRecord, SnapshotError, UnsupportedVersion
 
 
 def records() -> list[SessionRecord]:
@@ -41,75 +41,75 @@ def assert_same(got: list[SessionRecord], want: list[SessionRecord]) -> None:
 
 
 def test_round_trip_is_exact() -> None:
-    data = snapshot.encode(records())
-    assert data.startswith(snapshot.MAGIC)
-    assert_same(snapshot.decode(data), records())
-    assert snapshot.decode(snapshot.encode([])) == []
+    data = snapshot_format.encode(records())
+    assert data.startswith(snapshot_format.MAGIC)
+    assert_same(snapshot_format.decode(data), records())
+    assert snapshot_format.decode(snapshot_format.encode([])) == []
 
 
 def test_a_changed_byte_fails_the_checksum() -> None:
-    data = bytearray(snapshot.encode(records()))
+    data = bytearray(snapshot_format.encode(records()))
     data[len(data) // 2] ^= 0x01
     with pytest.raises(SnapshotError, match="checksum mismatch"):
-        snapshot.decode(bytes(data))
+        snapshot_format.decode(bytes(data))
 
 
 def test_truncation_at_every_cut_point_is_refused() -> None:
-    data = snapshot.encode(records()[1:])
+    data = snapshot_format.encode(records()[1:])
     for cut in range(len(data)):
         with pytest.raises(SnapshotError, match="truncated") as refused:
-            snapshot.decode(data[:cut])
+            snapshot_format.decode(data[:cut])
         assert refused.type is SnapshotError and refused.value.kind == "corrupt"
     with pytest.raises(SnapshotError, match="extra bytes"):
-        snapshot.decode(data + b"\0")
+        snapshot_format.decode(data + b"\0")
 
 
 def test_other_files_and_versions_are_refused() -> None:
-    data = snapshot.encode(records())
+    data = snapshot_format.encode(records())
     with pytest.raises(SnapshotError, match="not an lstmd snapshot"):
-        snapshot.decode(b"PK\x03\x04" + data[4:])
-    newer = snapshot.MAGIC + struct.pack("<I", snapshot.FORMAT_VERSION + 1) + data[12:]
+        snapshot_format.decode(b"PK\x03\x04" + data[4:])
+    newer = snapshot_format.MAGIC + struct.pack("<I", snapshot_format.FORMAT_VERSION + 1) + data[12:]
     with pytest.raises(UnsupportedVersion, match="format version 2; this lstmd reads version 1") as refused:
-        snapshot.decode(newer)
+        snapshot_format.decode(newer)
     assert refused.value.kind == "unsupported"
 
 
 def test_a_payload_that_lies_about_its_shape_is_refused_even_with_a_valid_checksum() -> None:
     header = 8 + 4 + 8 + 32  # magic, version, length, sha256
-    payload = snapshot.encode(records()[1:])[header:-4]  # the last array cut short
-    forged = snapshot.MAGIC + struct.pack("<IQ", 1, len(payload)) + hashlib.sha256(payload).digest() + payload
+    payload = snapshot_format.encode(records()[1:])[header:-4]  # the last array cut short
+    forged = snapshot_format.MAGIC + struct.pack("<IQ", 1, len(payload)) + hashlib.sha256(payload).digest() + payload
     with pytest.raises(SnapshotError, match="malformed payload: the payload ends inside a state array"):
-        snapshot.decode(forged)
+        snapshot_format.decode(forged)
 
 
 def test_write_replaces_the_file_atomically_and_reads_back(tmp_path: Path) -> None:
     path = tmp_path / "sessions.snap"
-    size = snapshot.write(path, records(), 2)
-    assert size == path.stat().st_size == len(snapshot.encode(records()))
-    assert_same(snapshot.read(path), records())
-    snapshot.write(path, records()[:1], 1)
-    assert len(snapshot.read(path)) == 1
+    size = snapshot_format.write(path, records(), 2)
+    assert size == path.stat().st_size == len(snapshot_format.encode(records()))
+    assert_same(snapshot_format.read(path), records())
+    snapshot_format.write(path, records()[:1], 1)
+    assert len(snapshot_format.read(path)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sessions.snap"]  # no temporary file left
 
 
 def test_a_failed_write_keeps_the_previous_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "sessions.snap"
-    snapshot.write(path, records(), 2)
+    snapshot_format.write(path, records(), 2)
 
     def disk_full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
-        snapshot.write(path, records()[:1], 1)
+        snapshot_format.write(path, records()[:1], 1)
     monkeypatch.undo()
-    assert_same(snapshot.read(path), records())
+    assert_same(snapshot_format.read(path), records())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sessions.snap"]
 
 
 def test_set_aside_keeps_the_file_under_a_new_name(tmp_path: Path) -> None:
     path = tmp_path / "sessions.snap"
     path.write_bytes(b"junk")
-    aside = snapshot.set_aside(path, "corrupt")
+    aside = snapshot_format.set_aside(path, "corrupt")
     assert not path.exists() and aside.read_bytes() == b"junk"
     assert aside.name.startswith("sessions.snap.corrupt-")

@@ -1,7 +1,7 @@
 """Durable sessions: every session goes to the snapshot at shutdown (and every
 ``snapshot_interval_s``) and comes back at start, with its id.
 
-The file format and the atomic write are in server.snapshot; this module decides what goes in
+The file format and the atomic write are in server.snapshot_format; this module decides what goes in
 and what may come back. A session snapshotted for a model this server does not serve, for
 another version of it, or with another state shape is refused, with a log line naming it,
 and the others load. No snapshot problem stops the server: a failed write is an ERROR log line
@@ -17,21 +17,21 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from lstmd.server import metrics, snapshot
-from lstmd.server.engine import Candidate, Prediction, Token
+from lstmd.server import metrics, snapshot_format
+from lstmd.server.exactly_once import record_from_json, record_to_json
+from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.registry import ModelRegistry
-from lstmd.server.sessions import Session, SessionStore
+from lstmd.server.sessions import Session
 from lstmd.server.settings import Settings
-from lstmd.server.snapshot import SessionRecord, SnapshotError
+from lstmd.server.snapshot_format import SessionRecord, SnapshotError
 
 log = logging.getLogger(__name__)
 FILE_NAME = "sessions.snap"
 
 
 class Snapshots:
-    def __init__(self, settings: Settings, store: SessionStore, registry: ModelRegistry):
+    def __init__(self, settings: Settings, store: MemorySessionStore, registry: ModelRegistry):
         self.path = Path(settings.snapshot_dir) / FILE_NAME
         self.interval_s = settings.snapshot_interval_s
         self._store = store
@@ -59,14 +59,14 @@ class Snapshots:
                       "survive a restart", self.path.parent, e)  # fmt: skip
             return 0
         try:
-            records = snapshot.read(self.path)
+            records = snapshot_format.read(self.path)
         except FileNotFoundError:
             log.info("no session snapshot at %s: starting without sessions", self.path)
             return 0
         except SnapshotError as e:
             metrics.snapshot_files_refused.inc()
             try:
-                where = f"moved it to {snapshot.set_aside(self.path, e.kind).name}"
+                where = f"moved it to {snapshot_format.set_aside(self.path, e.kind).name}"
             except OSError as moving:
                 where = f"and could not move it aside ({moving})"
             log.error("refusing the session snapshot %s: %s; %s; starting without sessions", self.path, e, where)
@@ -161,8 +161,8 @@ def _write(path: Path, records: list[SessionRecord]) -> int:
     """In a thread: write the file, turning each exactly-once record into JSON just before it is
     encoded (so the JSON objects never pile up and make the garbage collector scan every object
     while it holds the GIL: measured, that stalled the event loop for over 100 ms)."""
-    with_json = (replace(r, last_request=_request_to_json(r.last_request)) for r in records)
-    return snapshot.write(path, with_json, len(records))
+    with_json = (replace(r, last_request=record_to_json(r.last_request)) for r in records)
+    return snapshot_format.write(path, with_json, len(records))
 
 
 def _record(s: Session) -> SessionRecord:
@@ -173,35 +173,4 @@ def _record(s: Session) -> SessionRecord:
 
 def _session(r: SessionRecord, registry: ModelRegistry) -> Session:
     return Session(r.id, registry.models[r.model], r.top_k, r.state, r.prev_state, r.last_token, r.position, r.created,
-                   r.last_used, _request_from_json(r.last_request, r.id), owner=r.owner)  # fmt: skip
-
-
-def _request_to_json(last_request: Any) -> object:
-    """The engine's exactly-once record, (request key, Prediction), as JSON."""
-    if last_request is None:
-        return None
-    (expected_position, token_ids, top_k, want_logprobs), p = last_request
-    return {
-        "key": [expected_position, list(token_ids), top_k, want_logprobs],
-        "answer": {
-            "position": p.position,
-            "tokens": [[t.id, t.word, t.unknown] for t in p.tokens],
-            "candidates": [[c.word, c.token_id, c.probability] for c in p.candidates],
-            "token_logprobs": p.token_logprobs,
-        },
-    }
-
-
-def _request_from_json(value: Any, session_id: str) -> tuple[Any, Any] | None:
-    if value is None:
-        return None
-    expected_position, token_ids, top_k, want_logprobs = value["key"]
-    answer = value["answer"]
-    prediction = Prediction(
-        session_id,
-        answer["position"],
-        [Token(*t) for t in answer["tokens"]],
-        [Candidate(*c) for c in answer["candidates"]],
-        list(answer["token_logprobs"]),
-    )
-    return (expected_position, tuple(token_ids), top_k, want_logprobs), prediction
+                   r.last_used, record_from_json(r.last_request, r.id), owner=r.owner)  # fmt: skip

@@ -16,7 +16,7 @@ A step is written by one Lua script that compares ``pos`` with the position the 
 from and writes the new state only if they are equal, so two replicas can never both apply a step
 to one session: the loser's result is discarded, it re-reads the session and retries (or, for a
 feed with ``expected_position``, answers FAILED_PRECONDITION or replays the winner's answer:
-see Engine._feed_shared). Reads and writes issued in one turn of the event loop (the sessions of
+see Engine.feed). Reads and writes issued in one turn of the event loop (the sessions of
 one batch) go to Redis together, in one pipelined round trip.
 
 The Session objects this store hands out are the replica's cache of a session it is streaming:
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import struct
 import time
 from collections.abc import Callable
@@ -43,10 +42,10 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from lstmd.server import metrics
-from lstmd.server.durable import _request_from_json, _request_to_json
-from lstmd.server.errors import InvalidInput, NotFound, StoreUnavailable
+from lstmd.server.errors import NotFound, StoreUnavailable
+from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model, ModelRegistry
-from lstmd.server.sessions import _ID, Session
+from lstmd.server.sessions import Session, SessionStore, check_id, not_found
 
 log = logging.getLogger(__name__)
 PREFIX = "lstmd:session:"
@@ -75,11 +74,9 @@ return 0
 _WRITTEN, _GONE = -2, -1
 
 
-class RedisSessionStore:
+class RedisSessionStore(SessionStore):
     """The shared store. Calls raise StoreUnavailable while Redis cannot be reached; the client
     reconnects by itself, so the server serves again as soon as Redis is back."""
-
-    shared = True
 
     def __init__(self, url: str, registry: ModelRegistry, ttl_s: float, timeout_s: float = 2.0):
         self.url = url
@@ -96,8 +93,14 @@ class RedisSessionStore:
         self._pending: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
 
+    async def start(self) -> None:
+        pass  # connections open on first use
+
     async def close(self) -> None:
         await self._redis.aclose()
+
+    def touch(self, session: Session) -> None:
+        pass  # every commit renews the session's time-to-live in Redis
 
     def describe(self) -> str:
         """The URL without a password, for the log."""
@@ -160,24 +163,21 @@ class RedisSessionStore:
     # the interface the engine uses
 
     async def create(self, model: Model, top_k: int, owner: str) -> Session:
-        state, prev_state, last_token = model.initial_state()
-        session = Session(secrets.token_hex(16), model, top_k, state, prev_state, last_token, owner=owner)
+        session = Session.new(model, top_k, owner)
         await self._insert(session)
         return session
 
     async def fork(self, source: Session) -> Session:
         await self.load(source)  # the newest state, not this replica's copy
-        copy = Session(secrets.token_hex(16), source.model, source.top_k, source.state, source.prev_state,
-                       source.last_token, source.position, owner=source.owner)  # fmt: skip
+        copy = source.fork()
         await self._insert(copy)
         return copy
 
     async def get(self, session_id: str, owner: str) -> Session:
-        if not _ID.fullmatch(session_id):
-            raise InvalidInput(f"malformed session id {session_id[:40]!r}: expected 32 lowercase hex characters")
+        check_id(session_id)
         fields = await self._submit("read", lambda pipe: pipe.hgetall(PREFIX + session_id))
         if not fields or fields.get(b"owner", b"").decode() != owner:
-            raise self._not_found(session_id)
+            raise not_found(session_id, self.ttl_s)
         return self._decode(session_id, fields)
 
     async def load(self, session: Session) -> None:
@@ -188,27 +188,43 @@ class RedisSessionStore:
 
     async def commit(self, session: Session, read_position: int, with_request: bool) -> bool:
         """Write ``session``'s new state if Redis still holds ``read_position``: True when written,
-        False when another replica advanced the session first. NotFound when it is gone."""
+        False when another replica advanced the session first (``session`` is then re-read). NotFound
+        when it is gone; on StoreUnavailable the copy is marked stale, so its next use re-reads it."""
+        try:
+            if await self._write(session, read_position, with_request):
+                return True
+        except StoreUnavailable:
+            session.position = -1  # unknown whether it was written: the next use re-reads it
+            raise
+        await self.load(session)
+        return False
+
+    async def _write(self, session: Session, read_position: int, with_request: bool) -> bool:
         session.last_used = time.time()
         header = _HEADER.pack(FORMAT, session.last_token, session.top_k, session.created, session.last_used)
         state = np.stack((session.state, session.prev_state)).tobytes()  # (2, 2, layers, hidden) float32
-        request = json.dumps(_request_to_json(session.last_request)) if with_request else ""
+        request = json.dumps(record_to_json(session.last_request)) if with_request else ""
         args = (str(read_position), str(session.position), header, state, request, self._ttl_ms)
         outcome = await self._submit("write", lambda pipe: _script(pipe, self._cas, PREFIX + session.id, args))
         if outcome == _GONE:
-            raise self._not_found(session.id)
+            raise not_found(session.id, self.ttl_s)
         if outcome != _WRITTEN:
             metrics.store_conflicts.inc()
             return False
         return True
 
     async def delete(self, session_id: str, owner: str) -> None:
-        if not _ID.fullmatch(session_id):
-            raise InvalidInput(f"malformed session id {session_id[:40]!r}: expected 32 lowercase hex characters")
+        check_id(session_id)
         deleted = await self._submit("delete", lambda pipe: _script(pipe, self._delete, PREFIX + session_id, (owner,)))
         if not deleted:
-            raise self._not_found(session_id)
+            raise not_found(session_id, self.ttl_s)
         metrics.sessions_deleted.inc()
+
+    async def discard(self, session: Session) -> None:
+        try:
+            await self.delete(session.id, session.owner)
+        except (NotFound, StoreUnavailable) as e:  # gone already, or its TTL removes it
+            log.info("ephemeral session %s… not deleted at stream end: %s", session.id[:8], e)
 
     # encoding
 
@@ -240,15 +256,9 @@ class RedisSessionStore:
             raise NotFound(f"session {session_id} is stored in format {form}, this replica reads {FORMAT}")
         states = np.frombuffer(fields[b"st"], np.float32).reshape(2, 2, model.layers, model.hidden)
         request = fields.get(b"req")
-        last_request = _request_from_json(json.loads(request), session_id) if request else None
+        last_request = record_from_json(json.loads(request), session_id) if request else None
         return Session(session_id, model, top_k, states[0], states[1], last_token, int(fields[b"pos"]), created,
                        last_used, last_request, owner=fields[b"owner"].decode())  # fmt: skip
-
-    def _not_found(self, session_id: str) -> NotFound:
-        return NotFound(
-            f"session {session_id} not found: it was deleted, expired after {self.ttl_s:g} s idle, "
-            "or was evicted; create a new one"
-        )
 
 
 def _script(pipe: Any, script: Any, key: str, args: tuple[Any, ...]) -> None:
