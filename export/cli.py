@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lstmd._extras import missing_extra
 from lstmd.model.tokenizer import Vocab
 
 DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "pd-english")
-# What the export extra adds to the client's install (pip install 'lstmd[export]')
-EXPORT_MODULES = {"torch", "onnx", "onnxscript", "tqdm", "numpy", "onnxruntime"}
 
 
 def _parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -188,9 +186,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify, "baseline": _run_baseline}[args.command](args)
     except ModuleNotFoundError as e:
-        if e.name not in EXPORT_MODULES:
-            raise
-        print(f"lstmd-export: this install lacks {e.name}, which {args.command} needs: pip install 'lstmd[export]'",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        return missing_extra(e, f"lstmd-export {args.command}", "export")
     return 0

@@ -6,10 +6,8 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from lstmd._extras import missing_extra
 from lstmd.server.settings import Settings
-
-# What the server extra adds to the client's install (pip install 'lstmd[server]')
-SERVER_MODULES = {"numpy", "onnxruntime", "prometheus_client", "grpc_reflection"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,11 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lstmd.server.registry import ModelError, load_models
         from lstmd.server.security import SecurityConfigError
     except ModuleNotFoundError as e:
-        if e.name not in SERVER_MODULES:
-            raise
-        print(f"lstmd-server: this install lacks {e.name}, which the server needs: pip install 'lstmd[server]'",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        return missing_extra(e, "lstmd-server", "server")
     configure_logging(settings)
     try:
         registry = load_models(settings)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
-import grpc
 import pytest
 
 from lstmd import client
 from lstmd.client import AsyncClient, Client
-from lstmd.client._errors import from_rpc_error
 from tests.conftest import Reference
 
 
@@ -100,39 +97,6 @@ def test_a_retried_feed_is_never_applied_twice(server_target: str) -> None:
         retry = c.feed(session.id, "the cat", expected_position=0)
         assert retry.replayed and retry.position == 2
         assert c.get_session(session.id).position == 2
-
-
-def test_error_mapping_table() -> None:
-    class Fake(grpc.RpcError):
-        def __init__(self, code: grpc.StatusCode):
-            self._code = code
-
-        def code(self) -> grpc.StatusCode:
-            return self._code
-
-        def details(self) -> str:
-            return "expected_position 0 does not match the session's position 7: ..."
-
-    expected = {
-        grpc.StatusCode.INVALID_ARGUMENT: client.InvalidInput,
-        grpc.StatusCode.NOT_FOUND: client.NotFound,
-        grpc.StatusCode.RESOURCE_EXHAUSTED: client.CapacityExceeded,
-        grpc.StatusCode.FAILED_PRECONDITION: client.PositionMismatch,
-        grpc.StatusCode.UNAVAILABLE: client.Unavailable,
-        grpc.StatusCode.DEADLINE_EXCEEDED: client.DeadlineExceeded,
-        grpc.StatusCode.INTERNAL: client.LstmdError,
-    }
-    for code, cls in expected.items():
-        error = from_rpc_error(Fake(code))
-        assert type(error) is cls and error.code == code.name
-    assert from_rpc_error(Fake(grpc.StatusCode.FAILED_PRECONDITION)).actual_position == 7  # type: ignore[attr-defined]
-
-    class WithMetadata(Fake):
-        def trailing_metadata(self) -> Any:
-            return (("lstmd-position", "9"),)
-
-    structured = from_rpc_error(WithMetadata(grpc.StatusCode.FAILED_PRECONDITION))
-    assert structured.actual_position == 9  # type: ignore[attr-defined]  # the metadata wins over the message
 
 
 async def test_async_client_has_the_same_shape(server_target: str) -> None:

@@ -3,6 +3,8 @@ the same status, and the server's status table maps a subclass like its base."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 
@@ -12,14 +14,14 @@ from lstmd.server import errors
 
 
 class _Fake(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode):
-        self._code = code
+    def __init__(self, code: grpc.StatusCode, details: str = "a message"):
+        self._code, self._details = code, details
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
-        return "a message"
+        return self._details
 
 
 def test_a_subclass_defined_elsewhere_maps_like_its_base() -> None:
@@ -49,3 +51,27 @@ def test_each_server_error_arrives_as_the_client_class_of_the_same_name(server_c
     arrived = from_rpc_error(_Fake(code))
     assert type(arrived) is getattr(client, server_class.__name__)
     assert arrived.code == code.name
+
+
+def test_error_mapping_table() -> None:
+    mismatch = "expected_position 0 does not match the session's position 7: ..."
+    expected = {
+        grpc.StatusCode.INVALID_ARGUMENT: client.InvalidInput,
+        grpc.StatusCode.NOT_FOUND: client.NotFound,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: client.CapacityExceeded,
+        grpc.StatusCode.FAILED_PRECONDITION: client.PositionMismatch,
+        grpc.StatusCode.UNAVAILABLE: client.Unavailable,
+        grpc.StatusCode.DEADLINE_EXCEEDED: client.DeadlineExceeded,
+        grpc.StatusCode.INTERNAL: client.LstmdError,
+    }
+    for code, cls in expected.items():
+        error = from_rpc_error(_Fake(code))
+        assert type(error) is cls and error.code == code.name
+    assert from_rpc_error(_Fake(grpc.StatusCode.FAILED_PRECONDITION, mismatch)).actual_position == 7  # type: ignore[attr-defined]
+
+    class WithMetadata(_Fake):
+        def trailing_metadata(self) -> Any:
+            return (("lstmd-position", "9"),)
+
+    structured = from_rpc_error(WithMetadata(grpc.StatusCode.FAILED_PRECONDITION, mismatch))
+    assert structured.actual_position == 9  # type: ignore[attr-defined]  # the metadata wins over the message
