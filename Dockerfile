@@ -9,8 +9,8 @@ COPY proto proto
 COPY server server
 COPY client client
 COPY export export
-RUN /opt/lstmd/bin/pip install --no-cache-dir --disable-pip-version-check ".[redis]" \
- && rm -rf /opt/lstmd/lib/python3.11/site-packages/server/models
+RUN /opt/lstmd/bin/pip install --no-cache-dir --disable-pip-version-check ".[server,redis]" \
+ && rm -rf /opt/lstmd/lib/python3.11/site-packages/lstmd/server/models
 
 FROM python:3.11-slim
 # /snapshots belongs to lstmd: a new volume mounted there (docker-compose.yml) starts with that owner

@@ -61,7 +61,7 @@ echo "sum(lstmd_tokens_total{job=\"lstmd\"}) = $tokens (expected at least 405: 5
 [ "$up" = 1 ] && [ "${tokens%.*}" -ge 405 ] || { echo "smoke: Prometheus did not see lstmd as expected" >&2; exit 1; }
 
 say "a session survives docker-compose restart lstmd"
-session=$("$python" -c 'from client import Client
+session=$("$python" -c 'from lstmd.client import Client
 with Client("localhost:50051") as lstmd:
     session = lstmd.create_session()
     session.feed("the clouds are in the")
@@ -70,7 +70,7 @@ with Client("localhost:50051") as lstmd:
 wait_healthy
 "$python" - "$session" <<'EOF'
 import sys
-from client import Client
+from lstmd.client import Client
 with Client("localhost:50051") as lstmd:
     session = lstmd.get_session(sys.argv[1])
     assert session.position == 5, session.info
