@@ -113,7 +113,11 @@ def _order_key(name: str) -> str:
 def split_documents(
     docs: list[Document], valid_fraction: float = 0.1, test_fraction: float = 0.1
 ) -> dict[str, list[Document]]:
-    """Assign whole documents (or blocks) to splits. Returns {split: [documents]}."""
+    """Assign whole documents (or blocks) to splits. Returns {split: [documents]}.
+
+    Each folder of three or more documents gives test, then validation, at least its share of
+    the folder's words (overshooting by less than one document) and keeps one document or more
+    for training; folders of fewer documents go to training whole."""
     groups: dict[str, list[Document]] = {}
     for doc in docs:
         groups.setdefault(doc.name.split("/")[0] if "/" in doc.name else "", []).append(doc)
@@ -127,11 +131,13 @@ def split_documents(
         ordered = sorted(group, key=lambda d: _order_key(d.name))
         targets = [("test", test_fraction * total), ("valid", valid_fraction * total)]
         filled = {"test": 0, "valid": 0}
+        held = 0  # this folder's documents held out so far: at least one must stay for training
         for doc in ordered:
             for name, target in targets:
-                if filled[name] < target and len(ordered) - len(split[name]) > 1:
+                if filled[name] < target and len(ordered) - held > 1:
                     split[name].append(doc)
                     filled[name] += sizes[doc.name]
+                    held += 1
                     break
             else:
                 split["train"].append(doc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from lstmd.export.corpus import cut_blocks, decode_bytes, load_corpus, split_documents, unwrap
+from lstmd.export.corpus import Document, cut_blocks, decode_bytes, load_corpus, split_documents, unwrap
 
 
 def test_decodes_utf8_latin1_cp1252_crlf_and_gzip(tmp_path: Path) -> None:
@@ -70,3 +70,30 @@ def test_long_documents_are_cut_into_contiguous_blocks(tmp_path: Path) -> None:
     names = [b.name for b in blocks]
     assert names[-1] == "short.txt" and len(names) > 3
     assert "".join(b.text for b in blocks if b.name.startswith("book.txt#")) == load_corpus(tmp_path)[0].text
+
+
+# The Brown corpus layout: 500 documents of about 2,000 words in 15 genre folders of 6 to 80.
+BROWN_GENRES = dict(zip("ABCDEFGHJKLMNPR", (44, 27, 17, 17, 36, 48, 75, 30, 80, 29, 24, 6, 29, 29, 9), strict=True))
+
+
+def test_every_folder_of_many_holds_out_its_share() -> None:
+    docs = [
+        Document(f"{genre}/c{genre.lower()}{i:02d}", "word " * (1800 + 97 * ((i * 7 + ord(genre)) % 9)))
+        for genre, count in BROWN_GENRES.items()
+        for i in range(count)
+    ]
+    split = split_documents(docs)
+    words = {d.name: len(d.text.split()) for d in docs}
+    for genre, count in BROWN_GENRES.items():
+        in_genre = {d.name for d in docs if d.name.startswith(f"{genre}/")}
+        total, largest = sum(words[n] for n in in_genre), max(words[n] for n in in_genre)
+        for s in ("valid", "test"):
+            held = sum(words[d.name] for d in split[s] if d.name in in_genre)
+            # Dealt until the share is reached: at least 10%, over by less than one document.
+            assert 0.1 * total <= held < 0.1 * total + largest, (genre, count, s)
+        assert any(d.name in in_genre for d in split["train"])
+    # Overall, each split is over its share by less than one document per folder.
+    all_words = sum(words.values())
+    for s in ("valid", "test"):
+        share = sum(words[d.name] for d in split[s]) / all_words
+        assert 0.1 <= share < 0.1 + 15 * max(words.values()) / all_words, (s, share)
