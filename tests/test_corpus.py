@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+from lstmd.export.cli import DEFAULT_CORPUS
 from lstmd.export.corpus import Document, cut_blocks, decode_bytes, load_corpus, split_documents, unwrap
+from lstmd.model.folder import read_model_dir
+from lstmd.server.settings import BUNDLED_MODELS
 
 
 def test_decodes_utf8_latin1_cp1252_crlf_and_gzip(tmp_path: Path) -> None:
@@ -97,3 +100,11 @@ def test_every_folder_of_many_holds_out_its_share() -> None:
     for s in ("valid", "test"):
         share = sum(words[d.name] for d in split[s]) / all_words
         assert 0.1 <= share < 0.1 + 15 * max(words.values()) / all_words, (s, share)
+
+
+def test_the_bundled_corpus_splits_as_the_bundled_models_card_records() -> None:
+    card, _ = read_model_dir(BUNDLED_MODELS / "pd-english" / "1")
+    block_words = card.training["train"]["block_words"]
+    split = split_documents(cut_blocks(load_corpus(DEFAULT_CORPUS), block_words))
+    assert {s: len(ds) for s, ds in split.items()} == card.training["split"]
+    assert {s: sum(len(d.words) for d in ds) for s, ds in split.items()} == card.training["tokens"]
