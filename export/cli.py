@@ -36,7 +36,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--clip", type=float, default=0.25, help="gradient norm clip")
     p.add_argument("--epochs", type=int, default=40, help="most epochs")
     p.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="time budget (0: none)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="time budget, checked between batches (0: none)")
     p.add_argument("--max-train-tokens", type=int, default=0, help="use only this many tokens (smoke runs)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")

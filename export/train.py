@@ -37,7 +37,7 @@ class TrainConfig:
     clip: float = 0.25
     max_epochs: int = 40
     patience: int = 2  # epochs without validation improvement before stopping
-    max_minutes: float = 0.0  # 0 = no time budget; otherwise stop after the epoch that passes it
+    max_minutes: float = 0.0  # 0 = no time budget; otherwise stop at the first batch that passes it
     max_train_tokens: int = 0  # 0 = all; for quick smoke runs
     seed: int = 1
     baseline_order: int = 3  # Kneser-Ney n-gram baseline fitted on the same split and vocabulary
@@ -150,8 +150,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
         best_epoch = min(range(len(history)), key=lambda i: history[i]["valid_ppl"])
         stale = len(history) - 1 - best_epoch
     loss_fn = nn.CrossEntropyLoss()
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    stopped_mid_epoch: dict[str, int] | None = None  # where the time budget cut an epoch short
     while epoch < cfg.max_epochs and stale < cfg.patience:
-        if cfg.max_minutes and elapsed / 60 >= cfg.max_minutes:
+        if elapsed >= budget_s:
             print(f"time budget of {cfg.max_minutes} minutes reached")
             break
         epoch += 1
@@ -161,7 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
         steps = range(0, train_data.size(1) - 1, cfg.bptt)
         bar = tqdm(steps, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, mininterval=1.0)
         run_loss, run_tokens = 0.0, 0
-        for i in bar:
+        for batch, i in enumerate(bar, 1):
             x = train_data[:, i : i + cfg.bptt]
             y = train_data[:, i + 1 : i + 1 + cfg.bptt]
             x = x[:, : y.size(1)]
@@ -178,7 +180,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
             bar.set_postfix(
                 loss=f"{run_loss / run_tokens:.3f}", ppl=f"{math.exp(run_loss / run_tokens):.0f}", tok_s=f"{rate:.0f}"
             )
+            if batch < len(steps) and elapsed + time.monotonic() - started >= budget_s:
+                stopped_mid_epoch = {"epoch": epoch, "batches": batch, "of": len(steps)}
+                break
         bar.close()
+        if stopped_mid_epoch:
+            print(
+                f"time budget of {cfg.max_minutes} minutes reached in epoch {epoch} after {batch}/{len(steps)} batches"
+            )
+        # A cut epoch is validated too: its weights may still be the best so far.
         valid_ppl = evaluate(model, valid_data, cfg.bptt)
         elapsed += time.monotonic() - started
         scheduler.step(valid_ppl)
@@ -189,6 +199,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
                 "valid_ppl": valid_ppl,
                 "lr": optimizer.param_groups[0]["lr"],
                 "minutes": elapsed / 60,
+                **({"batches": batch, "of": len(steps)} if stopped_mid_epoch else {}),
             }
         )
         print(
@@ -213,6 +224,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
             },
             ckpt_path,
         )
+        if stopped_mid_epoch:
+            break
 
     best = torch.load(out / "best.pt", weights_only=False)
     model.load_state_dict(best["model"])
@@ -228,6 +241,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
         "valid_ppl": evaluate(model, valid_data, cfg.bptt),
         "test_ppl": evaluate(model, test_data, cfg.bptt),
         "training_minutes": round(elapsed / 60, 1),
+        "stopped_mid_epoch": stopped_mid_epoch,  # null, or the epoch the time budget cut short and its batches
         "machine": _machine(),
         "baseline": kneser_ney_baseline(ids, len(vocab), cfg.baseline_order),
     }

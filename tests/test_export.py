@@ -82,6 +82,17 @@ def test_training_resumes_from_its_checkpoint(trained: Path, corpus: Path, tmp_p
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+def test_a_time_budget_stops_training_between_batches(corpus: Path, tmp_path: Path) -> None:
+    # A budget of a few nanoseconds is spent by the first batch, whatever the machine's speed.
+    assert export_main([*tiny_train(corpus, tmp_path), "--epochs", "3", "--max-minutes", "1e-9"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    stop = report["stopped_mid_epoch"]
+    assert stop["epoch"] == 1 and stop["batches"] == 1 < stop["of"]
+    assert [(h["epoch"], h["batches"], h["of"]) for h in report["history"]] == [(1, 1, stop["of"])]
+    lm = load_torch_model(tmp_path / "best.pt")  # the partial epoch was validated and kept
+    assert lm.config.to_dict() == report["model"]  # type: ignore[operator, union-attr]
+
+
 def test_exported_folder_matches_the_format_and_card(model_dir: Path) -> None:
     card, vocab = read_model_dir(model_dir)
     assert card.name == "tiny" and card.vocab_size == len(vocab) and card.state_bytes == 2 * 2 * 16 * 4
