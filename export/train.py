@@ -11,6 +11,7 @@ import json
 import math
 import platform
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,45 @@ def kneser_ney_baseline(ids: dict[str, list[int]], vocab_size: int, order: int) 
     }
 
 
+PROGRESS_LINE_S = 300.0  # off a terminal, a progress line at least this often (and at each tenth)
+
+
+class _Progress:
+    """An epoch's progress on stderr: tqdm's bar on a terminal; anywhere else (CI, a log file)
+    a plain line at each tenth of the epoch and at least every ``PROGRESS_LINE_S`` seconds, so
+    that a log gets a few lines rather than every redraw of a bar."""
+
+    def __init__(self, epoch: int, batches: int) -> None:
+        self.epoch, self.batches = epoch, batches
+        self.started = self.last_line = time.monotonic()
+        self.tenths = 0  # tenths of the epoch already reported
+        self.bar: tqdm[None] | None = None
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=batches, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, mininterval=1.0)
+
+    def update(self, batch: int, loss: float, tokens: int) -> None:
+        """After ``batch`` batches (counted from 1) whose mean loss over ``tokens`` tokens is ``loss``."""
+        now = time.monotonic()
+        rate = tokens / max(now - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(loss):.0f}", tok_s=f"{rate:.0f}", refresh=False)
+            self.bar.update(1)
+            return
+        tenths = batch * 10 // self.batches
+        if tenths > self.tenths or now - self.last_line >= PROGRESS_LINE_S:
+            self.tenths, self.last_line = tenths, now
+            print(
+                f"epoch {self.epoch}: batch {batch}/{self.batches} ({batch / self.batches:.0%}), "
+                f"loss {loss:.3f}, ppl {math.exp(loss):.0f}, {rate:.0f} tokens/s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or platform.system()}"
 
@@ -161,9 +201,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
         state = model.init_state(cfg.batch_size)
         started = time.monotonic()
         steps = range(0, train_data.size(1) - 1, cfg.bptt)
-        bar = tqdm(steps, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, mininterval=1.0)
+        progress = _Progress(epoch, len(steps))
         run_loss, run_tokens = 0.0, 0
-        for batch, i in enumerate(bar, 1):
+        for batch, i in enumerate(steps, 1):
             x = train_data[:, i : i + cfg.bptt]
             y = train_data[:, i + 1 : i + 1 + cfg.bptt]
             x = x[:, : y.size(1)]
@@ -176,14 +216,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
             optimizer.step()
             run_loss += loss.item() * y.numel()
             run_tokens += y.numel()
-            rate = run_tokens / (time.monotonic() - started)
-            bar.set_postfix(
-                loss=f"{run_loss / run_tokens:.3f}", ppl=f"{math.exp(run_loss / run_tokens):.0f}", tok_s=f"{rate:.0f}"
-            )
+            progress.update(batch, run_loss / run_tokens, run_tokens)
             if batch < len(steps) and elapsed + time.monotonic() - started >= budget_s:
                 stopped_mid_epoch = {"epoch": epoch, "batches": batch, "of": len(steps)}
                 break
-        bar.close()
+        progress.close()
         if stopped_mid_epoch:
             print(
                 f"time budget of {cfg.max_minutes} minutes reached in epoch {epoch} after {batch}/{len(steps)} batches"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pexpect
 import pytest
 import torch
 
@@ -91,6 +93,30 @@ def test_a_time_budget_stops_training_between_batches(corpus: Path, tmp_path: Pa
     assert [(h["epoch"], h["batches"], h["of"]) for h in report["history"]] == [(1, 1, stop["of"])]
     lm = load_torch_model(tmp_path / "best.pt")  # the partial epoch was validated and kept
     assert lm.config.to_dict() == report["model"]  # type: ignore[operator, union-attr]
+
+
+def test_progress_off_a_terminal_is_a_few_plain_lines(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert export_main(tiny_train(corpus, tmp_path)) == 0
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert len(lines) == 10, "one line at each tenth of the epoch"
+    batches = int(lines[-1].split("/")[1].split()[0])
+    assert batches > 10 and lines[-1].startswith(f"epoch 1: batch {batches}/{batches} (100%), loss ")
+    assert all(line.startswith("epoch 1: batch ") and line.endswith(" tokens/s") for line in lines)
+
+
+def test_progress_on_a_terminal_is_a_bar(corpus: Path, tmp_path: Path) -> None:
+    args = tiny_train(corpus, tmp_path)
+    child = pexpect.spawn(sys.executable, ["-m", "lstmd.export", *args], encoding="utf-8", timeout=120)
+    try:
+        child.expect(r"epoch 1: +\d+%\|")  # tqdm's bar, redrawn in place
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
 
 
 def test_exported_folder_matches_the_format_and_card(model_dir: Path) -> None:
