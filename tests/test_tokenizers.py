@@ -123,6 +123,7 @@ def _sentencepiece(work: Path) -> tuple[Path, Expected]:
     )
 
 
+USER_MODEL = f"{Path(__file__).parent / 'user_model.py'}:UserLM"
 KINDS = ("wikitext", "chars", "bpe", "spm")
 TEXTS = {
     "wikitext": "The King 's long @-@ ship sat on the mat .\nA cat Sat",  # "Sat": cased, unknown
@@ -271,3 +272,51 @@ def test_a_card_naming_an_unknown_kind_or_option_is_refused(models_dir: Path, tm
         (folder / "model.json").write_text(json.dumps({**card, "tokenizer": section}))
         with pytest.raises(ModelFormatError, match=message):
             read_model_dir(folder)
+
+
+def test_lstmd_export_onnx_records_the_tokenizer_and_copies_its_file(
+    tokenizer_models: tuple[Path, dict[str, Expected]], tmp_path: Path
+) -> None:
+    from lstmd.export.cli import main as export_main
+    from tests.user_model import UserLM
+
+    root, _ = tokenizer_models
+    model_file = root / "spm" / "1" / "tokenizer.model"
+    library = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    size = library.get_piece_size()
+    torch.manual_seed(0)
+    torch.save(UserLM(size).state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "text.txt").write_text("\n".join(SENTENCES) + "\n")
+    args = ["onnx", "--checkpoint", str(tmp_path / "weights.pt"), "--tokenizer", "sentencepiece",
+            "--tokenizer-file", str(model_file), "--initial", "eos", "--lowercase",
+            "--model-class", USER_MODEL,
+            "--model-kwargs", json.dumps({"vocab_size": size}), "--out", str(tmp_path / "models"), "--name", "sp",
+            "--text", str(tmp_path / "text.txt")]  # fmt: skip
+    assert export_main(args) == 0
+    folder = tmp_path / "models" / "sp" / "1"
+    card = json.loads((folder / "model.json").read_text())
+    assert card["tokenizer"] == {
+        "kind": "sentencepiece",
+        "file": "tokenizer.model",
+        "lowercase": True,
+        "initial": "eos",
+    }
+    assert (folder / "tokenizer.model").read_bytes() == model_file.read_bytes()
+    assert card["vocab_size"] == size and card["verification"]["max_abs_difference"]["parity_real"] <= 1e-4
+    _, tokenizer = read_model_dir(folder)
+    assert tokenizer.initial_id == library.eos_id()
+    assert tokenizer.encode_text("The Cat") == library.encode("the cat")
+
+
+def test_lstmd_export_onnx_refuses_a_tokenizer_of_another_size_than_the_model(tmp_path: Path) -> None:
+    from lstmd.export.cli import main as export_main
+    from tests.user_model import UserLM
+
+    (tmp_path / "vocab.txt").write_text("\n".join(WIKITEXT_WORDS) + "\n")
+    torch.save(UserLM(len(WIKITEXT_WORDS) + 1).state_dict(), tmp_path / "weights.pt")
+    args = ["onnx", "--checkpoint", str(tmp_path / "weights.pt"), "--tokenizer", "whitespace",
+            "--vocab", str(tmp_path / "vocab.txt"), "--model-class", USER_MODEL,
+            "--model-kwargs", json.dumps({"vocab_size": len(WIKITEXT_WORDS) + 1}), "--out", str(tmp_path / "models"),
+            "--name", "ws"]  # fmt: skip
+    with pytest.raises(ModelFormatError, match=r"logprobs has shape \[None, 20\], the card implies \[None, 19\]"):
+        export_main(args)
