@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lstmd._extras import missing_extra
-from lstmd.model.tokenizer import Vocab
+from lstmd.model.tokenizer import INITIAL, KINDS, Tokenizer, TokenizerSpec, Vocab
 
 DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "pd-english")
 
@@ -82,7 +82,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         "--model-class", help="module:Class or file.py:Class of your model, when the checkpoint is a state dict"
     )
     p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for --model-class")
-    p.add_argument("--vocab", required=True, help="vocabulary file: one word per line, <unk> and <eos> included")
+    p.add_argument("--vocab", help="vocabulary file: one token per line (the words, whitespace and characters kinds)")
     p.add_argument("--text", default=DEFAULT_CORPUS, help="text file or folder for the real-input check")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed absolute difference")
 
@@ -92,6 +92,20 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     _add_model_source(p)
     p.add_argument("--out", required=True, help="models folder; the model goes to OUT/NAME/VERSION")
     p.add_argument("--name", required=True, help="model name clients ask for")
+    t = p.add_argument_group("tokenizer", "the tokenizer the model was trained with, recorded in its card")
+    t.add_argument("--tokenizer", choices=KINDS, default="words",
+                   help="words: lstmd's word tokenizer over --vocab; whitespace: already-tokenized text over --vocab; "
+                   "characters: one token per character over --vocab; hf: a tokenizers tokenizer.json; "
+                   "sentencepiece: a SentencePiece .model")  # fmt: skip
+    t.add_argument("--tokenizer-file", help="the hf kind's tokenizer.json or the sentencepiece kind's .model")
+    t.add_argument("--lowercase", action="store_true", help="fold text to lower case before tokenizing")
+    t.add_argument("--unk-token", help="the unknown token's name (default: the kind's, e.g. <unk>)")
+    t.add_argument("--eos-token", help="the end of line / sentence token's name (default: the kind's, e.g. <eos>)")
+    t.add_argument("--bos-token", help="the beginning of sequence token's name")
+    t.add_argument("--newline-token", help="the token a newline becomes; '' for none (default: the eos token for "
+                   "vocabulary kinds, the library's own handling for hf and sentencepiece)")  # fmt: skip
+    t.add_argument("--initial", choices=INITIAL, help="a new session starts after this token "
+                   "(default: eos; bos for hf and sentencepiece when they have one)")  # fmt: skip
     p.add_argument("--version", default="1")
     p.add_argument("--run", help="the folder lstmd-export train wrote: training facts and perplexities for the card")
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus --run was trained on (for --quantize)")
@@ -109,20 +123,34 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("model_dir", help="the model folder (holding model.onnx)")
 
 
-def _real_ids(text: str, vocab: Vocab) -> list[int]:
+def _real_ids(text: str, tokenizer: Tokenizer) -> list[int]:
     from lstmd.export.corpus import load_corpus
 
     docs = load_corpus(text)
-    return vocab.encode(docs[-1].words[:256])
+    return tokenizer.encode_text(docs[-1].text)[:256]
+
+
+def _tokenizer_source(args: argparse.Namespace) -> tuple[TokenizerSpec, Vocab | Path]:
+    """The card's tokenizer section and the vocabulary or file it reads, from the flags."""
+    spec = TokenizerSpec(args.tokenizer, "", args.lowercase, args.unk_token, args.eos_token, args.bos_token,
+                         args.newline_token, args.initial)  # fmt: skip
+    if args.tokenizer in ("hf", "sentencepiece"):
+        if not args.tokenizer_file:
+            raise SystemExit(f"lstmd-export onnx: --tokenizer {args.tokenizer} needs --tokenizer-file")
+        return spec, Path(args.tokenizer_file)
+    if not args.vocab:
+        raise SystemExit(f"lstmd-export onnx: --tokenizer {args.tokenizer} needs --vocab")
+    return spec, Vocab.load(args.vocab) if args.tokenizer == "words" else Path(args.vocab)
 
 
 def _run_verify(args: argparse.Namespace) -> dict[str, float]:
     from lstmd.export.onnx_export import load_torch_model
     from lstmd.export.verify import verify
+    from lstmd.model.folder import read_model_dir
 
-    vocab = Vocab.load(args.vocab)
+    _, tokenizer = read_model_dir(args.model_dir)  # the folder's own tokenizer gives the real input
     lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
-    report = verify(lm, Path(args.model_dir), len(vocab), _real_ids(args.text, vocab), args.tolerance)
+    report = verify(lm, Path(args.model_dir), len(tokenizer), _real_ids(args.text, tokenizer), args.tolerance)
     print("verified: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     return report
 
@@ -131,11 +159,11 @@ def _run_onnx(args: argparse.Namespace) -> None:
     from lstmd.export.onnx_export import load_torch_model, read_report, write_model_dir
     from lstmd.model.folder import write_card
 
-    vocab = Vocab.load(args.vocab)
+    spec, vocab = _tokenizer_source(args)
     lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
     training, ppl = read_report(Path(args.run) / "report.json") if args.run else ({}, {})
     folder = Path(args.out) / args.name / args.version
-    card = write_model_dir(lm, vocab, folder, args.name, args.version, training, ppl)
+    card = write_model_dir(lm, vocab, folder, args.name, args.version, training, ppl, spec)
     print(f"wrote {folder} ({(folder / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
     args.model_dir = str(folder)
     card.verification = {"max_abs_difference": _run_verify(args), "tolerance": args.tolerance}

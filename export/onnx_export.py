@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -32,9 +33,10 @@ import torch
 from torch import nn
 
 from lstmd.export.model import LSTMLanguageModel, ModelConfig
-from lstmd.model.folder import ONNX_FILE, VOCAB_FILE, ModelCard, sha256_file, write_card
+from lstmd.model import graph
+from lstmd.model.folder import ONNX_FILE, ModelCard, open_tokenizer, sha256_file, write_card
 from lstmd.model.graph import INPUTS, OUTPUTS
-from lstmd.model.tokenizer import Vocab
+from lstmd.model.tokenizer import TokenizerSpec, Vocab
 
 OPSET = 17
 
@@ -163,29 +165,42 @@ def export_onnx(lm: nn.Module, vocab_size: int, path: Path) -> None:
 
 def write_model_dir(
     lm: nn.Module,
-    vocab: Vocab,
+    vocab: Vocab | Path,
     folder: Path,
     name: str,
     version: str,
     training: dict[str, Any] | None = None,
     perplexity: dict[str, float] | None = None,
+    tokenizer: TokenizerSpec | None = None,
 ) -> ModelCard:
-    """Export ``lm`` with its vocabulary into a model folder and write its card."""
+    """Export ``lm`` with its tokenizer into a model folder and write its card.
+
+    ``vocab`` is the tokenizer's vocabulary (saved as the spec's file) or its file (``vocab.txt``,
+    ``tokenizer.json`` or a SentencePiece ``.model``, copied in as the spec's file); ``tokenizer``
+    is the card's tokenizer section (None: lstmd's ``words``). Raises ModelFormatError when the
+    tokenizer cannot be loaded or its vocabulary size differs from the graph's."""
+    spec = tokenizer or TokenizerSpec()
     folder.mkdir(parents=True, exist_ok=True)
-    export_onnx(lm, len(vocab), folder / ONNX_FILE)
-    vocab.save(folder / VOCAB_FILE)
+    if isinstance(vocab, Vocab):
+        vocab.save(folder / spec.path)
+    else:
+        shutil.copyfile(vocab, folder / spec.path)
+    size = len(open_tokenizer(folder, spec))
+    export_onnx(lm, size, folder / ONNX_FILE)
     layers, hidden = state_shape(lm)
     card = ModelCard(
         name=name,
         version=version,
-        vocab_size=len(vocab),
+        vocab_size=size,
         num_layers=layers,
         hidden_size=hidden,
         sha256=sha256_file(folder / ONNX_FILE),
         architecture=f"{type(lm).__name__}: embedding -> {layers}-layer LSTM -> linear decoder",
         training=training or {},
         perplexity=perplexity or {},
+        tokenizer=spec.to_dict(),
     )
+    graph.check(graph.load(folder / ONNX_FILE), card)  # the graph's vocabulary is the tokenizer's
     write_card(folder, card)
     return card
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from lstmd.export.verify import ort_perplexity, ort_speed
 from lstmd.model import graph
-from lstmd.model.folder import CARD_FILE, ONNX_FILE, VOCAB_FILE, ModelCard, read_model_dir, sha256_file, write_card
+from lstmd.model.folder import CARD_FILE, ONNX_FILE, ModelCard, read_model_dir, sha256_file, write_card
 
 
 def quantize_model_dir(src: Path, dst: Path, test_ids: list[int]) -> dict[str, Any]:
@@ -18,7 +18,8 @@ def quantize_model_dir(src: Path, dst: Path, test_ids: list[int]) -> dict[str, A
     card, _ = read_model_dir(src)
     dst.mkdir(parents=True, exist_ok=True)
     quantize_dynamic(str(src / ONNX_FILE), str(dst / ONNX_FILE), weight_type=QuantType.QInt8)
-    shutil.copy(src / VOCAB_FILE, dst / VOCAB_FILE)
+    tokenizer_file = card.tokenizer_spec.path
+    shutil.copy(src / tokenizer_file, dst / tokenizer_file)
     layers, hidden = card.num_layers, card.hidden_size
     results: dict[str, Any] = {"perplexity_test": {}, "step_ms_median": {}, "size_mb": {}}
     for precision, folder in (("fp32", src), ("int8", dst)):

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lstmd.model.tokenizer import normalize, tokenize
 from lstmd.server.batcher import Batcher, Sampling, StepResult
 from lstmd.server.errors import InvalidInput, PositionMismatch, StoreUnavailable
 from lstmd.server.registry import Model, ModelRegistry
@@ -220,11 +219,12 @@ class Engine:
             raise InvalidInput("top_p must be between 0 and 1 (0 or 1: no nucleus limit)")
         if args.top_k > model.vocab_size:
             raise InvalidInput(f"top_k must be at most the vocabulary size, {model.vocab_size}")
-        banned = [model.vocab.unk_id] + ([] if args.allow_eos else [model.vocab.eos_id])
+        tokenizer = model.tokenizer
+        banned = [i for i in (tokenizer.unk_id, None if args.allow_eos else tokenizer.eos_id) if i is not None]
         sampling = Sampling(
             args.temperature or 1.0, args.top_k, args.top_p, tuple(banned), np.random.default_rng(args.seed)
         )
-        stop = {normalize(w).strip() for w in args.stop}
+        stop = {tokenizer.stop_key(w) for w in args.stop}
         prompt = self._tokens(model, args.prompt, None) if args.prompt else []
         batcher = self._batchers[model.name]
         session.users += 1
@@ -245,7 +245,7 @@ class Engine:
                     result, _ = await self._apply(session, [word_id], 1, False, sampling)
                     await self._commit_generated(session, read)
                     self.store.touch(session)
-                    word = model.vocab.words[word_id]
+                    word = tokenizer.pieces[word_id]
                     finish = "stop_word" if word in stop else "max_tokens" if i == args.max_tokens - 1 else ""
                     yield GeneratedWord(session.id, word, word_id, probability, session.position, finish)
                     if finish:
@@ -267,11 +267,10 @@ class Engine:
         if text is not None:
             if len(text) > self.settings.max_text_chars:
                 raise InvalidInput(f"text is {len(text)} characters, the limit is {self.settings.max_text_chars}")
-            words = tokenize(text)
-            if len(words) > limit:
-                raise InvalidInput(f"text is {len(words)} tokens, the limit per feed is {limit}; split it")
-            ids = model.vocab.encode(words)
-            tokens = [Token(i, w, i == model.vocab.unk_id and w != "<unk>") for i, w in zip(ids, words, strict=True)]
+            encoded = model.tokenizer.encode(text)
+            if len(encoded.ids) > limit:
+                raise InvalidInput(f"text is {len(encoded.ids)} tokens, the limit per feed is {limit}; split it")
+            tokens = list(map(Token, encoded.ids, encoded.pieces, encoded.unknown))
         else:
             token_ids = token_ids or []
             if len(token_ids) > limit:
@@ -281,7 +280,8 @@ class Engine:
                 raise InvalidInput(
                     f"token id {bad} is outside the vocabulary of {model.name} (0..{model.vocab_size - 1})"
                 )
-            tokens = [Token(i, model.vocab.words[i], False) for i in token_ids]
+            pieces = model.tokenizer.pieces
+            tokens = [Token(i, pieces[i], False) for i in token_ids]
         if not tokens:
             raise InvalidInput("the input is empty: give text with at least one word or punctuation mark, or token ids")
         return tokens
@@ -294,8 +294,8 @@ class Engine:
 
 
 def _candidates(model: Model, result: StepResult) -> list[Candidate]:
-    words = model.vocab.words
+    pieces = model.tokenizer.pieces
     return [
-        Candidate(words[i], int(i), float(math.exp(lp)))
+        Candidate(pieces[i], int(i), float(math.exp(lp)))
         for i, lp in zip(result.top_ids.tolist(), result.top_logprobs.tolist(), strict=True)
     ]

@@ -14,6 +14,7 @@ import numpy as np
 
 from lstmd.model import graph
 from lstmd.model.folder import ONNX_FILE, ModelCard, ModelFormatError, read_model_dir
+from lstmd.model.tokenizer import Vocab, WordsTokenizer
 from lstmd.server.errors import NotFound
 from lstmd.server.settings import Settings
 
@@ -25,11 +26,11 @@ class ModelError(Exception):
 
 
 class Model:
-    """One served model: its card, vocabulary and ONNX Runtime session."""
+    """One served model: its card, tokenizer and ONNX Runtime session."""
 
     def __init__(self, folder: Path, settings: Settings):
         self.folder = folder
-        self.card, self.vocab = read_model_dir(folder)
+        self.card, self.tokenizer = read_model_dir(folder)
         self.name, self.version = self.card.name, self.card.version
         self.layers, self.hidden = self.card.num_layers, self.card.hidden_size
         try:
@@ -39,11 +40,12 @@ class Model:
         except ValueError as e:  # a provider this onnxruntime lacks
             raise ModelError(f"{e} (--providers {settings.providers})") from e
         graph.check(self.session, self.card)
-        # A new session starts as if after the end of a paragraph: the state after "<eos>".
-        eos = self.vocab.eos_id
+        # A new session starts after the tokenizer's initial token: for lstmd's word models "<eos>",
+        # as if after the end of a paragraph; for library tokenizers their bos token if they have one.
+        first = self.tokenizer.initial_id
         zero = self.zero_state(1)
-        out = self.run(np.array([[eos]], np.int64), zero[0], zero[1], 1)
-        self._initial = (np.stack([out.h[:, 0], out.c[:, 0]]), zero[:, :, 0].copy(), eos)
+        out = self.run(np.array([[first]], np.int64), zero[0], zero[1], 1)
+        self._initial = (np.stack([out.h[:, 0], out.c[:, 0]]), zero[:, :, 0].copy(), first)
 
     def initial_state(self) -> tuple[np.ndarray, np.ndarray, int]:
         """A new session's (state, state before its last token, last token); copies."""
@@ -52,7 +54,14 @@ class Model:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return len(self.tokenizer)
+
+    @property
+    def vocab(self) -> Vocab:
+        """The ``Vocab`` of a model with lstmd's word tokenizer (the bundled model's kind)."""
+        if not isinstance(self.tokenizer, WordsTokenizer):
+            raise TypeError(f"{self.name} has a {self.tokenizer.kind} tokenizer, not lstmd's words: use .tokenizer")
+        return self.tokenizer.vocab
 
     def zero_state(self, batch: int) -> np.ndarray:
         """Zero (h, c) for ``batch`` sequences: (2, layers, batch, hidden)."""

@@ -178,7 +178,7 @@ def _broken_copy(model_dir: Path, tmp_path: Path) -> Path:
     [
         (lambda f: (f / "vocab.txt").unlink(), "missing vocab.txt"),
         (lambda f: (f / "model.json").write_text("{not json"), "not a valid model card"),
-        (lambda f: (f / "vocab.txt").write_text("<unk>\n<eos>\nonly\n"), "vocab.txt has 3 words"),
+        (lambda f: (f / "vocab.txt").write_text("<unk>\n<eos>\nonly\n"), "vocab.txt has 3 tokens, the card says"),
         (lambda f: (f / "model.onnx").write_bytes((f / "model.onnx").read_bytes() + b"x"), "checksum"),
     ],
 )

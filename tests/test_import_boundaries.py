@@ -3,7 +3,9 @@ inside functions included) and checked by importing too:
 
 - lstmd.server never imports lstmd.export or torch (the server's image has neither);
 - lstmd.client never imports lstmd.server, onnxruntime or numpy (it installs alone);
-- lstmd.model (folder and tokenizer) is what the three share; no module of lstmd is in an import cycle.
+- lstmd.model (folder and tokenizer) is what the three share; the tokenizer libraries (tokenizers,
+  sentencepiece) are reached only through lstmd.model.library_tokenizers, never from the client;
+  no module of lstmd is in an import cycle.
 """
 
 from __future__ import annotations
@@ -93,15 +95,42 @@ def test_the_graph_sees_the_whole_package() -> None:
     assert {"lstmd.server.engine", "lstmd.client.cli", "lstmd.export.train", "lstmd.model.graph"} <= set(MODULES)
     assert "torch" in GRAPH["lstmd.export.train"] and "numpy" in GRAPH["lstmd.model.graph"]
     assert "lstmd.model.tokenizer" in GRAPH["lstmd.client.cli"]
+    assert {"tokenizers", "sentencepiece"} <= GRAPH["lstmd.model.library_tokenizers"]  # imported inside classes
 
 
 @pytest.mark.parametrize(
     ("package", "forbidden"),
     [
         ("lstmd.server", ("lstmd.export", "torch")),
-        ("lstmd.client", ("lstmd.server", "lstmd.export", "lstmd.model.graph", "onnxruntime", "numpy", "torch")),
+        (
+            "lstmd.client",
+            (
+                "lstmd.server",
+                "lstmd.export",
+                "lstmd.model.graph",
+                "lstmd.model.library_tokenizers",
+                "onnxruntime",
+                "numpy",
+                "torch",
+                "tokenizers",
+                "sentencepiece",
+            ),
+        ),
         ("lstmd.model.folder", ("lstmd.server", "lstmd.client", "lstmd.export", "numpy", "onnxruntime", "torch")),
-        ("lstmd.model.tokenizer", ("lstmd.server", "lstmd.client", "lstmd.export", "numpy", "onnxruntime", "torch")),
+        (
+            "lstmd.model.tokenizer",
+            (
+                "lstmd.server",
+                "lstmd.client",
+                "lstmd.export",
+                "numpy",
+                "onnxruntime",
+                "torch",
+                "lstmd.model.library_tokenizers",
+                "tokenizers",
+                "sentencepiece",
+            ),
+        ),
         ("lstmd.model.graph", ("lstmd.server", "lstmd.client", "lstmd.export", "torch")),
     ],
 )

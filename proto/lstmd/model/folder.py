@@ -3,7 +3,10 @@
 One folder per model version, ``<models_dir>/<name>/<version>/``, holding:
 
 - ``model.onnx``: the graph, with the inputs and outputs of ``lstmd.model.graph``.
-- ``vocab.txt``: one word per line, the line number being the token id.
+- the tokenizer's file, named in the card's ``tokenizer`` section (``TokenizerSpec``):
+  ``vocab.txt`` (one token per line, the line number being the id) for the ``words``,
+  ``whitespace`` and ``characters`` kinds, a ``tokenizer.json`` or a SentencePiece ``.model``.
+  A card without the section (written before it existed) means ``words`` over ``vocab.txt``.
 - ``model.json``: the model card (see ``ModelCard``), with the SHA-256 of ``model.onnx``.
 - ``MODEL_CARD.md``: the same card for people.
 
@@ -18,7 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lstmd.model.tokenizer import Vocab
+from lstmd.model.tokenizer import (
+    CharactersTokenizer,
+    Tokenizer,
+    TokenizerSpec,
+    Vocab,
+    WhitespaceTokenizer,
+    WordsTokenizer,
+    read_vocab_lines,
+)
 
 FORMAT_VERSION = 1
 ONNX_FILE, VOCAB_FILE, CARD_FILE, CARD_TEXT_FILE = "model.onnx", "vocab.txt", "model.json", "MODEL_CARD.md"
@@ -43,6 +54,15 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)  # corpus, split, time, machine, settings
     quantization: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # TokenizerSpec.to_dict(); {}: words
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec:
+        """Raises ModelFormatError for a section that is not a valid spec."""
+        try:
+            return TokenizerSpec.from_dict(self.tokenizer)
+        except (ValueError, TypeError) as e:
+            raise ModelFormatError(f"{CARD_FILE}: tokenizer: {e}") from e
 
     @property
     def state_bytes(self) -> int:
@@ -58,7 +78,9 @@ class ModelCard:
             f"# Model card: {self.name} version {self.version}",
             "",
             f"{self.architecture or 'LSTM language model'}: {self.num_layers} layers of {self.hidden_size} units, "
-            f"{self.vocab_size} words, {self.precision}; {self.state_bytes} bytes of state per session.",
+            f"{self.vocab_size} tokens, {self.precision}; {self.state_bytes} bytes of state per session.",
+            "",
+            f"Tokenizer: `{json.dumps(self.tokenizer or {'kind': 'words', 'file': VOCAB_FILE})}`.",
             "",
             "| measure | value |",
             "|---|---|",
@@ -96,10 +118,10 @@ def write_card(folder: Path, card: ModelCard) -> None:
     (folder / CARD_TEXT_FILE).write_text(card.to_markdown())
 
 
-def read_model_dir(folder: str | Path) -> tuple[ModelCard, Vocab]:
-    """Check a model folder's files, card, checksum and vocabulary. Raises ModelFormatError."""
+def read_model_dir(folder: str | Path) -> tuple[ModelCard, Tokenizer]:
+    """Check a model folder's files, card, checksum and tokenizer. Raises ModelFormatError."""
     folder = Path(folder)
-    for name in (ONNX_FILE, VOCAB_FILE, CARD_FILE):
+    for name in (ONNX_FILE, CARD_FILE):
         if not (folder / name).is_file():
             raise ModelFormatError(f"{folder}: missing {name}")
     try:
@@ -113,10 +135,47 @@ def read_model_dir(folder: str | Path) -> tuple[ModelCard, Vocab]:
         raise ModelFormatError(
             f"{folder}/{ONNX_FILE}: checksum {actual[:12]}… does not match the card's {card.sha256[:12]}…"
         )
+    return card, load_tokenizer(folder, card)
+
+
+def load_tokenizer(folder: str | Path, card: ModelCard) -> Tokenizer:
+    """The tokenizer the card names, from its file in ``folder``, checked against the card's
+    vocabulary size (``lstmd.model.graph.check`` checks the graph's). Raises ModelFormatError."""
+    tokenizer = open_tokenizer(folder, card.tokenizer_spec)
+    if len(tokenizer) != card.vocab_size:
+        raise ModelFormatError(
+            f"{folder}: {card.tokenizer_spec.path} has {len(tokenizer)} tokens, the card says {card.vocab_size} "
+            "(vocab_size)"
+        )
+    return tokenizer
+
+
+def open_tokenizer(folder: str | Path, spec: TokenizerSpec) -> Tokenizer:
+    """The tokenizer ``spec`` describes, from its file in ``folder``. Raises ModelFormatError."""
+    folder = Path(folder)
+    path = folder / spec.path
+    if not path.is_file():
+        raise ModelFormatError(f"{folder}: missing {spec.path} (the {spec.kind} tokenizer's file)")
+    tokenizer: Tokenizer
     try:
-        vocab = Vocab.load(folder / VOCAB_FILE)
-    except ValueError as e:
-        raise ModelFormatError(f"{folder}/{VOCAB_FILE}: {e}") from e
-    if len(vocab) != card.vocab_size:
-        raise ModelFormatError(f"{folder}: {VOCAB_FILE} has {len(vocab)} words, the card says {card.vocab_size}")
-    return card, vocab
+        if spec.kind == "words":
+            tokenizer = WordsTokenizer(spec, Vocab.load(path))
+        elif spec.kind == "whitespace":
+            tokenizer = WhitespaceTokenizer(spec, read_vocab_lines(path))
+        elif spec.kind == "characters":
+            tokenizer = CharactersTokenizer(spec, read_vocab_lines(path))
+        else:
+            from lstmd.model import library_tokenizers
+
+            kind = {
+                "hf": library_tokenizers.HuggingFaceTokenizer,
+                "sentencepiece": library_tokenizers.SentencePieceTokenizer,
+            }
+            tokenizer = kind[spec.kind](spec, path)
+    except ModuleNotFoundError as e:
+        raise ModelFormatError(
+            f"{folder}: the {spec.kind} tokenizer needs the {e.name} library: pip install {e.name}"
+        ) from e
+    except Exception as e:  # the libraries raise their own types (tokenizers: Exception) for a bad file
+        raise ModelFormatError(f"{folder}/{spec.path}: not a valid {spec.kind} tokenizer: {e}") from e
+    return tokenizer

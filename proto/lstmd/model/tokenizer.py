@@ -1,8 +1,16 @@
-"""Word-level tokenizer and vocabulary, shared by training, export and the server.
+"""Tokenizers of model folders, and lstmd's own word tokenizer and vocabulary.
 
-Pure Python (no torch, no numpy) so the server can import it.
+A model folder's card names its tokenizer (``TokenizerSpec``); ``Tokenizer`` is what the server
+asks of every kind: text to ids and pieces, ids back to text, the special ids, the vocabulary
+size. The kinds over a ``vocab.txt`` live here: ``words`` (lstmd's word tokenizer, below),
+``whitespace`` (already-tokenized text) and ``characters``. The kinds read with the libraries
+made for them (Hugging Face ``tokenizers``, SentencePiece) live in
+``lstmd.model.library_tokenizers``; ``lstmd.model.folder.load_tokenizer`` loads any kind.
 
-Decisions (documented in README):
+Pure Python (no torch, no numpy, no tokenizer library) so the server and the client can import it.
+
+The ``words`` kind's decisions (documented in README):
+
 - Text is NFKC-normalised, curly quotes become straight ones, and everything is lowercased.
 - A word is a run of letters, optionally joined by apostrophes or hyphens inside it
   ("don't", "twenty-one"). Numbers are kept as written ("1945", "3.5"): frequent ones earn a
@@ -16,9 +24,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -113,3 +124,241 @@ class Vocab:
 
     def encode_text(self, text: str) -> list[int]:
         return self.encode(tokenize(text))
+
+
+# The tokenizer of a model folder
+
+KINDS = ("words", "whitespace", "characters", "hf", "sentencepiece")
+DEFAULT_FILES = {"words": "vocab.txt", "whitespace": "vocab.txt", "characters": "vocab.txt",
+                 "hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}  # fmt: skip
+INITIAL = ("eos", "bos")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The card's ``tokenizer`` section: which tokenizer the model was trained with.
+
+    A card without one (folders written before tokenizers were recorded) means ``words``."""
+
+    kind: str = "words"  # one of KINDS
+    file: str = ""  # in the model folder; "": DEFAULT_FILES[kind]
+    lowercase: bool = False  # fold text to lower case first (``words`` always does)
+    unk: str | None = None  # names of the special tokens; None: the kind's default (see the classes)
+    eos: str | None = None  # end of line / sentence
+    bos: str | None = None  # beginning of sequence
+    newline: str | None = None  # the token a newline becomes; "": none (a space); None: the kind's default
+    initial: str | None = None  # a new session starts after this token, "eos" or "bos"; None: the kind's default
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"tokenizer kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.initial is not None and self.initial not in INITIAL:
+            raise ValueError(f"tokenizer initial {self.initial!r} is not one of {', '.join(INITIAL)}")
+        if self.kind == "words" and (self.lowercase or {self.unk, self.eos, self.bos, self.newline} != {None}):
+            raise ValueError("the words tokenizer takes no options: it is lstmd's own, with <unk> and <eos>")
+
+    @property
+    def path(self) -> str:
+        return self.file or DEFAULT_FILES[self.kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card's section: the kind, the file, and only the options that were set."""
+        data = {k: v for k, v in asdict(self).items() if v not in (None, False, "") or (k == "newline" and v == "")}
+        return {"kind": self.kind, "file": self.path, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenizerSpec:
+        """Raises ValueError for an unknown key, kind or option value."""
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown tokenizer option(s) {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class Encoding:
+    """Text as a model's tokens: ids, the pieces they spell, and which are unknown (``unk_id``
+    standing for text the vocabulary lacks)."""
+
+    ids: list[int]
+    pieces: list[str]
+    unknown: list[bool]
+
+
+class Tokenizer(ABC):
+    """A model's tokenizer, whatever its kind: what the server and export ask of it.
+
+    ``pieces[i]`` is token ``i`` as the vocabulary spells it (a word, a character, or a subword
+    piece such as ``▁the`` or ``Ġthe``), listed once at load so turning ids into pieces costs no
+    library call. Special ids are None where the model has no such token."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, spec: TokenizerSpec, pieces: list[str], unk: int | None, eos: int | None, bos: int | None):
+        self.spec = spec
+        self.pieces = pieces
+        self.unk_id, self.eos_id, self.bos_id = unk, eos, bos
+        initial = spec.initial or ("bos" if bos is not None and self.kind in ("hf", "sentencepiece") else "eos")
+        initial_id = bos if initial == "bos" else eos
+        if initial_id is None:
+            raise ValueError(f"a new session starts after the {initial} token, and this tokenizer has none: "
+                             f"name it ({initial}) or start after the other one (initial)")  # fmt: skip
+        self.initial_id: int = initial_id  # a new session starts after this token
+        newline = spec.newline
+        if newline is None and self.kind in ("words", "whitespace", "characters"):
+            newline = pieces[eos] if eos is not None else ""
+        self.newline_id = None if not newline else self._special(newline, "newline")
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    @abstractmethod
+    def token_id(self, piece: str) -> int | None:
+        """The id of a token by name, or None if the vocabulary lacks it."""
+
+    @abstractmethod
+    def _encode_line(self, text: str) -> Encoding:
+        """Text without newlines (or with them, when the spec leaves newlines to the library)."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids back to text, as the tokenizer writes it."""
+
+    def encode(self, text: str) -> Encoding:
+        """Text to tokens. With a newline token (or "" for none), each line is encoded on its own and
+        lines are joined by that token; without one, newlines are left to the tokenizer."""
+        if self.spec.lowercase:
+            text = text.lower()
+        if self.newline_id is None and self.spec.newline is None and self.kind in ("hf", "sentencepiece"):
+            return self._encode_line(text)
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        out = Encoding([], [], [])
+        for i, line in enumerate(lines):
+            if i and self.newline_id is not None:
+                out.ids.append(self.newline_id)
+                out.pieces.append(self.pieces[self.newline_id])
+                out.unknown.append(False)
+            if line:
+                encoded = self._encode_line(line)
+                out.ids += encoded.ids
+                out.pieces += encoded.pieces
+                out.unknown += encoded.unknown
+        return out
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.encode(text).ids
+
+    def _decode_lines(self, ids: Sequence[int], decode: Callable[[list[int]], str]) -> str:
+        """``decode`` each run of ids between newline tokens, joined by newlines."""
+        lines: list[list[int]] = [[]]
+        for i in ids:
+            if i == self.newline_id:
+                lines.append([])
+            else:
+                lines[-1].append(i)
+        return "\n".join(decode(line) for line in lines)
+
+    def stop_key(self, word: str) -> str:
+        """How a stop word given by a caller compares with generated pieces."""
+        return word.strip().lower() if self.spec.lowercase else word.strip()
+
+    def _special(self, name: str, role: str) -> int:
+        found = self.token_id(name)
+        if found is None:
+            raise ValueError(f"the {role} token {name!r} is not in the tokenizer's vocabulary")
+        return found
+
+    def _optional(self, name: str | None, default: str, role: str) -> int | None:
+        """A special token's id: the named one (which must exist), else ``default`` if present."""
+        return self._special(name, role) if name is not None else self.token_id(default)
+
+
+def read_vocab_lines(path: Path) -> list[str]:
+    """``vocab.txt``: one token per line, the line number being the id; raises ValueError for duplicates."""
+    words = [line for line in path.read_text(encoding="utf-8").split("\n") if line]
+    if len(set(words)) != len(words):
+        raise ValueError("vocabulary has duplicate words")
+    return words
+
+
+class WordsTokenizer(Tokenizer):
+    """lstmd's word tokenizer (``tokenize`` / ``detokenize``) over a ``Vocab``: ``<unk>`` and
+    ``<eos>``, a newline becomes ``<eos>`` and sessions start after it. Exactly what lstmd
+    served before tokenizers were recorded in the card."""
+
+    kind = "words"
+
+    def __init__(self, spec: TokenizerSpec, vocab: Vocab):
+        self.vocab = vocab
+        super().__init__(spec, vocab.words, vocab.unk_id, vocab.eos_id, None)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.vocab.ids.get(piece)
+
+    def encode(self, text: str) -> Encoding:
+        words = tokenize(text)
+        ids = self.vocab.encode(words)
+        unk = self.vocab.unk_id
+        return Encoding(ids, words, [i == unk and w != UNK for i, w in zip(ids, words, strict=True)])
+
+    def _encode_line(self, text: str) -> Encoding:
+        return self.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return detokenize(self.pieces[i] for i in ids)
+
+    def stop_key(self, word: str) -> str:
+        return normalize(word).strip()
+
+
+class _VocabFileTokenizer(Tokenizer):
+    """A kind over ``vocab.txt`` that splits text itself: unknown text becomes the unknown token,
+    ``<unk>`` unless the spec names another, which the vocabulary must hold."""
+
+    def __init__(self, spec: TokenizerSpec, words: list[str]):
+        self.ids = {w: i for i, w in enumerate(words)}
+        self.pieces = words
+        self._unk = self._special(spec.unk or UNK, "unknown")
+        eos, bos = self._optional(spec.eos, EOS, "eos"), self._optional(spec.bos, "<bos>", "bos")
+        super().__init__(spec, words, self._unk, eos, bos)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.ids.get(piece)
+
+    def _lookup(self, pieces: list[str]) -> Encoding:
+        unk = self._unk
+        ids = [self.ids.get(p, unk) for p in pieces]
+        return Encoding(ids, pieces, [i == unk and p != self.pieces[i] for i, p in zip(ids, pieces, strict=True)])
+
+
+class WhitespaceTokenizer(_VocabFileTokenizer):
+    """Already-tokenized text (WikiText's ``The``, ``@-@``, ``'s``): tokens are separated by
+    whitespace and kept as written (case included, unless ``lowercase``). A newline becomes the
+    eos token (``<eos>`` if the vocabulary has one) unless the spec says otherwise."""
+
+    kind = "whitespace"
+
+    def _encode_line(self, text: str) -> Encoding:
+        return self._lookup(text.split())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out: list[str] = []
+        for i in ids:
+            if i == self.newline_id:
+                out.append("\n")
+            else:
+                out.append(self.pieces[i] if not out or out[-1] == "\n" else " " + self.pieces[i])
+        return "".join(out)
+
+
+class CharactersTokenizer(_VocabFileTokenizer):
+    """One token per character (spaces included); characters the vocabulary lacks become the
+    unknown token. A newline becomes the eos token, as ``vocab.txt`` cannot hold one."""
+
+    kind = "characters"
+
+    def _encode_line(self, text: str) -> Encoding:
+        return self._lookup(list(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join("\n" if i == self.newline_id else self.pieces[i] for i in ids)

@@ -7,13 +7,19 @@ This file is the one source of truth for every client. Fields may be added; none
 renamed or renumbered. Regenerate the Python stubs with `bash proto/generate.sh`.
 
 Concepts
-- A *model* is a word-level LSTM language model loaded by the server (see ListModels).
+- A *model* is an LSTM language model loaded by the server (see ListModels), with its own
+  tokenizer: lstmd's word tokenizer, already-tokenized words, characters, or subword pieces
+  (a Hugging Face tokenizer.json or a SentencePiece model), recorded in its model folder.
 - A *session* holds one text's LSTM state (h, c) on the server. Clients append input to it
   and get the prediction for the next word after every step. Its *position* is the number
   of tokens fed to it so far (generated tokens included).
-- Input is either raw text, which the server tokenizes with the model's vocabulary
-  (lowercased, punctuation split off, each newline becomes the token "<eos>"), or token
-  ids of that vocabulary.
+- Input is either raw text, which the server tokenizes with the model's own tokenizer (for
+  lstmd's word models: lowercased, punctuation split off, each newline becomes the token
+  "<eos>"), or token ids of that vocabulary.
+- A *word* in Token, Candidate and GeneratedToken is one token of the model's tokenizer: a
+  whole word for word models, but for subword and character models a piece of a word (e.g.
+  "▁the", "Ġcat", "c"), as the tokenizer's vocabulary spells it. Joining pieces into text is
+  the tokenizer's decoding, not string concatenation.
 
 Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input, token id outside the vocabulary,
@@ -411,9 +417,11 @@ class Token(_message.Message):
     UNKNOWN_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     word: _builtins.str
-    """The word as written in the input (lowercased), or the vocabulary word for token ids."""
+    """The token as the tokenizer split the input (for word models: as written, lowercased), or
+    the vocabulary's token for token ids. For subword and character models, a piece of a word.
+    """
     unknown: _builtins.bool
-    """True when the word is not in the vocabulary and was fed as "<unk>"."""
+    """True when the text is not in the vocabulary and was fed as the unknown token."""
     def __init__(
         self,
         *,
@@ -437,6 +445,7 @@ class Candidate(_message.Message):
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     PROBABILITY_FIELD_NUMBER: _builtins.int
     word: _builtins.str
+    """One token of the model's tokenizer: for subword and character models a piece of a word."""
     token_id: _builtins.int
     probability: _builtins.float
     def __init__(
@@ -537,10 +546,14 @@ class GenerateRequest(_message.Message):
     moved the position, so the retry is refused and the client re-reads the session.
     """
     allow_eos: _builtins.bool
-    """Never sample these special tokens: "<unk>" always; "<eos>" unless allow_eos."""
+    """Never sample the model's special tokens: the unknown token always, the end token ("<eos>"
+    for word models) unless allow_eos.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Generation stops after producing any of these words (the stop word is returned)."""
+        """Generation stops after producing any of these tokens (the stop token is returned); each is
+        compared with the tokenizer's pieces (for word models, after lowercasing).
+        """
 
     def __init__(
         self,
@@ -584,6 +597,7 @@ class GeneratedToken(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     word: _builtins.str
+    """One token of the model's tokenizer: for subword and character models a piece of a word."""
     token_id: _builtins.int
     probability: _builtins.float
     """Probability of this word under the (temperature-scaled, truncated) sampling distribution."""

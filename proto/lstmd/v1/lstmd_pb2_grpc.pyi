@@ -7,13 +7,19 @@ This file is the one source of truth for every client. Fields may be added; none
 renamed or renumbered. Regenerate the Python stubs with `bash proto/generate.sh`.
 
 Concepts
-- A *model* is a word-level LSTM language model loaded by the server (see ListModels).
+- A *model* is an LSTM language model loaded by the server (see ListModels), with its own
+  tokenizer: lstmd's word tokenizer, already-tokenized words, characters, or subword pieces
+  (a Hugging Face tokenizer.json or a SentencePiece model), recorded in its model folder.
 - A *session* holds one text's LSTM state (h, c) on the server. Clients append input to it
   and get the prediction for the next word after every step. Its *position* is the number
   of tokens fed to it so far (generated tokens included).
-- Input is either raw text, which the server tokenizes with the model's vocabulary
-  (lowercased, punctuation split off, each newline becomes the token "<eos>"), or token
-  ids of that vocabulary.
+- Input is either raw text, which the server tokenizes with the model's own tokenizer (for
+  lstmd's word models: lowercased, punctuation split off, each newline becomes the token
+  "<eos>"), or token ids of that vocabulary.
+- A *word* in Token, Candidate and GeneratedToken is one token of the model's tokenizer: a
+  whole word for word models, but for subword and character models a piece of a word (e.g.
+  "▁the", "Ġcat", "c"), as the tokenizer's vocabulary spells it. Joining pieces into text is
+  the tokenizer's decoding, not string concatenation.
 
 Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input, token id outside the vocabulary,
