@@ -84,7 +84,14 @@ def _import_class(spec: str) -> type[nn.Module]:
             raise ValueError(f"cannot import {target}")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module
-        module_spec.loader.exec_module(module)
+        # the file's folder is on the path while it runs, so it can import the modules beside it
+        # (``from model import RNNModel``), as it could when run as a script from there
+        folder = str(Path(target).resolve().parent)
+        sys.path.insert(0, folder)
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(folder)
     else:
         module = importlib.import_module(target)
     cls = getattr(module, name)
