@@ -1,13 +1,16 @@
 """Export any PyTorch LSTM language model to the lstmd ONNX model format.
 
-The model must follow one interface (ours does, and so does pytorch/examples'
-``word_language_model`` RNNModel with ``batch_first`` inputs, through a two-line adapter):
+The model must follow one interface (ours does, ``lstmd.export.model``):
 
     forward(tokens, (h, c)) -> (logits, (h, c))
 
 with ``tokens`` (batch, time) int64, ``h`` / ``c`` (layers, batch, hidden) and ``logits``
-(batch, time, vocab). The state size is read from the module's ``num_layers`` and
-``hidden_size`` attributes, or else from its first ``nn.LSTM``. A model may also define
+(batch, time, vocab). A model with another interface, such as pytorch/examples'
+``word_language_model`` RNNModel (time-major, flattened log-softmax), exports through an adapter
+of ``lstmd.export.adapters``. ``export_onnx`` first runs the model on a small batch and names
+any difference from the interface (``lstmd.export.interface``). The state size is read from the
+module's ``num_layers`` and ``hidden_size`` attributes, or else from its first ``nn.LSTM``. A
+model may also define
 ``forward_last(tokens, (h, c)) -> (logits of the last step (batch, vocab), (h, c))``: the graph
 then runs the decoder on the last step only, which makes prompts several times cheaper.
 
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lstmd.export.interface import ModelInterfaceError, check_forward
 from lstmd.export.model import LSTMLanguageModel, ModelConfig
 from lstmd.model.folder import ONNX_FILE, VOCAB_FILE, ModelCard, sha256_file, write_card
 from lstmd.model.graph import INPUTS, OUTPUTS
@@ -68,9 +72,11 @@ def state_shape(lm: nn.Module) -> tuple[int, int]:
     for module in lm.modules():
         if isinstance(module, nn.LSTM):
             if module.bidirectional or module.proj_size:
-                raise ValueError("only unidirectional LSTMs without projections can stream state")
+                raise ModelInterfaceError("only unidirectional LSTMs without projections can stream state")
             return module.num_layers, module.hidden_size
-    raise ValueError("cannot find the state size: give the module num_layers and hidden_size attributes")
+    raise ModelInterfaceError(
+        f"{type(lm).__name__}: cannot find the state size: give the module num_layers and hidden_size attributes"
+    )
 
 
 def _import_class(spec: str) -> type[nn.Module]:
@@ -131,6 +137,7 @@ def export_onnx(lm: nn.Module, vocab_size: int, path: Path) -> None:
     import onnx
 
     layers, hidden = state_shape(lm)
+    check_forward(lm, vocab_size, layers, hidden)
     batch, time = 2, 3
     example = (
         torch.zeros(batch, time, dtype=torch.long),
