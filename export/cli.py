@@ -6,9 +6,13 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lstmd._extras import missing_extra
 from lstmd.model.tokenizer import Vocab
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "pd-english")
 
@@ -82,6 +86,13 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         "--model-class", help="module:Class or file.py:Class of your model, when the checkpoint is a state dict"
     )
     p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for --model-class")
+    p.add_argument(
+        "--adapter",
+        choices=["time-major-logsoftmax", "batch-first-logits"],
+        help="wrap a model with another forward interface (see lstmd.export.adapters): time-major-logsoftmax "
+        "for pytorch/examples' word_language_model RNNModel, batch-first-logits for other argument names",
+    )
+    p.add_argument("--adapter-kwargs", default="{}", help="JSON keyword arguments for --adapter")
     p.add_argument("--vocab", required=True, help="vocabulary file: one word per line, <unk> and <eos> included")
     p.add_argument("--text", default=DEFAULT_CORPUS, help="text file or folder for the real-input check")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed absolute difference")
@@ -116,23 +127,30 @@ def _real_ids(text: str, vocab: Vocab) -> list[int]:
     return vocab.encode(docs[-1].words[:256])
 
 
-def _run_verify(args: argparse.Namespace) -> dict[str, float]:
+def _load_model(args: argparse.Namespace) -> torch.nn.Module:
+    from lstmd.export.adapters import adapt
     from lstmd.export.onnx_export import load_torch_model
+
+    lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
+    return adapt(lm, args.adapter, json.loads(args.adapter_kwargs)) if args.adapter else lm
+
+
+def _run_verify(args: argparse.Namespace) -> dict[str, float]:
     from lstmd.export.verify import verify
 
     vocab = Vocab.load(args.vocab)
-    lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
+    lm = _load_model(args)
     report = verify(lm, Path(args.model_dir), len(vocab), _real_ids(args.text, vocab), args.tolerance)
     print("verified: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     return report
 
 
 def _run_onnx(args: argparse.Namespace) -> None:
-    from lstmd.export.onnx_export import load_torch_model, read_report, write_model_dir
+    from lstmd.export.onnx_export import read_report, write_model_dir
     from lstmd.model.folder import write_card
 
     vocab = Vocab.load(args.vocab)
-    lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
+    lm = _load_model(args)
     training, ppl = read_report(Path(args.run) / "report.json") if args.run else ({}, {})
     folder = Path(args.out) / args.name / args.version
     card = write_model_dir(lm, vocab, folder, args.name, args.version, training, ppl)
