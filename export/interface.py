@@ -28,6 +28,9 @@ HOW_TO_ADAPT = (
 )
 
 
+VOCAB_HINT = " (is --vocab the vocabulary the model was trained with?)"
+
+
 class ModelInterfaceError(ExportError, ValueError):
     """The model's forward does not follow lstmd's interface; the message says how not, and what to do."""
 
@@ -59,7 +62,7 @@ def _problem(out: Any, logits_shape: tuple[int, ...], state: tuple[int, int, int
         if len(logits_shape) == 3 and shape == (logits_shape[1], batch, vocab):
             return "the logits are time-major (time, batch, vocab)"
         if shape[:-1] == logits_shape[:-1]:
-            return f"the logits have {shape[-1]} entries per step and the vocabulary {vocab} words"
+            return f"the logits have {shape[-1]} entries per step and the vocabulary {vocab} words{VOCAB_HINT}"
         return f"the logits are {shape}, expected {logits_shape}"
     for name, tensor in zip("hc", hc, strict=True):
         if tuple(tensor.shape) != state:
@@ -91,7 +94,8 @@ def check_forward(lm: nn.Module, vocab_size: int, layers: int, hidden: int) -> N
             raise ModelInterfaceError(f"{given} raised {type(e).__name__}: {e}\n{expected}.\n{HOW_TO_ADAPT}") from e
         problem = _problem(out, logits_shape, state)
         if problem:
+            hint = "" if problem.endswith(VOCAB_HINT) else f"\n{HOW_TO_ADAPT}"
             raise ModelInterfaceError(
                 f"{given} returned {describe(out)}: {problem}.\n"
-                f"{expected}, here (logits {logits_shape}, (h {state}, c {state})).\n{HOW_TO_ADAPT}"
+                f"{expected}, here (logits {logits_shape}, (h {state}, c {state})).{hint}"
             )
