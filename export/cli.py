@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lstmd._extras import missing_extra
+from lstmd.export.errors import ExportError
 from lstmd.model.tokenizer import Vocab
 
 if TYPE_CHECKING:
@@ -104,6 +107,7 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("--out", required=True, help="models folder; the model goes to OUT/NAME/VERSION")
     p.add_argument("--name", required=True, help="model name clients ask for")
     p.add_argument("--version", default="1")
+    p.add_argument("--force", action="store_true", help="replace OUT/NAME/VERSION if it exists")
     p.add_argument("--run", help="the folder lstmd-export train wrote: training facts and perplexities for the card")
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus --run was trained on (for --quantize)")
     p.add_argument(
@@ -146,26 +150,39 @@ def _run_verify(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _run_onnx(args: argparse.Namespace) -> None:
+    """Export, verify and check as the server will in folders beside OUT/NAME/VERSION (and the int8
+    one), which take their places only when every check has passed (lstmd.export.publish)."""
     from lstmd.export.onnx_export import read_report, write_model_dir
+    from lstmd.export.publish import check_servable, staged
     from lstmd.model.folder import write_card
 
+    if args.quantize and not args.run:
+        raise SystemExit("lstmd-export onnx: --quantize needs --run to measure perplexity on the test split")
     vocab = Vocab.load(args.vocab)
     lm = _load_model(args)
     training, ppl = read_report(Path(args.run) / "report.json") if args.run else ({}, {})
     folder = Path(args.out) / args.name / args.version
-    card = write_model_dir(lm, vocab, folder, args.name, args.version, training, ppl)
-    print(f"wrote {folder} ({(folder / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
-    args.model_dir = str(folder)
-    card.verification = {"max_abs_difference": _run_verify(args), "tolerance": args.tolerance}
-    if args.quantize:
-        from lstmd.export.quantize import quantize_model_dir
-        from lstmd.export.train import split_ids_from_run
+    int8_name = f"{args.name}-int8"
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(staged(folder, args.force))
+        int8 = (
+            stack.enter_context(staged(Path(args.out) / int8_name / args.version, args.force))
+            if args.quantize
+            else None
+        )
+        card = write_model_dir(lm, vocab, work, args.name, args.version, training, ppl)
+        args.model_dir = str(work)
+        card.verification = {"max_abs_difference": _run_verify(args), "tolerance": args.tolerance}
+        if int8:
+            from lstmd.export.quantize import quantize_model_dir
+            from lstmd.export.train import split_ids_from_run
 
-        if not args.run:
-            raise SystemExit("lstmd-export onnx: --quantize needs --run to measure perplexity on the test split")
-        test_ids = split_ids_from_run(args.corpus, Path(args.run))[0]["test"]
-        card.quantization = quantize_model_dir(folder, Path(args.out) / f"{args.name}-int8" / args.version, test_ids)
-    write_card(folder, card)
+            test_ids = split_ids_from_run(args.corpus, Path(args.run))[0]["test"]
+            card.quantization = quantize_model_dir(work, int8, test_ids)
+            check_servable(int8, int8_name)
+        write_card(work, card)
+        check_servable(work, args.name)
+    print(f"wrote {folder} ({(folder / 'model.onnx').stat().st_size / 1e6:.1f} MB), checked as lstmd-server loads it")
 
 
 def _add_baseline(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -205,4 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify, "baseline": _run_baseline}[args.command](args)
     except ModuleNotFoundError as e:
         return missing_extra(e, f"lstmd-export {args.command}", "export")
+    except ExportError as e:
+        print(f"lstmd-export {args.command}: {e}", file=sys.stderr)
+        return 1
     return 0
