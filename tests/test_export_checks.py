@@ -18,10 +18,13 @@ from torch import nn
 from lstmd.export.adapters import BatchFirstLogits, TimeMajorLogSoftmax
 from lstmd.export.cli import main as export_main
 from lstmd.export.interface import ModelInterfaceError, check_forward
-from lstmd.export.onnx_export import load_torch_model, state_shape
+from lstmd.export.onnx_export import load_torch_model, state_shape, write_model_dir
 from lstmd.export.publish import PublishError, staged
 from lstmd.model import graph
 from lstmd.model.folder import read_model_dir
+from lstmd.model.tokenizer import Vocab
+from lstmd.server.registry import ModelError, load_models
+from lstmd.server.settings import Settings
 from tests import odd_models
 from tests.user_model import UserLM
 from tests.word_language_model import RNNModel
@@ -140,6 +143,7 @@ def test_word_language_models_rnnmodel_exports_through_its_adapter(user_files: P
             logprobs, (h, c) = lm(torch.from_numpy(seq)[:, None], lm.init_hidden(1))  # (time * 1, vocab)
             own.append((logprobs[-1].numpy(), h[:, 0].numpy(), c[:, 0].numpy()))
     _ort_against(folder, own, tokens)
+    assert load_models(Settings(models_dir=str(user_files / "models"))).get("mine").vocab_size == len(WORDS)
     verify_args = [*args[1:11], "--adapter", "time-major-logsoftmax"]  # checkpoint, vocab, class, kwargs, text
     assert export_main(["verify", str(folder), *verify_args]) == 0
 
@@ -184,6 +188,11 @@ def test_a_graph_the_server_refuses_fails_the_export_and_leaves_no_folder(
     assert "lstmd-server would refuse this model: model.onnx logprobs has shape [None, None]" in err
     assert [p.name for p in (user_files / "models/mine").iterdir()] == ["1"]
     assert (user_files / "models/mine/1/model.onnx").read_bytes() == b"earlier"
+    # the server itself refuses that graph, written without the check
+    lm = load_torch_model(weights, f"{TESTS / 'odd_models.py'}:UnfixedVocab", {"ntoken": len(WORDS)})
+    write_model_dir(lm, Vocab(WORDS), user_files / "unchecked/mine/1", "mine", "1")
+    with pytest.raises(ModelError, match=r"logprobs has shape \[None, None\]"):
+        load_models(Settings(models_dir=str(user_files / "unchecked")))
 
 
 def test_an_existing_version_is_replaced_only_when_forced(user_files: Path, capsys: pytest.CaptureFixture[str]) -> None:
