@@ -119,7 +119,7 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = _parser(sub, "verify", "check a model folder against its PyTorch model")
+    p = _parser(sub, "verify", "check a model folder against its PyTorch model, and as lstmd-server loads it")
     _add_model_source(p)
     p.add_argument("model_dir", help="the model folder (holding model.onnx)")
 
@@ -147,6 +147,16 @@ def _run_verify(args: argparse.Namespace) -> dict[str, float]:
     report = verify(lm, Path(args.model_dir), len(vocab), _real_ids(args.text, vocab), args.tolerance)
     print("verified: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     return report
+
+
+def _run_verify_command(args: argparse.Namespace) -> None:
+    """``lstmd-export verify``: parity, then the checks lstmd-server runs when it loads the folder."""
+    from lstmd.export.publish import check_servable
+
+    _run_verify(args)
+    folder = Path(args.model_dir)
+    check_servable(folder, folder.resolve().parent.name)
+    print(f"{folder}: lstmd-server loads it")
 
 
 def _run_onnx(args: argparse.Namespace) -> None:
@@ -219,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_baseline(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify, "baseline": _run_baseline}[args.command](args)
+        {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify_command, "baseline": _run_baseline}[
+            args.command
+        ](args)
     except ModuleNotFoundError as e:
         return missing_extra(e, f"lstmd-export {args.command}", "export")
     except ExportError as e:

@@ -193,6 +193,9 @@ def test_a_graph_the_server_refuses_fails_the_export_and_leaves_no_folder(
     write_model_dir(lm, Vocab(WORDS), user_files / "unchecked/mine/1", "mine", "1")
     with pytest.raises(ModelError, match=r"logprobs has shape \[None, None\]"):
         load_models(Settings(models_dir=str(user_files / "unchecked")))
+    capsys.readouterr()
+    assert export_main(["verify", str(user_files / "unchecked/mine/1"), *args[1:11]]) == 1
+    assert "lstmd-server would refuse this model: model.onnx logprobs has shape [None, None]" in capsys.readouterr().err
 
 
 def test_an_existing_version_is_replaced_only_when_forced(user_files: Path, capsys: pytest.CaptureFixture[str]) -> None:
