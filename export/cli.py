@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lstmd._extras import missing_extra
+from lstmd.export.errors import ExportError
 from lstmd.model.tokenizer import INITIAL, KINDS, Tokenizer, TokenizerSpec, Vocab
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "pd-english")
 
@@ -82,6 +89,13 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         "--model-class", help="module:Class or file.py:Class of your model, when the checkpoint is a state dict"
     )
     p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for --model-class")
+    p.add_argument(
+        "--adapter",
+        choices=["time-major-logsoftmax", "batch-first-logits"],
+        help="wrap a model with another forward interface (see lstmd.export.adapters): time-major-logsoftmax "
+        "for pytorch/examples' word_language_model RNNModel, batch-first-logits for other argument names",
+    )
+    p.add_argument("--adapter-kwargs", default="{}", help="JSON keyword arguments for --adapter")
     p.add_argument("--vocab", help="vocabulary file: one token per line (the words, whitespace and characters kinds)")
     p.add_argument("--text", default=DEFAULT_CORPUS, help="text file or folder for the real-input check")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed absolute difference")
@@ -107,6 +121,7 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     t.add_argument("--initial", choices=INITIAL, help="a new session starts after this token "
                    "(default: eos; bos for hf and sentencepiece when they have one)")  # fmt: skip
     p.add_argument("--version", default="1")
+    p.add_argument("--force", action="store_true", help="replace OUT/NAME/VERSION if it exists")
     p.add_argument("--run", help="the folder lstmd-export train wrote: training facts and perplexities for the card")
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus --run was trained on (for --quantize)")
     p.add_argument(
@@ -118,7 +133,7 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = _parser(sub, "verify", "check a model folder against its PyTorch model")
+    p = _parser(sub, "verify", "check a model folder against its PyTorch model, and as lstmd-server loads it")
     _add_model_source(p)
     p.add_argument("model_dir", help="the model folder (holding model.onnx)")
 
@@ -143,39 +158,69 @@ def _tokenizer_source(args: argparse.Namespace) -> tuple[TokenizerSpec, Vocab | 
     return spec, Vocab.load(args.vocab) if args.tokenizer == "words" else Path(args.vocab)
 
 
-def _run_verify(args: argparse.Namespace) -> dict[str, float]:
+def _load_model(args: argparse.Namespace) -> torch.nn.Module:
+    from lstmd.export.adapters import adapt
     from lstmd.export.onnx_export import load_torch_model
+
+    lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
+    return adapt(lm, args.adapter, json.loads(args.adapter_kwargs)) if args.adapter else lm
+
+
+def _run_verify(args: argparse.Namespace) -> dict[str, float]:
     from lstmd.export.verify import verify
     from lstmd.model.folder import read_model_dir
 
     _, tokenizer = read_model_dir(args.model_dir)  # the folder's own tokenizer gives the real input
-    lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
+    lm = _load_model(args)
     report = verify(lm, Path(args.model_dir), len(tokenizer), _real_ids(args.text, tokenizer), args.tolerance)
     print("verified: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     return report
 
 
+def _run_verify_command(args: argparse.Namespace) -> None:
+    """``lstmd-export verify``: parity, then the checks lstmd-server runs when it loads the folder."""
+    from lstmd.export.publish import check_servable
+
+    _run_verify(args)
+    folder = Path(args.model_dir)
+    check_servable(folder, folder.resolve().parent.name)
+    print(f"{folder}: lstmd-server loads it")
+
+
 def _run_onnx(args: argparse.Namespace) -> None:
-    from lstmd.export.onnx_export import load_torch_model, read_report, write_model_dir
+    """Export, verify and check as the server will in folders beside OUT/NAME/VERSION (and the int8
+    one), which take their places only when every check has passed (lstmd.export.publish)."""
+    from lstmd.export.onnx_export import read_report, write_model_dir
+    from lstmd.export.publish import check_servable, staged
     from lstmd.model.folder import write_card
 
+    if args.quantize and not args.run:
+        raise SystemExit("lstmd-export onnx: --quantize needs --run to measure perplexity on the test split")
     spec, vocab = _tokenizer_source(args)
-    lm = load_torch_model(args.checkpoint, args.model_class, json.loads(args.model_kwargs))
+    lm = _load_model(args)
     training, ppl = read_report(Path(args.run) / "report.json") if args.run else ({}, {})
     folder = Path(args.out) / args.name / args.version
-    card = write_model_dir(lm, vocab, folder, args.name, args.version, training, ppl, spec)
-    print(f"wrote {folder} ({(folder / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
-    args.model_dir = str(folder)
-    card.verification = {"max_abs_difference": _run_verify(args), "tolerance": args.tolerance}
-    if args.quantize:
-        from lstmd.export.quantize import quantize_model_dir
-        from lstmd.export.train import split_ids_from_run
+    int8_name = f"{args.name}-int8"
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(staged(folder, args.force))
+        int8 = (
+            stack.enter_context(staged(Path(args.out) / int8_name / args.version, args.force))
+            if args.quantize
+            else None
+        )
+        card = write_model_dir(lm, vocab, work, args.name, args.version, training, ppl, spec)
+        args.model_dir = str(work)
+        card.verification = {"max_abs_difference": _run_verify(args), "tolerance": args.tolerance}
+        if int8:
+            from lstmd.export.quantize import quantize_model_dir
+            from lstmd.export.train import split_ids_from_run
 
-        if not args.run:
-            raise SystemExit("lstmd-export onnx: --quantize needs --run to measure perplexity on the test split")
-        test_ids = split_ids_from_run(args.corpus, Path(args.run))[0]["test"]
-        card.quantization = quantize_model_dir(folder, Path(args.out) / f"{args.name}-int8" / args.version, test_ids)
-    write_card(folder, card)
+            test_ids = split_ids_from_run(args.corpus, Path(args.run))[0]["test"]
+            card.quantization = quantize_model_dir(work, int8, test_ids)
+            check_servable(int8, int8_name)
+        write_card(work, card)
+        check_servable(work, args.name)
+    print(f"wrote {folder} ({(folder / 'model.onnx').stat().st_size / 1e6:.1f} MB), checked as lstmd-server loads it")
 
 
 def _add_baseline(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -212,7 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_baseline(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify, "baseline": _run_baseline}[args.command](args)
+        {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify_command, "baseline": _run_baseline}[
+            args.command
+        ](args)
     except ModuleNotFoundError as e:
         return missing_extra(e, f"lstmd-export {args.command}", "export")
+    except ExportError as e:
+        print(f"lstmd-export {args.command}: {e}", file=sys.stderr)
+        return 1
     return 0

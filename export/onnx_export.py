@@ -1,13 +1,16 @@
 """Export any PyTorch LSTM language model to the lstmd ONNX model format.
 
-The model must follow one interface (ours does, and so does pytorch/examples'
-``word_language_model`` RNNModel with ``batch_first`` inputs, through a two-line adapter):
+The model must follow one interface (ours does, ``lstmd.export.model``):
 
     forward(tokens, (h, c)) -> (logits, (h, c))
 
 with ``tokens`` (batch, time) int64, ``h`` / ``c`` (layers, batch, hidden) and ``logits``
-(batch, time, vocab). The state size is read from the module's ``num_layers`` and
-``hidden_size`` attributes, or else from its first ``nn.LSTM``. A model may also define
+(batch, time, vocab). A model with another interface, such as pytorch/examples'
+``word_language_model`` RNNModel (time-major, flattened log-softmax), exports through an adapter
+of ``lstmd.export.adapters``. ``export_onnx`` first runs the model on a small batch and names
+any difference from the interface (``lstmd.export.interface``). The state size is read from the
+module's ``num_layers`` and ``hidden_size`` attributes, or else from its first ``nn.LSTM``. A
+model may also define
 ``forward_last(tokens, (h, c)) -> (logits of the last step (batch, vocab), (h, c))``: the graph
 then runs the decoder on the last step only, which makes prompts several times cheaper.
 
@@ -32,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lstmd.export.interface import ModelInterfaceError, check_forward
 from lstmd.export.model import LSTMLanguageModel, ModelConfig
-from lstmd.model import graph
 from lstmd.model.folder import ONNX_FILE, ModelCard, open_tokenizer, sha256_file, write_card
 from lstmd.model.graph import INPUTS, OUTPUTS
 from lstmd.model.tokenizer import TokenizerSpec, Vocab
@@ -70,9 +73,11 @@ def state_shape(lm: nn.Module) -> tuple[int, int]:
     for module in lm.modules():
         if isinstance(module, nn.LSTM):
             if module.bidirectional or module.proj_size:
-                raise ValueError("only unidirectional LSTMs without projections can stream state")
+                raise ModelInterfaceError("only unidirectional LSTMs without projections can stream state")
             return module.num_layers, module.hidden_size
-    raise ValueError("cannot find the state size: give the module num_layers and hidden_size attributes")
+    raise ModelInterfaceError(
+        f"{type(lm).__name__}: cannot find the state size: give the module num_layers and hidden_size attributes"
+    )
 
 
 def _import_class(spec: str) -> type[nn.Module]:
@@ -86,7 +91,14 @@ def _import_class(spec: str) -> type[nn.Module]:
             raise ValueError(f"cannot import {target}")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module
-        module_spec.loader.exec_module(module)
+        # the file's folder is on the path while it runs, so it can import the modules beside it
+        # (``from model import RNNModel``), as it could when run as a script from there
+        folder = str(Path(target).resolve().parent)
+        sys.path.insert(0, folder)
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(folder)
     else:
         module = importlib.import_module(target)
     cls = getattr(module, name)
@@ -126,6 +138,7 @@ def export_onnx(lm: nn.Module, vocab_size: int, path: Path) -> None:
     import onnx
 
     layers, hidden = state_shape(lm)
+    check_forward(lm, vocab_size, layers, hidden)
     batch, time = 2, 3
     example = (
         torch.zeros(batch, time, dtype=torch.long),
@@ -178,7 +191,8 @@ def write_model_dir(
     ``vocab`` is the tokenizer's vocabulary (saved as the spec's file) or its file (``vocab.txt``,
     ``tokenizer.json`` or a SentencePiece ``.model``, copied in as the spec's file); ``tokenizer``
     is the card's tokenizer section (None: lstmd's ``words``). Raises ModelFormatError when the
-    tokenizer cannot be loaded or its vocabulary size differs from the graph's."""
+    tokenizer cannot be loaded. The folder is not checked as the server checks it: ``lstmd-export
+    onnx`` does that before it publishes the folder (lstmd.export.publish)."""
     spec = tokenizer or TokenizerSpec()
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(vocab, Vocab):
@@ -200,7 +214,6 @@ def write_model_dir(
         perplexity=perplexity or {},
         tokenizer=spec.to_dict(),
     )
-    graph.check(graph.load(folder / ONNX_FILE), card)  # the graph's vocabulary is the tokenizer's
     write_card(folder, card)
     return card
 

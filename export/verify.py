@@ -20,14 +20,15 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from lstmd.export.errors import ExportError
 from lstmd.export.onnx_export import state_shape
 from lstmd.model import graph
 from lstmd.model.folder import ONNX_FILE
 from lstmd.model.graph import Outputs
 
 
-class VerificationError(Exception):
-    pass
+class VerificationError(ExportError):
+    """ONNX Runtime and PyTorch disagree; the message names the check."""
 
 
 @torch.no_grad()
