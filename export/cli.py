@@ -100,7 +100,8 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed absolute difference")
     c = p.add_argument_group("text check", "the folder's tokenizer on your own sample text (lstmd.export.text_check)")
     c.add_argument("--text", help="your sample text, a file or folder: the real-input parity check and the text "
-                   "check (default: parity on lstmd's bundled English sample, no sample check)")  # fmt: skip
+                   "check (without it, parity runs on lstmd's bundled English sample and only the vocabulary "
+                   "is checked)")  # fmt: skip
     c.add_argument("--text-ids", help="the ids your own pipeline made for --text: whitespace-separated ints, "
                    "one line per line of --text, or the whole text on one line")  # fmt: skip
     c.add_argument("--max-unknown", type=float, default=0.05,
