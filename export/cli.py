@@ -97,8 +97,18 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--adapter-kwargs", default="{}", help="JSON keyword arguments for --adapter")
     p.add_argument("--vocab", help="vocabulary file: one token per line (the words, whitespace and characters kinds)")
-    p.add_argument("--text", default=DEFAULT_CORPUS, help="text file or folder for the real-input check")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed absolute difference")
+    c = p.add_argument_group("text check", "the folder's tokenizer on your own sample text (lstmd.export.text_check)")
+    c.add_argument("--text", help="your sample text, a file or folder: the real-input parity check and the text "
+                   "check (without it, parity runs on lstmd's bundled English sample and only the vocabulary "
+                   "is checked)")  # fmt: skip
+    c.add_argument("--text-ids", help="the ids your own pipeline made for --text: whitespace-separated ints, "
+                   "one line per line of --text, or the whole text on one line")  # fmt: skip
+    c.add_argument("--max-unknown", type=float, default=0.05,
+                   help="warn when more of the sample's tokens than this share become the unknown token")  # fmt: skip
+    c.add_argument("--max-unreachable", type=float, default=0.01,
+                   help="warn when more of the vocabulary than this share cannot come from any text")  # fmt: skip
+    c.add_argument("--strict-text", action="store_true", help="refuse the export rather than warn")
 
 
 def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -138,11 +148,53 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("model_dir", help="the model folder (holding model.onnx)")
 
 
-def _real_ids(text: str, tokenizer: Tokenizer) -> list[int]:
+def _real_ids(text: str | None, tokenizer: Tokenizer) -> list[int]:
     from lstmd.export.corpus import load_corpus
 
-    docs = load_corpus(text)
+    docs = load_corpus(text or DEFAULT_CORPUS)
     return tokenizer.encode_text(docs[-1].text)[:256]
+
+
+def _read_sample(source: str) -> str:
+    """The sample text as written: a file's lines (gzipped or not, in any encoding corpus loading
+    reads), or a folder's documents one after another."""
+    import gzip
+
+    from lstmd.export.corpus import decode_bytes, load_corpus
+
+    path = Path(source)
+    if path.is_file():
+        data = path.read_bytes()
+        return decode_bytes(gzip.decompress(data) if path.suffix == ".gz" else data)
+    return "".join(doc.text for doc in load_corpus(path))
+
+
+def _run_text_check(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, object]:
+    """The text check (lstmd.export.text_check): print its warnings, or refuse with --strict-text.
+    Returns the figures for the card."""
+    from lstmd.export.text_check import TextCheckError, Thresholds, check_text, read_ids
+
+    if args.text_ids and not args.text:
+        raise TextCheckError("--text-ids needs --text: the text those ids were made from")
+    if args.text_ids and not Path(args.text).is_file():
+        raise TextCheckError("--text-ids needs --text to be one file, line by line as the ids")
+    text = _read_sample(args.text) if args.text else None
+    ids = read_ids(Path(args.text_ids).read_text(), Path(args.text_ids).name) if args.text_ids else None
+    check = check_text(tokenizer, text, Path(args.text).name if args.text else "", ids,
+                       Path(args.text_ids).name if args.text_ids else "")  # fmt: skip
+    limits = Thresholds(args.max_unknown, args.max_unreachable)
+    warnings = check.warnings(limits)
+    if warnings and args.strict_text:
+        raise TextCheckError("refused (--strict-text): " + "; ".join(warnings))
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    figures = f"{check.unreachable} of {check.vocabulary} vocabulary entries unreachable from text"
+    if check.sample:
+        figures = f"{check.unknown} of {check.tokens} tokens of {check.sample} unknown, " + figures
+    if check.ids:
+        figures += f", {check.ids.reproduced} of {check.ids.lines} lines of {check.ids.source} reproduced"
+    print(f"text check: {figures}")
+    return check.to_dict(limits)
 
 
 def _tokenizer_source(args: argparse.Namespace) -> tuple[TokenizerSpec, Vocab | Path]:
@@ -166,7 +218,8 @@ def _load_model(args: argparse.Namespace) -> torch.nn.Module:
     return adapt(lm, args.adapter, json.loads(args.adapter_kwargs)) if args.adapter else lm
 
 
-def _run_verify(args: argparse.Namespace) -> dict[str, float]:
+def _run_verify(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, object]]:
+    """Parity on random and real input, then the text check; returns the figures of each."""
     from lstmd.export.verify import verify
     from lstmd.model.folder import read_model_dir
 
@@ -174,11 +227,12 @@ def _run_verify(args: argparse.Namespace) -> dict[str, float]:
     lm = _load_model(args)
     report = verify(lm, Path(args.model_dir), len(tokenizer), _real_ids(args.text, tokenizer), args.tolerance)
     print("verified: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
-    return report
+    return report, _run_text_check(args, tokenizer)
 
 
 def _run_verify_command(args: argparse.Namespace) -> None:
-    """``lstmd-export verify``: parity, then the checks lstmd-server runs when it loads the folder."""
+    """``lstmd-export verify``: parity, the text check, then the checks lstmd-server runs when it loads the
+    folder."""
     from lstmd.export.publish import check_servable
 
     _run_verify(args)
@@ -210,7 +264,8 @@ def _run_onnx(args: argparse.Namespace) -> None:
         )
         card = write_model_dir(lm, vocab, work, args.name, args.version, training, ppl, spec)
         args.model_dir = str(work)
-        card.verification = {"max_abs_difference": _run_verify(args), "tolerance": args.tolerance}
+        parity, text_check = _run_verify(args)
+        card.verification = {"max_abs_difference": parity, "tolerance": args.tolerance, "text_check": text_check}
         if int8:
             from lstmd.export.quantize import quantize_model_dir
             from lstmd.export.train import split_ids_from_run
