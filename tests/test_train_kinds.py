@@ -14,7 +14,7 @@ import pytest
 import tokenizers
 
 from lstmd.export.cli import main as export_main
-from lstmd.export.run_tokenizer import tokenizer_from_run
+from lstmd.export.run_tokenizer import open_run_tokenizer, tokenizer_from_run
 from lstmd.model.tokenizer import TokenizerSpec, Vocab
 
 # Pre-tokenized, cased lines of 50 characters or more: loading a corpus would join them as one
@@ -114,6 +114,8 @@ def test_keep_case_keeps_the_and_the_apart(split_files: dict[str, Path], tmp_pat
     spec, vocab = tokenizer_from_run(tmp_path / "cased")
     assert spec == TokenizerSpec("words", file="vocab.txt", keep_case=True)
     assert isinstance(vocab, Vocab) and "The" in vocab.ids
+    served = open_run_tokenizer(tmp_path / "cased").encode("The cat saw the dog")  # as a model folder reads it
+    assert served.pieces == ["The", "cat", "saw", "the", "dog"] and not any(served.unknown)
 
 
 def test_min_count_merges_rare_tokens(split_files: dict[str, Path], tmp_path: Path) -> None:
