@@ -28,10 +28,27 @@ def _parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.A
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = _parser(sub, "train", "train a word-level LSTM language model")
+    from lstmd.export.run_tokenizer import TRAIN_KINDS
+
+    p = _parser(sub, "train", "train an LSTM language model")
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="text file or folder of .txt/.txt.gz files")
-    p.add_argument("--out", required=True, help="work folder: vocab, split, checkpoints, report")
-    p.add_argument("--vocab-size", type=int, default=10000)
+    p.add_argument("--split", nargs=3, metavar=("TRAIN", "VALID", "TEST"),
+                   help="a fixed split, three files used as is (instead of --corpus split by document)")  # fmt: skip
+    p.add_argument("--out", required=True, help="work folder: tokenizer, split, checkpoints, report")
+    t = p.add_argument_group("tokenizer", "how text becomes tokens; recorded in OUT for the baseline and the export")
+    t.add_argument("--tokenizer", choices=TRAIN_KINDS, default="words",
+                   help="words: lstmd's word tokenizer (lowercased); whitespace: already-tokenized text, case kept; "
+                   "characters: one token per character; bpe, unigram: a subword tokenizer trained on the training "
+                   "split with the tokenizers library (OUT/tokenizer.json)")  # fmt: skip
+    t.add_argument("--keep-case", action="store_true", help="words: keep case (The and the are different words)")
+    t.add_argument("--lowercase", action="store_true", help="whitespace, characters, bpe, unigram: fold to lower case")
+    v = t.add_mutually_exclusive_group()
+    v.add_argument(
+        "--vocab-size", type=int, default=10000, help="keep the most frequent tokens (<unk>, <eos> included)"
+    )
+    v.add_argument("--min-count", type=int, default=0, help="instead, keep tokens seen this often; the rest is <unk>")
+    v.add_argument("--vocab", help="instead, this vocabulary: one token per line, <unk> (and <eos>) among them")
+    t.add_argument("--subword-vocab-size", type=int, default=8000, help="bpe, unigram: the tokenizer's size")
     p.add_argument("--embed-size", type=int, default=256)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
@@ -57,6 +74,13 @@ def _run_train(args: argparse.Namespace) -> None:
         corpus=args.corpus,
         out_dir=args.out,
         vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
+        keep_case=args.keep_case,
+        lowercase=args.lowercase,
+        vocab_file=args.vocab or "",
+        min_count=args.min_count,
+        subword_vocab_size=args.subword_vocab_size,
+        split_files=args.split or [],
         batch_size=args.batch_size,
         bptt=args.bptt,
         lr=args.lr,
@@ -76,7 +100,7 @@ def _run_train(args: argparse.Namespace) -> None:
         },
     )
     report = train(cfg, resume=args.resume)
-    print(json.dumps({k: report[k] for k in ("valid_ppl", "test_ppl", "training_minutes")}))
+    print(json.dumps({k: report[k] for k in ("valid_ppl", "test_ppl", "valid", "test", "training_minutes")}))
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -282,19 +306,19 @@ def _add_baseline(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p = _parser(
         sub,
         "baseline",
-        "Kneser-Ney n-gram perplexity on a training run's split and vocabulary (added to its report.json)",
+        "Kneser-Ney n-gram perplexity on a training run's split and tokenizer (added to its report.json)",
     )
-    p.add_argument("--corpus", default=DEFAULT_CORPUS)
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="the corpus the run was split from (unused after --split)")
     p.add_argument("--run", required=True, help="the folder lstmd-export train wrote")
     p.add_argument("--order", type=int, default=3)
 
 
 def _run_baseline(args: argparse.Namespace) -> None:
-    from lstmd.export.train import kneser_ney_baseline, split_ids_from_run
+    from lstmd.export.train import kneser_ney_baseline, split_from_run
 
     run = Path(args.run)
-    ids, vocab_size = split_ids_from_run(args.corpus, run)
-    baseline = kneser_ney_baseline(ids, vocab_size, args.order)
+    split = split_from_run(args.corpus, run)
+    baseline = kneser_ney_baseline(split.ids, split.vocab_size, args.order, split.initial_id, split.text)
     print(json.dumps(baseline))
     report_path = run / "report.json"
     if report_path.exists():

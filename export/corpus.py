@@ -10,7 +10,7 @@ boundaries, named ``path#k``, so that one novel cannot make up the whole test se
 each folder the documents (or blocks) are ordered by a hash of their name and dealt out to
 test, then validation, until each holds its share of words; the rest is training data.
 The result depends only on the files, never on the machine, and is recorded in the model
-card.
+card. A split given as three files (``read_split_file``) is used as is instead.
 """
 
 from __future__ import annotations
@@ -69,6 +69,18 @@ def read_document(path: Path, root: Path) -> Document:
         data = gzip.decompress(data)
     name = path.relative_to(root).as_posix().removesuffix(".gz")
     return Document(name=name, text=unwrap(decode_bytes(data)))
+
+
+def read_split_file(path: str | Path) -> Document:
+    """One file of a fixed split (``--split``), used as is: decoded and with LF line ends, but
+    lines are never joined, so a pre-tokenized corpus keeps one ``<eos>`` per line."""
+    path = Path(path)
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return Document(
+        name=path.name.removesuffix(".gz"), text=decode_bytes(data).replace("\r\n", "\n").replace("\r", "\n")
+    )
 
 
 def load_corpus(root: str | Path) -> list[Document]:

@@ -1,8 +1,14 @@
-"""Training: truncated BPTT over a corpus split by document, with early stopping.
+"""Training: truncated BPTT over a corpus split by document (or split as given), with early stopping.
 
 The classic recipe (pytorch/examples ``word_language_model``): the token stream of each
 split is cut into ``batch_size`` parallel streams; each step trains on ``bptt`` tokens of
 every stream and carries (h, c) into the next step, detached from the graph.
+
+Evaluation scores every token of a split once (the first after the token sessions start
+after), so its total negative log-likelihood (NLL) can be divided by what any tokenization
+shares: the split's words (counted by whitespace in the text as loaded) for perplexity per
+word, and its characters for bits per character. Per-token perplexity compares only models
+of the same tokenizer.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lstmd.export.corpus import SPLITS, Document, cut_blocks, load_corpus, split_documents
+from lstmd.export.corpus import SPLITS, Document, cut_blocks, load_corpus, read_split_file, split_documents
+from lstmd.export.errors import ExportError
 from lstmd.export.model import LSTMLanguageModel, ModelConfig
 from lstmd.export.ngram import KneserNey
-from lstmd.model.tokenizer import Vocab
+from lstmd.export.run_tokenizer import TokenizerChoice, fit_tokenizer, open_run_tokenizer
+from lstmd.model.tokenizer import Tokenizer
+
+IGNORE = -100  # a padding target, which cross_entropy skips
 
 
 @dataclass
@@ -44,6 +54,18 @@ class TrainConfig:
     baseline_order: int = 3  # Kneser-Ney n-gram baseline fitted on the same split and vocabulary
     threads: int = 0  # 0 = torch's default
     model: dict[str, object] = field(default_factory=dict)  # ModelConfig fields
+    tokenizer: str = "words"  # the TokenizerChoice fields (lstmd.export.run_tokenizer)
+    keep_case: bool = False
+    lowercase: bool = False
+    vocab_file: str = ""
+    min_count: int = 0  # > 0: every token seen this often, instead of the vocab_size most frequent
+    subword_vocab_size: int = 8000
+    split_files: list[str] = field(default_factory=list)  # train, valid, test files used as is; []: split corpus
+
+    @property
+    def tokenizer_choice(self) -> TokenizerChoice:
+        return TokenizerChoice(self.tokenizer, self.keep_case, self.lowercase, self.vocab_file, self.vocab_size,
+                               self.min_count, self.subword_vocab_size)  # fmt: skip
 
 
 def batchify(ids: list[int], batch_size: int) -> torch.Tensor:
@@ -54,50 +76,130 @@ def batchify(ids: list[int], batch_size: int) -> torch.Tensor:
     return torch.tensor(ids[: steps * batch_size], dtype=torch.long).view(batch_size, steps)
 
 
-def split_ids(docs: list[Document], vocab: Vocab) -> list[int]:
+def split_ids(docs: list[Document], tokenizer: Tokenizer) -> list[int]:
     ids: list[int] = []
     for doc in docs:
-        ids.extend(vocab.encode(doc.words))
+        ids.extend(tokenizer.encode_text(doc.text))
     return ids
 
 
-def split_ids_from_run(corpus: str, run: Path) -> tuple[dict[str, list[int]], int]:
-    """The token ids of each split of an earlier training run (from its split.json and vocab.txt)."""
+@dataclass
+class RunSplit:
+    """A training run's splits as token ids, and what its measures divide by."""
+
+    ids: dict[str, list[int]]
+    vocab_size: int
+    initial_id: int  # the token sessions start after: the context of each split's first token
+    text: dict[str, dict[str, int]]  # {split: {"words": ..., "characters": ...}} of the text as loaded
+
+
+def split_docs(cfg_split_files: list[str], corpus: str, block_words: int) -> dict[str, list[Document]]:
+    """The documents of each split: the three files as given, or the corpus split by document."""
+    if cfg_split_files:
+        if len(cfg_split_files) != len(SPLITS):
+            raise ExportError(f"--split takes {len(SPLITS)} files (train, valid, test)")
+        return {s: [read_split_file(f)] for s, f in zip(SPLITS, cfg_split_files, strict=True)}
+    return split_documents(cut_blocks(load_corpus(corpus), block_words))
+
+
+def text_counts(docs: list[Document]) -> dict[str, int]:
+    return {"words": sum(len(d.text.split()) for d in docs), "characters": sum(len(d.text) for d in docs)}
+
+
+def split_from_run(corpus: str, run: Path) -> RunSplit:
+    """The splits of an earlier training run, tokenized as it was (from its split.json and its
+    tokenizer's file); ``corpus`` is not read when the run was given its split as files."""
     record = json.loads((run / "split.json").read_text())
-    vocab = Vocab.load(run / "vocab.txt")
-    docs = {d.name: d for d in cut_blocks(load_corpus(corpus), record.get("block_words", 20000))}
-    return {s: split_ids([docs[name] for name in record[s]], vocab) for s in SPLITS}, len(vocab)
+    tokenizer = open_run_tokenizer(run)
+    if "files" in record:
+        splits = split_docs(record["files"], corpus, 0)
+    else:
+        docs = {d.name: d for d in cut_blocks(load_corpus(corpus), record.get("block_words", 20000))}
+        splits = {s: [docs[name] for name in record[s]] for s in SPLITS}
+    return RunSplit(
+        ids={s: split_ids(ds, tokenizer) for s, ds in splits.items()},
+        vocab_size=len(tokenizer),
+        initial_id=tokenizer.initial_id,
+        text={s: text_counts(ds) for s, ds in splits.items()},
+    )
+
+
+def split_ids_from_run(corpus: str, run: Path) -> tuple[dict[str, list[int]], int]:
+    """The token ids of each split of an earlier training run, and the vocabulary size."""
+    split = split_from_run(corpus, run)
+    return split.ids, split.vocab_size
+
+
+def eval_batches(ids: list[int], initial_id: int, streams: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (streams, steps), in which every id of ``ids`` is a target exactly
+    once: ``initial_id`` gives the first its context, each stream starts with the last token of the
+    one before, and the end of the last streams is padded (inputs 0, targets ``IGNORE``)."""
+    seq = [initial_id, *ids]
+    steps = max(1, math.ceil(len(ids) / streams))
+    inputs = torch.zeros(streams, steps, dtype=torch.long)
+    targets = torch.full((streams, steps), IGNORE, dtype=torch.long)
+    for k in range(streams):
+        chunk = torch.tensor(seq[k * steps : k * steps + steps + 1], dtype=torch.long)
+        if len(chunk) < 2:
+            break
+        inputs[k, : len(chunk) - 1] = chunk[:-1]
+        targets[k, : len(chunk) - 1] = chunk[1:]
+    return inputs, targets
 
 
 @torch.no_grad()
-def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int) -> float:
-    """Perplexity of ``data`` (batch, steps), carrying state across windows."""
+def evaluate(model: LSTMLanguageModel, data: tuple[torch.Tensor, torch.Tensor], bptt: int) -> float:
+    """Total NLL (nats) of the targets of ``eval_batches``, carrying state across windows."""
     model.eval()
-    state = model.init_state(data.size(0))
-    total_loss, total_tokens = 0.0, 0
-    for i in range(0, data.size(1) - 1, bptt):
-        x = data[:, i : i + bptt]
-        y = data[:, i + 1 : i + 1 + bptt]
-        x = x[:, : y.size(1)]
-        logits, state = model(x, state)
-        total_loss += nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
-        ).item()
-        total_tokens += y.numel()
-    return math.exp(total_loss / total_tokens)
+    inputs, targets = data  # (batch, steps) each
+    state = model.init_state(inputs.size(0))
+    total = 0.0
+    for i in range(0, inputs.size(1), bptt):
+        logits, state = model(inputs[:, i : i + bptt], state)
+        total += nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets[:, i : i + bptt].reshape(-1), reduction="sum",
+            ignore_index=IGNORE,
+        ).item()  # fmt: skip
+    return total
 
 
-def kneser_ney_baseline(ids: dict[str, list[int]], vocab_size: int, order: int) -> dict[str, object]:
-    """Interpolated Kneser-Ney perplexities on the same split and vocabulary as the LSTM."""
+def measures(nll: float, tokens: int, text: dict[str, int] | None) -> dict[str, float]:
+    """Perplexity per token, and, when the split's text was scored whole (``text`` given), per
+    word (exp(NLL / words)) and bits per character (NLL / ln 2 / characters)."""
+    out: dict[str, float] = {"nll": nll, "tokens": tokens, "ppl": math.exp(nll / tokens)}
+    if text:
+        out |= {"words": text["words"], "word_ppl": math.exp(nll / text["words"])}
+        out |= {"characters": text["characters"], "bpc": nll / math.log(2) / text["characters"]}
+    return out
+
+
+def kneser_ney_baseline(
+    ids: dict[str, list[int]],
+    vocab_size: int,
+    order: int,
+    initial_id: int | None = None,
+    text: dict[str, dict[str, int]] | None = None,
+) -> dict[str, object]:
+    """Interpolated Kneser-Ney perplexities on the same split and tokenizer as the LSTM, scoring
+    the same tokens (each split's first after ``initial_id``) so the measures compare."""
     started = time.monotonic()
     kn = KneserNey(order=order).fit(ids["train"], vocab_size)
-    return {
-        "kind": "interpolated Kneser-Ney",
-        "order": order,
-        "valid_ppl": kn.perplexity(ids["valid"]),
-        "test_ppl": kn.perplexity(ids["test"]),
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    scored = {s: ids[s] if initial_id is None else [initial_id, *ids[s]] for s in ("valid", "test")}
+    ppl = {s: kn.perplexity(v) for s, v in scored.items()}
+    result: dict[str, object] = {"kind": "interpolated Kneser-Ney", "order": order}
+    for s, v in scored.items():
+        result[f"{s}_ppl"] = ppl[s]
+        result[s] = measures(math.log(ppl[s]) * (len(v) - 1), len(v) - 1, text[s] if text else None)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def summary(name: str, m: dict[str, float]) -> str:
+    """``m`` (of ``measures``) in a line: what compares across tokenizers comes with it."""
+    line = f"{name} ppl {m['ppl']:.1f} per token"
+    if "word_ppl" in m:
+        line += f", {m['word_ppl']:.1f} per word, {m['bpc']:.3f} bits per character"
+    return line
 
 
 PROGRESS_LINE_S = 300.0  # off a terminal, a progress line at least this often (and at each tenth)
@@ -144,7 +246,8 @@ def _machine() -> str:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
-    """Train and write ``out_dir``: vocab.txt, split.json, checkpoint.pt, best.pt, report.json."""
+    """Train and write ``out_dir``: the tokenizer's file (vocab.txt or tokenizer.json), split.json
+    (with the tokenizer's spec), checkpoint.pt, best.pt, report.json."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -152,20 +255,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    docs = cut_blocks(load_corpus(cfg.corpus), cfg.block_words)
-    splits = split_documents(docs)
-    vocab = Vocab.build((w for d in splits["train"] for w in d.words), cfg.vocab_size)
-    vocab.save(out / "vocab.txt")
-    split_record = {"block_words": cfg.block_words, **{s: [d.name for d in ds] for s, ds in splits.items()}}
+    splits = split_docs(cfg.split_files, cfg.corpus, cfg.block_words)
+    tokenizer = fit_tokenizer(out, cfg.tokenizer_choice, [d.text for d in splits["train"]])
+    split_record: dict[str, object] = {"block_words": cfg.block_words, "tokenizer": tokenizer.spec.to_dict()}
+    if cfg.split_files:
+        split_record["files"] = [str(Path(f).resolve()) for f in cfg.split_files]
+    split_record |= {s: [d.name for d in ds] for s, ds in splits.items()}
     (out / "split.json").write_text(json.dumps(split_record, indent=1))
-    ids = {s: split_ids(ds, vocab) for s, ds in splits.items()}
+    ids = {s: split_ids(ds, tokenizer) for s, ds in splits.items()}
+    counts: dict[str, dict[str, int]] | None = {s: text_counts(ds) for s, ds in splits.items()}
     if cfg.max_train_tokens:
-        ids = {s: v[: cfg.max_train_tokens] for s, v in ids.items()}
+        cut = {s: v[: cfg.max_train_tokens] for s, v in ids.items()}
+        counts = counts if cut == ids else None  # words and characters of a cut split are unknown
+        ids = cut
     train_data = batchify(ids["train"], cfg.batch_size)
-    valid_data = batchify(ids["valid"], 10)
-    test_data = batchify(ids["test"], 10)
+    valid_data = eval_batches(ids["valid"], tokenizer.initial_id, 10)
+    test_data = eval_batches(ids["test"], tokenizer.initial_id, 10)
 
-    model = LSTMLanguageModel(ModelConfig(vocab_size=len(vocab), **cfg.model))  # type: ignore[arg-type]
+    model = LSTMLanguageModel(ModelConfig(vocab_size=len(tokenizer), **cfg.model))  # type: ignore[arg-type]
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.25, patience=0)
     history: list[dict[str, float]] = []
@@ -182,7 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
 
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"{len(vocab)} words, {params / 1e6:.2f}M parameters, train/valid/test tokens "
+        f"{len(tokenizer)} tokens ({tokenizer.spec.kind}), {params / 1e6:.2f}M parameters, train/valid/test tokens "
         f"{len(ids['train'])}/{len(ids['valid'])}/{len(ids['test'])}"
     )
     stale = 0  # epochs since the best one
@@ -226,7 +333,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
                 f"time budget of {cfg.max_minutes} minutes reached in epoch {epoch} after {batch}/{len(steps)} batches"
             )
         # A cut epoch is validated too: its weights may still be the best so far.
-        valid_ppl = evaluate(model, valid_data, cfg.bptt)
+        valid_ppl = math.exp(evaluate(model, valid_data, cfg.bptt) / len(ids["valid"]))
         elapsed += time.monotonic() - started
         scheduler.step(valid_ppl)
         history.append(
@@ -266,8 +373,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
 
     best = torch.load(out / "best.pt", weights_only=False)
     model.load_state_dict(best["model"])
+    scored = {
+        s: measures(evaluate(model, data, cfg.bptt), len(ids[s]), counts[s] if counts else None)
+        for s, data in (("valid", valid_data), ("test", test_data))
+    }
+    baseline = kneser_ney_baseline(ids, len(tokenizer), cfg.baseline_order, tokenizer.initial_id, counts)
     report = {
         "model": best["config"],
+        "tokenizer": tokenizer.spec.to_dict(),
         "parameters": params,
         "train": {k: v for k, v in cfg.__dict__.items() if k not in ("corpus", "out_dir")},
         "corpus": Path(cfg.corpus).name,
@@ -275,17 +388,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
         "split_documents": {s: [d.name for d in ds] for s, ds in splits.items()},
         "tokens": {s: len(v) for s, v in ids.items()},
         "history": history,
-        "valid_ppl": evaluate(model, valid_data, cfg.bptt),
-        "test_ppl": evaluate(model, test_data, cfg.bptt),
+        "valid_ppl": scored["valid"]["ppl"],
+        "test_ppl": scored["test"]["ppl"],
+        **scored,  # "valid", "test": the measures, per token, per word and per character
         "training_minutes": round(elapsed / 60, 1),
         "stopped_mid_epoch": stopped_mid_epoch,  # null, or the epoch the time budget cut short and its batches
         "machine": _machine(),
-        "baseline": kneser_ney_baseline(ids, len(vocab), cfg.baseline_order),
+        "baseline": baseline,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    baseline = report["baseline"]
-    print(
-        f"best model: valid ppl {report['valid_ppl']:.1f}, test ppl {report['test_ppl']:.1f}; "
-        f"Kneser-Ney order {cfg.baseline_order}: test ppl {baseline['test_ppl']:.1f}"
-    )
+    print(f"best model: {summary('valid', scored['valid'])}; {summary('test', scored['test'])}")
+    print(f"Kneser-Ney order {cfg.baseline_order}: {summary('test', baseline['test'])}")  # type: ignore[arg-type]
     return report

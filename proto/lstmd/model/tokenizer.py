@@ -11,7 +11,8 @@ Pure Python (no torch, no numpy, no tokenizer library) so the server and the cli
 
 The ``words`` kind's decisions (documented in README):
 
-- Text is NFKC-normalised, curly quotes become straight ones, and everything is lowercased.
+- Text is NFKC-normalised, curly quotes become straight ones, and everything is lowercased
+  (unless the spec says ``keep_case``: then ``The`` and ``the`` are different words).
 - A word is a run of letters, optionally joined by apostrophes or hyphens inside it
   ("don't", "twenty-one"). Numbers are kept as written ("1945", "3.5"): frequent ones earn a
   vocabulary entry, rare ones become ``<unk>``. Every other visible character is its own
@@ -44,13 +45,14 @@ _NO_SPACE_BEFORE = {".", ",", ";", ":", "!", "?", ")", "]", "}", "%", "'"}
 _NO_SPACE_AFTER = {"(", "[", "{", "$"}
 
 
-def normalize(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).translate(_QUOTES).lower()
+def normalize(text: str, lowercase: bool = True) -> str:
+    text = unicodedata.normalize("NFKC", text).translate(_QUOTES)
+    return text.lower() if lowercase else text
 
 
-def tokenize(text: str) -> list[str]:
+def tokenize(text: str, lowercase: bool = True) -> list[str]:
     """Split text into word tokens; each line end becomes ``<eos>``."""
-    lines = normalize(text).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = normalize(text, lowercase).replace("\r\n", "\n").replace("\r", "\n").split("\n")
     words: list[str] = []
     for i, line in enumerate(lines):
         words.extend(_TOKEN.findall(line))
@@ -142,12 +144,13 @@ class TokenizerSpec:
 
     kind: str = "words"  # one of KINDS
     file: str = ""  # in the model folder; "": DEFAULT_FILES[kind]
-    lowercase: bool = False  # fold text to lower case first (``words`` always does)
+    lowercase: bool = False  # fold text to lower case first (``words`` always does, unless keep_case)
     unk: str | None = None  # names of the special tokens; None: the kind's default (see the classes)
     eos: str | None = None  # end of line / sentence
     bos: str | None = None  # beginning of sequence
     newline: str | None = None  # the token a newline becomes; "": none (a space); None: the kind's default
     initial: str | None = None  # a new session starts after this token, "eos" or "bos"; None: the kind's default
+    keep_case: bool = False  # the words kind only: do not lowercase (last: the fields before are positional)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -155,7 +158,11 @@ class TokenizerSpec:
         if self.initial is not None and self.initial not in INITIAL:
             raise ValueError(f"tokenizer initial {self.initial!r} is not one of {', '.join(INITIAL)}")
         if self.kind == "words" and (self.lowercase or {self.unk, self.eos, self.bos, self.newline} != {None}):
-            raise ValueError("the words tokenizer takes no options: it is lstmd's own, with <unk> and <eos>")
+            raise ValueError(
+                "the words tokenizer takes no options but keep_case: it is lstmd's own, with <unk> and <eos>"
+            )
+        if self.keep_case and self.kind != "words":
+            raise ValueError("keep_case is the words tokenizer's option: the other kinds keep case unless lowercase")
 
     @property
     def path(self) -> str:
@@ -296,7 +303,7 @@ class WordsTokenizer(Tokenizer):
         return self.vocab.ids.get(piece)
 
     def encode(self, text: str) -> Encoding:
-        words = tokenize(text)
+        words = tokenize(text, not self.spec.keep_case)
         ids = self.vocab.encode(words)
         unk = self.vocab.unk_id
         return Encoding(ids, words, [i == unk and w != UNK for i, w in zip(ids, words, strict=True)])
@@ -308,7 +315,7 @@ class WordsTokenizer(Tokenizer):
         return detokenize(self.pieces[i] for i in ids)
 
     def stop_key(self, word: str) -> str:
-        return normalize(word).strip()
+        return normalize(word, not self.spec.keep_case).strip()
 
 
 class _VocabFileTokenizer(Tokenizer):
