@@ -141,8 +141,9 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("--out", required=True, help="models folder; the model goes to OUT/NAME/VERSION")
     p.add_argument("--name", required=True, help="model name clients ask for")
     t = p.add_argument_group("tokenizer", "the tokenizer the model was trained with, recorded in its card")
-    t.add_argument("--tokenizer", choices=KINDS, default="words",
-                   help="words: lstmd's word tokenizer over --vocab; whitespace: already-tokenized text over --vocab; "
+    t.add_argument("--tokenizer", choices=KINDS,
+                   help="(default: the --run's tokenizer, else words) words: lstmd's word tokenizer over --vocab; "
+                   "whitespace: already-tokenized text over --vocab; "
                    "characters: one token per character over --vocab; hf: a tokenizers tokenizer.json; "
                    "sentencepiece: a SentencePiece .model")  # fmt: skip
     t.add_argument("--tokenizer-file", help="the hf kind's tokenizer.json or the sentencepiece kind's .model")
@@ -222,16 +223,22 @@ def _run_text_check(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str,
 
 
 def _tokenizer_source(args: argparse.Namespace) -> tuple[TokenizerSpec, Vocab | Path]:
-    """The card's tokenizer section and the vocabulary or file it reads, from the flags."""
-    spec = TokenizerSpec(args.tokenizer, "", args.lowercase, args.unk_token, args.eos_token, args.bos_token,
+    """The card's tokenizer section and the vocabulary or file it reads: from the flags, or with
+    none of --tokenizer, --vocab and --tokenizer-file, the one the --run trained with."""
+    if args.run and not (args.tokenizer or args.vocab or args.tokenizer_file):
+        from lstmd.export.run_tokenizer import tokenizer_from_run
+
+        return tokenizer_from_run(Path(args.run))
+    kind = args.tokenizer or "words"
+    spec = TokenizerSpec(kind, "", args.lowercase, args.unk_token, args.eos_token, args.bos_token,
                          args.newline_token, args.initial)  # fmt: skip
-    if args.tokenizer in ("hf", "sentencepiece"):
+    if kind in ("hf", "sentencepiece"):
         if not args.tokenizer_file:
-            raise SystemExit(f"lstmd-export onnx: --tokenizer {args.tokenizer} needs --tokenizer-file")
+            raise SystemExit(f"lstmd-export onnx: --tokenizer {kind} needs --tokenizer-file")
         return spec, Path(args.tokenizer_file)
     if not args.vocab:
-        raise SystemExit(f"lstmd-export onnx: --tokenizer {args.tokenizer} needs --vocab")
-    return spec, Vocab.load(args.vocab) if args.tokenizer == "words" else Path(args.vocab)
+        raise SystemExit(f"lstmd-export onnx: --tokenizer {kind} needs --vocab")
+    return spec, Vocab.load(args.vocab) if kind == "words" else Path(args.vocab)
 
 
 def _load_model(args: argparse.Namespace) -> torch.nn.Module:

@@ -154,6 +154,13 @@ def test_bpe_trains_a_tokenizer_json_the_library_loads(split_files: dict[str, Pa
     spec, file = tokenizer_from_run(run)
     assert spec.kind == "hf" and file == run / "tokenizer.json"
     assert report["model"]["vocab_size"] == library.get_vocab_size()  # type: ignore[index]
+    # lstmd-export onnx --run takes the run's tokenizer when no tokenizer flag is given
+    models = tmp_path / "models"
+    args = ["onnx", "--checkpoint", str(run / "best.pt"), "--run", str(run), "--out", str(models), "--name", "bpe"]
+    assert export_main(args) == 0
+    card = json.loads((models / "bpe/1/model.json").read_text())
+    assert card["tokenizer"]["kind"] == "hf"
+    assert (models / "bpe/1" / card["tokenizer"]["file"]).read_bytes() == (run / "tokenizer.json").read_bytes()
 
 
 def test_unigram_trains_a_tokenizer_json(split_files: dict[str, Path], tmp_path: Path) -> None:
