@@ -51,6 +51,15 @@ class Prediction:
 
 
 @dataclass(slots=True)
+class Tokenization:
+    """Text as a model's tokens, as a feed of it would apply them."""
+
+    model: str
+    tokenizer: str  # the tokenizer's kind
+    tokens: list[Token]
+
+
+@dataclass(slots=True)
 class FeedArgs:
     text: str | None = None
     token_ids: list[int] | None = None
@@ -136,6 +145,13 @@ class Engine:
             session.users -= 1
             if not session_id:
                 await self.store.discard(session)
+
+    # tokenizing
+
+    def tokenize(self, model_name: str, text: str) -> Tokenization:
+        """The tokens ``text`` becomes on ``model_name``, checked as a feed's text; no session is stepped."""
+        model = self.registry.get(model_name)
+        return Tokenization(model.name, model.tokenizer.kind, self._tokens(model, text, None))
 
     # feeding
 

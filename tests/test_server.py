@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
-from tests.conftest import HIDDEN, LAYERS, Reference, ServerFactory, memory_sessions
+from tests.conftest import HIDDEN, LAYERS, WORDS, Reference, ServerFactory, memory_sessions
 
 TEXTS = [
     "the cat sat on the mat .",
@@ -57,6 +57,7 @@ async def test_list_models_reports_metadata(stub: Any) -> None:
     assert (tiny.num_layers, tiny.hidden_size, tiny.is_default, tiny.precision) == (LAYERS, HIDDEN, True, "fp32")
     assert tiny.state_bytes == 2 * 2 * LAYERS * HIDDEN * 4  # (h, c) after and before the last token
     assert not models["tiny2"].is_default
+    assert tiny.tokenizer == models["tiny2"].tokenizer == "words"
 
 
 async def test_session_lifecycle(stub: Any) -> None:
@@ -111,6 +112,51 @@ async def test_session_rpcs_reject_unknown_and_malformed_ids(
 ) -> None:
     request = getattr(pb, f"{method}Request")(session_id=session_id)
     assert (await code_of(getattr(stub, method)(request)))[0] == code
+
+
+# tokenizing
+
+ID = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}  # the tiny models' vocabulary, as conftest builds it
+
+
+async def test_tokenize_shows_the_tokens_a_feed_would_apply_and_steps_nothing(
+    shared: tuple[RunningServer, Any],
+) -> None:
+    running, stub = shared
+    held = len(memory_sessions(running))
+    reply = await stub.Tokenize(pb.TokenizeRequest(text="The Cat sat, zyzzyva!\nthe"))
+    assert (reply.model, reply.tokenizer) == ("tiny", "words")
+    assert [(t.id, t.word, t.unknown) for t in reply.tokens] == [
+        (ID["the"], "the", False),
+        (ID["cat"], "cat", False),
+        (ID["sat"], "sat", False),
+        (ID[","], ",", False),
+        (ID["<unk>"], "zyzzyva", True),
+        (ID["!"], "!", False),
+        (ID["<eos>"], "<eos>", False),
+        (ID["the"], "the", False),
+    ]
+    assert (await stub.Tokenize(pb.TokenizeRequest(model="tiny2", text="sea"))).model == "tiny2"
+    assert len(memory_sessions(running)) == held, "no session was made"
+    session = await stub.CreateSession(pb.CreateSessionRequest())
+    fed = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="The Cat sat, zyzzyva!\nthe"))
+    assert list(fed.tokens) == list(reply.tokens)
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "words"),
+    [
+        (pb.TokenizeRequest(model="nope", text="the"), grpc.StatusCode.NOT_FOUND, "no model named 'nope'"),
+        (pb.TokenizeRequest(text=""), grpc.StatusCode.INVALID_ARGUMENT, "the input is empty"),
+        (pb.TokenizeRequest(text=" \t "), grpc.StatusCode.INVALID_ARGUMENT, "the input is empty"),
+        (pb.TokenizeRequest(text="a" * 100_001), grpc.StatusCode.INVALID_ARGUMENT, "the limit is 100000"),
+        (pb.TokenizeRequest(text="the " * 5000), grpc.StatusCode.INVALID_ARGUMENT, "text is 5000 tokens"),
+    ],
+    ids=["unknown-model", "empty", "blank", "over-max-chars", "over-max-tokens"],
+)
+async def test_tokenize_errors(stub: Any, request_: pb.TokenizeRequest, code: grpc.StatusCode, words: str) -> None:
+    got, message = await code_of(stub.Tokenize(request_))
+    assert got == code and words in message
 
 
 # feeding

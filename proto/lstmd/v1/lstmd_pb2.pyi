@@ -121,6 +121,7 @@ class ModelInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     TEST_PERPLEXITY_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     vocab_size: _builtins.int
@@ -134,6 +135,10 @@ class ModelInfo(_message.Message):
     """"fp32" or "int8"."""
     test_perplexity: _builtins.float
     """Test-set perplexity from the model card (0 when unknown)."""
+    tokenizer: _builtins.str
+    """The model's tokenizer kind: "words" (lstmd's word tokenizer), "whitespace" (already-tokenized
+    words), "characters", "hf" (a Hugging Face tokenizer.json) or "sentencepiece".
+    """
     def __init__(
         self,
         *,
@@ -146,10 +151,11 @@ class ModelInfo(_message.Message):
         is_default: _builtins.bool = ...,
         precision: _builtins.str = ...,
         test_perplexity: _builtins.float = ...,
+        tokenizer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_size", b"hidden_size", "is_default", b"is_default", "name", b"name", "num_layers", b"num_layers", "precision", b"precision", "state_bytes", b"state_bytes", "test_perplexity", b"test_perplexity", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_size", b"hidden_size", "is_default", b"is_default", "name", b"name", "num_layers", b"num_layers", "precision", b"precision", "state_bytes", b"state_bytes", "test_perplexity", b"test_perplexity", "tokenizer", b"tokenizer", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -622,3 +628,57 @@ class GeneratedToken(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GeneratedToken: _TypeAlias = GeneratedToken  # noqa: Y015
+
+@_typing.final
+class TokenizeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name; empty for the server's default model."""
+    text: _builtins.str
+    """Raw text, tokenized as a Feed's text would be."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizeRequest: _TypeAlias = TokenizeRequest  # noqa: Y015
+
+@_typing.final
+class TokenizeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model that tokenized the text (the default model's name when the request named none)."""
+    tokenizer: _builtins.str
+    """The model's tokenizer kind, as in ModelInfo.tokenizer."""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___Token]:
+        """The tokens the text becomes, in order."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        tokenizer: _builtins.str = ...,
+        tokens: _abc.Iterable[Global___Token] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "tokenizer", b"tokenizer", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015
