@@ -110,9 +110,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.__dict__ for m in models]))
         return 0
-    rows = [(m.name + (" (default)" if m.is_default else ""), m.version, m.vocab_size, m.num_layers, m.hidden_size,
-             m.state_bytes, m.precision, f"{m.test_perplexity:.1f}") for m in models]  # fmt: skip
-    print(table(["model", "version", "words", "layers", "hidden", "state bytes", "precision", "test ppl"], rows))
+    rows = [(m.name + (" (default)" if m.is_default else ""), m.version, m.tokenizer or "?", m.vocab_size,
+             m.num_layers, m.hidden_size, m.state_bytes, m.precision, f"{m.test_perplexity:.1f}")
+            for m in models]  # fmt: skip
+    print(table(["model", "version", "tokenizer", "words", "layers", "hidden", "state bytes", "precision",
+                 "test ppl"], rows))  # fmt: skip
+    return 0
+
+
+def _visible(piece: str) -> str:
+    """A piece as a table shows it: quoted when it is empty or holds spaces or unprintable characters."""
+    return piece if piece and piece.isprintable() and " " not in piece else repr(piece)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.tokenize(args.text, args.model)
+    if args.json:
+        tokens = [{"id": t.id, "piece": t.word, "unknown": t.unknown} for t in result.tokens]
+        print(json.dumps({"model": result.model, "tokenizer": result.tokenizer, "tokens": tokens}))
+        return 0
+    print(f"{result.model}: {result.tokenizer} tokenizer, {len(result.tokens)} tokens")
+    rows = [(i, t.id, _visible(t.word), "yes" if t.unknown else "") for i, t in enumerate(result.tokens)]
+    print(table(["position", "id", "piece", "unknown"], rows))
     return 0
 
 
@@ -157,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("score", cmd_score, "perplexity of a text file under a served model")
     p.add_argument("file")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("tokenize", cmd_tokenize, "how a model splits a text into tokens and ids (steps no session)")
+    p.add_argument("text")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -13,6 +13,9 @@ import pexpect
 import pytest
 
 from lstmd.client import Client
+from tests.conftest import WORDS
+
+ID = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}  # the tiny models' vocabulary
 
 LSTMD = shutil.which("lstmd", path=str(Path(sys.executable).parent)) or "lstmd"
 
@@ -66,10 +69,29 @@ def test_health_and_models(server_target: str) -> None:
     assert lstmd("health", "--target", server_target).stdout.strip() == f"{server_target}: SERVING"
     models = lstmd("models", "--target", server_target).stdout
     assert "tiny (default)" in models and "tiny2" in models
+    header, _, *rows = models.splitlines()
+    assert header.split()[:3] == ["model", "version", "tokenizer"] and [r.split()[-7] for r in rows] == ["words"] * 2
     assert {m["name"] for m in json.loads(lstmd("models", "--json", "--target", server_target).stdout)} == {
         "tiny",
         "tiny2",
     }
+
+
+def test_tokenize_table_and_json(server_target: str) -> None:
+    out = lstmd("tokenize", "The cat zyzzyva.\nsat", "--target", server_target).stdout.splitlines()
+    assert out[0] == "tiny: words tokenizer, 6 tokens"
+    assert out[1].split() == ["position", "id", "piece", "unknown"]
+    assert [line.split() for line in out[3:]] == [
+        ["0", str(ID["the"]), "the"],
+        ["1", str(ID["cat"]), "cat"],
+        ["2", str(ID["<unk>"]), "zyzzyva", "yes"],
+        ["3", str(ID["."]), "."],
+        ["4", str(ID["<eos>"]), "<eos>"],
+        ["5", str(ID["sat"]), "sat"],
+    ]
+    data = json.loads(lstmd("tokenize", "a sea", "--model", "tiny2", "--json", "--target", server_target).stdout)
+    tokens = [{"id": ID["a"], "piece": "a", "unknown": False}, {"id": ID["sea"], "piece": "sea", "unknown": False}]
+    assert data == {"model": "tiny2", "tokenizer": "words", "tokens": tokens}
 
 
 @pytest.mark.parametrize(
@@ -79,6 +101,8 @@ def test_health_and_models(server_target: str) -> None:
         (["predict", "the", "--session", "0" * 32], 1, "NOT_FOUND: session 000"),
         (["predict", "the", "--top-k", "many"], 2, "invalid int value"),
         (["generate", "the", "--max-tokens", "0"], 1, "INVALID_ARGUMENT: max_tokens"),
+        (["tokenize", ""], 1, "INVALID_ARGUMENT: the input is empty"),
+        (["tokenize", "the", "--model", "nope"], 1, "NOT_FOUND: no model named 'nope'"),
     ],
 )
 def test_errors_exit_non_zero_with_a_message(server_target: str, args: list[str], code: int, message: str) -> None:
