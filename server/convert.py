@@ -105,4 +105,5 @@ def generated(w: GeneratedWord) -> pb.GeneratedToken:
         probability=w.probability,
         position=w.position,
         finish_reason=_FINISH[w.finish],
+        text=w.text,
     )

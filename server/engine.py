@@ -88,6 +88,7 @@ class GeneratedWord:
     token_id: int
     probability: float
     position: int
+    text: str  # what this token adds to the session's text, decoded by the model's tokenizer
     finish: str = ""  # on the last word: "max_tokens" or "stop_word"
 
 
@@ -249,6 +250,9 @@ class Engine:
                 await self.store.load(session)
                 if args.expected_position is not None and args.expected_position != session.position:
                     raise PositionMismatch(args.expected_position, session.position)
+                # the text each token adds follows the session's last token and the prompt (the
+                # stream keeps what it needs of them: see Tokenizer.text_stream)
+                text = tokenizer.text_stream([session.last_token, *(t.id for t in prompt)])
                 if prompt:
                     read = session.position
                     result, _ = await self._apply(session, [t.id for t in prompt], 1, False, sampling)
@@ -263,7 +267,8 @@ class Engine:
                     self.store.touch(session)
                     word = tokenizer.pieces[word_id]
                     finish = "stop_word" if word in stop else "max_tokens" if i == args.max_tokens - 1 else ""
-                    yield GeneratedWord(session.id, word, word_id, probability, session.position, finish)
+                    yield GeneratedWord(session.id, word, word_id, probability, session.position,
+                                        text.add(word_id, last=bool(finish)), finish)  # fmt: skip
                     if finish:
                         return
         finally:

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
+from lstmd.model.tokenizer import detokenize
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
 from tests.conftest import HIDDEN, LAYERS, WORDS, Reference, ServerFactory, memory_sessions
@@ -401,6 +402,18 @@ async def test_generate_with_top_k_one_is_greedy_and_stops_at_a_stop_word(stub: 
     ]
     assert [t.word for t in stopped] == [t.word for t in words[: len(stopped)]]
     assert stopped[-1].word == stop and stopped[-1].finish_reason == pb.FINISH_REASON_STOP_WORD
+
+
+async def test_generate_sends_the_text_each_token_adds(stub: Any) -> None:
+    """For lstmd's word models: a space before each word, none before closing punctuation, a newline
+    for "<eos>"; after the prompt, the texts add up to detokenizing prompt and generation whole."""
+    request = pb.GenerateRequest(prompt="the king", max_tokens=200, seed=0, allow_eos=True)
+    tokens = [t async for t in stub.Generate(request)]
+    assert "".join(t.text for t in tokens) == detokenize(["the", "king", *(t.word for t in tokens)])[len("the king") :]
+    assert {t.word for t in tokens} & {'"', ",", "<eos>"} == {'"', ",", "<eos>"}, "the seed reaches each case"
+    for t in tokens:
+        assert t.text in ("\n" if t.word == "<eos>" else t.word, " " + t.word)
+    assert [t.text for t in tokens if t.word == ","] == [","] * sum(t.word == "," for t in tokens)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ Concepts
 - A *word* in Token, Candidate and GeneratedToken is one token of the model's tokenizer: a
   whole word for word models, but for subword and character models a piece of a word (e.g.
   "▁the", "Ġcat", "c"), as the tokenizer's vocabulary spells it. Joining pieces into text is
-  the tokenizer's decoding, not string concatenation.
+  the tokenizer's decoding, not string concatenation: Generate sends each token's decoded
+  text beside it (GeneratedToken.text), and Tokenize shows how text becomes tokens.
 
 Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input, token id outside the vocabulary,
@@ -601,6 +602,7 @@ class GeneratedToken(_message.Message):
     PROBABILITY_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     word: _builtins.str
     """One token of the model's tokenizer: for subword and character models a piece of a word."""
@@ -611,6 +613,14 @@ class GeneratedToken(_message.Message):
     """The session's position after this token."""
     finish_reason: Global___FinishReason.ValueType
     """Set on the last token: why generation stopped."""
+    text: _builtins.str
+    """The text this token adds to the session's text, decoded by the model's tokenizer: what
+    decoding the ids so far gives beyond decoding the ids before (for subword models, "▁the"
+    after a word adds " the"; lstmd's word models space and glue punctuation and quotes). Print
+    the texts one after another, after the prompt, to show the generation. It may be "" while a
+    character spans several tokens (byte-level pieces); the token that completes it, or the last
+    token, carries the text. Servers before this field send "" always.
+    """
     def __init__(
         self,
         *,
@@ -620,10 +630,11 @@ class GeneratedToken(_message.Message):
         probability: _builtins.float = ...,
         position: _builtins.int = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
+        text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "position", b"position", "probability", b"probability", "session_id", b"session_id", "token_id", b"token_id", "word", b"word"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "position", b"position", "probability", b"probability", "session_id", b"session_id", "text", b"text", "token_id", b"token_id", "word", b"word"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

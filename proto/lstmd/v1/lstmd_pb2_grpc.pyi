@@ -19,7 +19,8 @@ Concepts
 - A *word* in Token, Candidate and GeneratedToken is one token of the model's tokenizer: a
   whole word for word models, but for subword and character models a piece of a word (e.g.
   "▁the", "Ġcat", "c"), as the tokenizer's vocabulary spells it. Joining pieces into text is
-  the tokenizer's decoding, not string concatenation.
+  the tokenizer's decoding, not string concatenation: Generate sends each token's decoded
+  text beside it (GeneratedToken.text), and Tokenize shows how text becomes tokens.
 
 Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input, token id outside the vocabulary,
