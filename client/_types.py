@@ -98,12 +98,13 @@ class GeneratedToken:
     probability: float
     position: int
     finish_reason: str  # "", "max_tokens" or "stop_word"
+    text: str  # what the token adds to the session's text, decoded by the server ("" from older servers)
 
     @classmethod
     def from_pb(cls, t: pb.GeneratedToken) -> GeneratedToken:
         reason = pb.FinishReason.Name(t.finish_reason).removeprefix("FINISH_REASON_").lower()
         return cls(t.session_id, t.word, t.token_id, t.probability, t.position,
-                   "" if reason == "unspecified" else reason)  # fmt: skip
+                   "" if reason == "unspecified" else reason, t.text)  # fmt: skip
 
 
 Input = str | list[int]  # text, or token ids of the session's model

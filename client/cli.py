@@ -6,13 +6,13 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lstmd.client._args import add_connection_arguments, client_options
 from lstmd.client._errors import LstmdError
 from lstmd.client._sync import Client
-from lstmd.client._types import Prediction
+from lstmd.client._types import GeneratedToken, Prediction
 from lstmd.client.bench import add_bench_arguments, run_bench
 from lstmd.model.tokenizer import detokenize
 
@@ -55,18 +55,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _show_generated(client: Client, tokens: Iterable[GeneratedToken]) -> None:
+    """Print each token's text as it comes: the server's decoding (``text``, which may be "" while a
+    character spans tokens). A server older than that field, known by its ModelInfo without a
+    tokenizer, sends no text: then lstmd's word joining of the pieces, as if after a word."""
+    if any(m.tokenizer for m in client.list_models()):
+        for token in tokens:
+            print(token.text, end="", flush=True)
+        return
     words: list[str] = []
     shown = ""
+    for token in tokens:
+        words.append(token.word)
+        text = detokenize(["x", *words])[1:]
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     print(args.prompt, end="", flush=True)
     with _client(args) as client:
-        for token in client.generate(args.prompt, session_id=args.session, model=args.model, max_tokens=args.max_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                     seed=args.seed, stop=args.stop):  # fmt: skip
-            words.append(token.word)
-            text = detokenize(["x", *words])[1:]  # spacing as after a word of the prompt
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
+        _show_generated(client, client.generate(args.prompt, session_id=args.session, model=args.model,
+                                        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                        top_p=args.top_p, seed=args.seed, stop=args.stop))  # fmt: skip
     print()
     return 0
 
