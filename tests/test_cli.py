@@ -77,6 +77,38 @@ def test_health_and_models(server_target: str) -> None:
     }
 
 
+def test_ids_give_what_the_same_text_gives(server_target: str, tmp_path: Path) -> None:
+    ids = [str(ID[w]) for w in ("the", "cat", "sat", "on", "the")]
+    by_text = json.loads(lstmd("predict", "the cat sat on the", "--json", "--target", server_target).stdout)
+    by_ids = json.loads(lstmd("predict", "--ids", *ids, "--json", "--target", server_target).stdout)
+    assert by_ids == by_text and by_ids["position"] == 5
+    table_text = lstmd("predict", "the cat sat on the", "--target", server_target).stdout
+    assert lstmd("predict", "--ids", *ids, "--target", server_target).stdout == table_text
+
+    sampling = ("--max-tokens", "12", "--seed", "1", "--temperature", "0.8", "--target", server_target)
+    generated = lstmd("generate", "the king", *sampling).stdout
+    continued = lstmd("generate", "--ids", str(ID["the"]), str(ID["king"]), *sampling).stdout
+    assert generated == "the king" + continued and len(continued.split()) >= 8
+
+    (tmp_path / "text.txt").write_text("the cat sat on the mat .\n")
+    line = [str(ID[w]) for w in ("the", "cat", "sat", "on", "the", "mat", ".", "<eos>")]
+    scored = json.loads(lstmd("score", str(tmp_path / "text.txt"), "--json", "--target", server_target).stdout)
+    scored_ids = json.loads(lstmd("score", "--ids", *line, "--json", "--target", server_target).stdout)
+    assert scored_ids["tokens"] == scored["tokens"] == 8
+    assert math.isclose(scored_ids["perplexity"], scored["perplexity"], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["predict", "generate", "score"])
+def test_bad_ids_are_the_servers_invalid_argument_or_a_usage_error(server_target: str, command: str) -> None:
+    result = lstmd(command, "--ids", "3", "999", "--target", server_target, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "lstmd: INVALID_ARGUMENT: token id 999 is outside the vocabulary of tiny" in result.stderr
+    for args, message in ((["--ids", "3", "x"], "token ids are integers"), (["--ids", str(2**63)], "out of range"),
+                          (["the", "--ids", "3"], "not allowed with"), ([], "is required")):  # fmt: skip
+        result = lstmd(command, *args, "--target", server_target, check=False)
+        assert result.returncode == 2 and message in result.stderr
+
+
 def test_tokenize_table_and_json(server_target: str) -> None:
     out = lstmd("tokenize", "The cat zyzzyva.\nsat", "--target", server_target).stdout.splitlines()
     assert out[0] == "tiny: words tokenizer, 6 tokens"
