@@ -15,7 +15,7 @@ from lstmd.client._errors import (
 )
 from lstmd.client._recovery import Recovery
 from lstmd.client._sync import Client, Session, Stream
-from lstmd.client._types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo, Token
+from lstmd.client._types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo, Token, Tokenization
 
 __all__ = [
     "AsyncClient",
@@ -37,6 +37,7 @@ __all__ = [
     "SessionInfo",
     "Stream",
     "Token",
+    "Tokenization",
     "Unauthenticated",
     "Unavailable",
 ]

@@ -23,6 +23,7 @@ from lstmd.client._types import (
     Prediction,
     SamplingOptions,
     SessionInfo,
+    Tokenization,
     generate_request,
     stream_request,
 )
@@ -73,6 +74,9 @@ class AsyncClient(BaseClient):
 
     async def list_models(self) -> list[ModelInfo]:
         return await self._run(self._list_models())
+
+    async def tokenize(self, text: str, model: str = "") -> Tokenization:
+        return await self._run(self._tokenize(text, model))
 
     async def create_session(self, model: str = "", top_k: int = 0) -> AsyncSession:
         return AsyncSession(self, await self._run(self._create(model, top_k)))

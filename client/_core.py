@@ -28,7 +28,16 @@ from lstmd.client._recovery import (
     Tail,
     report,
 )
-from lstmd.client._types import FeedOptions, Input, ModelInfo, Prediction, SessionInfo, feed_request, stream_request
+from lstmd.client._types import (
+    FeedOptions,
+    Input,
+    ModelInfo,
+    Prediction,
+    SessionInfo,
+    Tokenization,
+    feed_request,
+    stream_request,
+)
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 
@@ -151,6 +160,11 @@ class BaseClient:
     def _list_models(self) -> Flow[list[ModelInfo]]:
         reply = yield from self._unary(self._stub.ListModels, pb.ListModelsRequest())
         return [ModelInfo.from_pb(m) for m in reply.models]
+
+    def _tokenize(self, text: str, model: str) -> Flow[Tokenization]:
+        """Retried: it changes nothing on the server."""
+        request = pb.TokenizeRequest(model=model, text=text)
+        return Tokenization.from_pb((yield from self._unary(self._stub.Tokenize, request)))
 
     def _create(self, model: str, top_k: int) -> Flow[SessionInfo]:
         """Not retried: a retry could leave an orphan session behind."""

@@ -23,6 +23,7 @@ from lstmd.client._types import (
     Prediction,
     SamplingOptions,
     SessionInfo,
+    Tokenization,
     generate_request,
     stream_request,
 )
@@ -97,6 +98,11 @@ class Client(BaseClient):
 
     def list_models(self) -> list[ModelInfo]:
         return self._run(self._list_models())
+
+    def tokenize(self, text: str, model: str = "") -> Tokenization:
+        """The tokens ``text`` becomes on ``model`` (the server's default when empty), as a feed of
+        it would apply them; no session is made or stepped."""
+        return self._run(self._tokenize(text, model))
 
     def create_session(self, model: str = "", top_k: int = 0) -> Session:
         """A new session (not retried: a retry could leave an orphan session behind)."""

@@ -19,11 +19,14 @@ class ModelInfo:
     is_default: bool
     precision: str
     test_perplexity: float
+    tokenizer: (
+        str  # the tokenizer's kind: "words", "whitespace", "characters", "hf", "sentencepiece"; "" from older servers
+    )
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
         return cls(m.name, m.version, m.vocab_size, m.num_layers, m.hidden_size, m.state_bytes, m.is_default,
-                   m.precision, m.test_perplexity)  # fmt: skip
+                   m.precision, m.test_perplexity, m.tokenizer)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,19 @@ class Token:
     id: int
     word: str
     unknown: bool
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """Text as a model's tokens (``Client.tokenize``): the model, its tokenizer's kind, the tokens."""
+
+    model: str
+    tokenizer: str
+    tokens: list[Token]
+
+    @classmethod
+    def from_pb(cls, t: pb.TokenizeResponse) -> Tokenization:
+        return cls(t.model, t.tokenizer, [Token(x.id, x.word, x.unknown) for x in t.tokens])
 
 
 @dataclass(frozen=True)
@@ -82,12 +98,13 @@ class GeneratedToken:
     probability: float
     position: int
     finish_reason: str  # "", "max_tokens" or "stop_word"
+    text: str  # what the token adds to the session's text, decoded by the server ("" from older servers)
 
     @classmethod
     def from_pb(cls, t: pb.GeneratedToken) -> GeneratedToken:
         reason = pb.FinishReason.Name(t.finish_reason).removeprefix("FINISH_REASON_").lower()
         return cls(t.session_id, t.word, t.token_id, t.probability, t.position,
-                   "" if reason == "unspecified" else reason)  # fmt: skip
+                   "" if reason == "unspecified" else reason, t.text)  # fmt: skip
 
 
 Input = str | list[int]  # text, or token ids of the session's model

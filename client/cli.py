@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lstmd.client._args import add_connection_arguments, client_options
 from lstmd.client._errors import LstmdError
 from lstmd.client._sync import Client
-from lstmd.client._types import Prediction
+from lstmd.client._types import GeneratedToken, Input, Prediction, SamplingOptions
 from lstmd.client.bench import add_bench_arguments, run_bench
 from lstmd.model.tokenizer import detokenize
 
@@ -41,9 +42,28 @@ def _prediction_json(p: Prediction) -> dict[str, object]:
     }
 
 
+def _token_id(value: str) -> int:
+    try:
+        token_id = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token ids are integers (--ids 3 227 179 6), not {value!r}") from None
+    if not -(2**63) <= token_id < 2**63:
+        raise argparse.ArgumentTypeError(f"token id {value} is out of range")
+    return token_id
+
+
+def _add_input(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    """The command's input: ``name`` (text), or ``--ids`` (token ids of the model's vocabulary)."""
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument(name, nargs="?", help=help)
+    group.add_argument("--ids", nargs="+", type=_token_id, metavar="ID",
+                       help=f"token ids instead of {name}, separated by spaces (e.g. --ids 3 227 179 6); "
+                       "`lstmd tokenize` shows a text's ids")  # fmt: skip
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     with _client(args) as client, client.open_stream(args.session, args.model, args.top_k) as stream:
-        prediction = stream.feed(args.text)
+        prediction = stream.feed(args.ids if args.ids is not None else args.text)
     if args.json:
         print(json.dumps(_prediction_json(prediction)))
         return 0
@@ -55,28 +75,51 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _show_generated(client: Client, tokens: Iterable[GeneratedToken]) -> None:
+    """Print each token's text as it comes: the server's decoding (``text``, which may be "" while a
+    character spans tokens). A server older than that field, known by its ModelInfo without a
+    tokenizer, sends no text: then lstmd's word joining of the pieces, as if after a word."""
+    if any(m.tokenizer for m in client.list_models()):
+        for token in tokens:
+            print(token.text, end="", flush=True)
+        return
     words: list[str] = []
     shown = ""
-    print(args.prompt, end="", flush=True)
+    for token in tokens:
+        words.append(token.word)
+        text = detokenize(["x", *words])[1:]
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed, stop=args.stop)  # fmt: skip
     with _client(args) as client:
-        for token in client.generate(args.prompt, session_id=args.session, model=args.model, max_tokens=args.max_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                     seed=args.seed, stop=args.stop):  # fmt: skip
-            words.append(token.word)
-            text = detokenize(["x", *words])[1:]  # spacing as after a word of the prompt
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
+        if args.ids is None:
+            print(args.prompt, end="", flush=True)
+            _show_generated(client, client.generate(args.prompt, session_id=args.session, model=args.model,
+                                                    **sampling))  # fmt: skip
+        else:  # Generate takes a text prompt only: the ids are fed to the session first
+            with contextlib.ExitStack() as temporary:
+                session = (client.get_session(args.session) if args.session
+                           else temporary.enter_context(client.create_session(args.model)))  # fmt: skip
+                session.feed(args.ids)
+                _show_generated(client, session.generate(**sampling))
     print()
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    text = Path(args.file).read_text(encoding="utf-8", errors="replace")
-    lines = [line + "\n" for line in text.splitlines() if line.strip()]
+    inputs: list[Input]
+    if args.ids is not None:
+        inputs = [args.ids]
+    else:
+        text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+        inputs = [line + "\n" for line in text.splitlines() if line.strip()]
     total, count, unknown = 0.0, 0, 0
     with _client(args) as client:
-        for prediction in client.stream(lines, model=args.model, top_k=1, token_logprobs=True):
+        for prediction in client.stream(inputs, model=args.model, top_k=1, token_logprobs=True):
             total += sum(prediction.token_logprobs)
             count += len(prediction.token_logprobs)
             unknown += sum(t.unknown for t in prediction.tokens)
@@ -110,9 +153,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.__dict__ for m in models]))
         return 0
-    rows = [(m.name + (" (default)" if m.is_default else ""), m.version, m.vocab_size, m.num_layers, m.hidden_size,
-             m.state_bytes, m.precision, f"{m.test_perplexity:.1f}") for m in models]  # fmt: skip
-    print(table(["model", "version", "words", "layers", "hidden", "state bytes", "precision", "test ppl"], rows))
+    rows = [(m.name + (" (default)" if m.is_default else ""), m.version, m.tokenizer or "?", m.vocab_size,
+             m.num_layers, m.hidden_size, m.state_bytes, m.precision, f"{m.test_perplexity:.1f}")
+            for m in models]  # fmt: skip
+    print(table(["model", "version", "tokenizer", "words", "layers", "hidden", "state bytes", "precision",
+                 "test ppl"], rows))  # fmt: skip
+    return 0
+
+
+def _visible(piece: str) -> str:
+    """A piece as a table shows it: quoted when it is empty or holds spaces or unprintable characters."""
+    return piece if piece and piece.isprintable() and " " not in piece else repr(piece)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.tokenize(args.text, args.model)
+    if args.json:
+        tokens = [{"id": t.id, "piece": t.word, "unknown": t.unknown} for t in result.tokens]
+        print(json.dumps({"model": result.model, "tokenizer": result.tokenizer, "tokens": tokens}))
+        return 0
+    print(f"{result.model}: {result.tokenizer} tokenizer, {len(result.tokens)} tokens")
+    rows = [(i, t.id, _visible(t.word), "yes" if t.unknown else "") for i, t in enumerate(result.tokens)]
+    print(table(["position", "id", "piece", "unknown"], rows))
     return 0
 
 
@@ -134,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("predict", cmd_predict, "the most likely next words after a text")
-    p.add_argument("text")
+    _add_input(p, "text", "the text")
     p.add_argument("--session", default="", help="continue this session (default: a new, temporary one)")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=5, help="how many words")
@@ -144,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=5, help="how many suggestions")
 
-    p = command("generate", cmd_generate, "continue a text by sampling, word by word")
-    p.add_argument("prompt")
+    p = command("generate", cmd_generate, "continue a text by sampling, word by word "
+                "(with --ids: the ids are fed first and only the continuation is printed)")  # fmt: skip
+    _add_input(p, "prompt", "the text to continue")
     p.add_argument("--session", default="", help="continue this session (default: a new, temporary one)")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--max-tokens", type=int, default=50)
@@ -155,8 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
     p.add_argument("--stop", action="append", help="stop after this word (repeatable)")
 
-    p = command("score", cmd_score, "perplexity of a text file under a served model")
-    p.add_argument("file")
+    p = command("score", cmd_score, "perplexity of a text file (or of token ids) under a served model")
+    _add_input(p, "file", "a UTF-8 text file; each non-empty line is fed with its line end")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("tokenize", cmd_tokenize, "how a model splits a text into tokens and ids (steps no session)")
+    p.add_argument("text")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lstmd.model.folder import ModelCard
-from lstmd.server.engine import FeedArgs, GenerateArgs, GeneratedWord, Prediction
+from lstmd.server.engine import FeedArgs, GenerateArgs, GeneratedWord, Prediction, Tokenization
 from lstmd.server.sessions import Session
 from lstmd.v1 import lstmd_pb2 as pb
 
@@ -28,6 +28,7 @@ def model_info(card: ModelCard, is_default: bool) -> pb.ModelInfo:
         is_default=is_default,
         precision=card.precision,
         test_perplexity=card.perplexity.get("test", 0.0),
+        tokenizer=card.tokenizer_spec.kind,
     )
 
 
@@ -75,6 +76,13 @@ def prediction(p: Prediction) -> pb.Prediction:
     return message
 
 
+def tokenization(t: Tokenization) -> pb.TokenizeResponse:
+    message = pb.TokenizeResponse(model=t.model, tokenizer=t.tokenizer)
+    for token in t.tokens:
+        message.tokens.add(id=token.id, word=token.word, unknown=token.unknown)
+    return message
+
+
 def generate_args(request: pb.GenerateRequest) -> GenerateArgs:
     return GenerateArgs(
         prompt=request.prompt,
@@ -97,4 +105,5 @@ def generated(w: GeneratedWord) -> pb.GeneratedToken:
         probability=w.probability,
         position=w.position,
         finish_reason=_FINISH[w.finish],
+        text=w.text,
     )

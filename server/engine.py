@@ -51,6 +51,15 @@ class Prediction:
 
 
 @dataclass(slots=True)
+class Tokenization:
+    """Text as a model's tokens, as a feed of it would apply them."""
+
+    model: str
+    tokenizer: str  # the tokenizer's kind
+    tokens: list[Token]
+
+
+@dataclass(slots=True)
 class FeedArgs:
     text: str | None = None
     token_ids: list[int] | None = None
@@ -79,6 +88,7 @@ class GeneratedWord:
     token_id: int
     probability: float
     position: int
+    text: str  # what this token adds to the session's text, decoded by the model's tokenizer
     finish: str = ""  # on the last word: "max_tokens" or "stop_word"
 
 
@@ -136,6 +146,13 @@ class Engine:
             session.users -= 1
             if not session_id:
                 await self.store.discard(session)
+
+    # tokenizing
+
+    def tokenize(self, model_name: str, text: str) -> Tokenization:
+        """The tokens ``text`` becomes on ``model_name``, checked as a feed's text; no session is stepped."""
+        model = self.registry.get(model_name)
+        return Tokenization(model.name, model.tokenizer.kind, self._tokens(model, text, None))
 
     # feeding
 
@@ -233,6 +250,9 @@ class Engine:
                 await self.store.load(session)
                 if args.expected_position is not None and args.expected_position != session.position:
                     raise PositionMismatch(args.expected_position, session.position)
+                # the text each token adds follows the session's last token and the prompt (the
+                # stream keeps what it needs of them: see Tokenizer.text_stream)
+                text = tokenizer.text_stream([session.last_token, *(t.id for t in prompt)])
                 if prompt:
                     read = session.position
                     result, _ = await self._apply(session, [t.id for t in prompt], 1, False, sampling)
@@ -247,7 +267,8 @@ class Engine:
                     self.store.touch(session)
                     word = tokenizer.pieces[word_id]
                     finish = "stop_word" if word in stop else "max_tokens" if i == args.max_tokens - 1 else ""
-                    yield GeneratedWord(session.id, word, word_id, probability, session.position, finish)
+                    yield GeneratedWord(session.id, word, word_id, probability, session.position,
+                                        text.add(word_id, last=bool(finish)), finish)  # fmt: skip
                     if finish:
                         return
         finally:

@@ -111,3 +111,7 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
         async with self.engine.stream_session(request.session_id, request.model, caller.get()) as session:
             async for word in self.engine.generate(session, convert.generate_args(request)):
                 yield convert.generated(word)
+
+    @unary
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        return convert.tokenization(self.engine.tokenize(request.model, request.text))

@@ -4,7 +4,7 @@ the server stays healthy, and a canary session beside it is bit-for-bit unaffect
 Covered: random and adversarial unicode, empty, huge and oversized texts and prompts, negative
 and out-of-range token ids, zero and huge top_k / max_tokens / temperature / top_p, unknown
 models and sessions, malformed session ids (Feed, Stream, Generate, Get/Delete/ForkSession,
-CreateSession), too many tokens, messages over the server's size limit, and clients cancelling
+CreateSession, Tokenize), too many tokens, messages over the server's size limit, and clients cancelling
 streams, generations and feeds midway. Every input tried is counted; the last test reports the
 counts (pytest's "reliability figures" section)."""
 
@@ -148,6 +148,13 @@ async def test_fuzzed_session_calls(
     await outcome(_stream_once(stub, "", pb.FeedRequest(session_id=session_id, text="the")), "Stream")
 
 
+@FUZZ
+@given(text=texts, model=st.sampled_from(["", "tiny", "nope", "\x00"]))
+async def test_fuzzed_tokenize(shared: tuple[RunningServer, Any], canary: Canary, text: str, model: str) -> None:
+    _, stub = shared
+    await outcome(stub.Tokenize(pb.TokenizeRequest(model=model, text=text)), "Tokenize")
+
+
 HUGE = 100_001  # characters: over the default --max-text-chars
 OVERSIZED = 2 << 20  # bytes: over the default --max-message-bytes (1 MiB)
 
@@ -165,6 +172,9 @@ OVERSIZED = 2 << 20  # bytes: over the default --max-message-bytes (1 MiB)
         (pb.GenerateRequest(prompt="x" * OVERSIZED, max_tokens=1), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (pb.StreamRequest(text="x" * OVERSIZED), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (pb.CreateSessionRequest(model="m" * OVERSIZED), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (pb.TokenizeRequest(text="a" * HUGE), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.TokenizeRequest(text="the " * 5000), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.TokenizeRequest(text="x" * OVERSIZED), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ],
     ids=[
         "text-over-max-chars",
@@ -177,6 +187,9 @@ OVERSIZED = 2 << 20  # bytes: over the default --max-message-bytes (1 MiB)
         "prompt-2MiB",
         "stream-2MiB",
         "create-2MiB",
+        "tokenize-over-max-chars",
+        "tokenize-over-max-tokens",
+        "tokenize-2MiB",
     ],
 )
 async def test_huge_and_oversized_inputs(
@@ -195,6 +208,8 @@ async def test_huge_and_oversized_inputs(
                 pass
 
         assert await outcome(generate(), "Generate") == code
+    elif isinstance(request_, pb.TokenizeRequest):
+        assert await outcome(stub.Tokenize(request_), "Tokenize") == code
     else:
         assert await outcome(stub.CreateSession(request_), "CreateSession") == code
 

@@ -13,6 +13,9 @@ import pexpect
 import pytest
 
 from lstmd.client import Client
+from tests.conftest import WORDS
+
+ID = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}  # the tiny models' vocabulary
 
 LSTMD = shutil.which("lstmd", path=str(Path(sys.executable).parent)) or "lstmd"
 
@@ -66,10 +69,61 @@ def test_health_and_models(server_target: str) -> None:
     assert lstmd("health", "--target", server_target).stdout.strip() == f"{server_target}: SERVING"
     models = lstmd("models", "--target", server_target).stdout
     assert "tiny (default)" in models and "tiny2" in models
+    header, _, *rows = models.splitlines()
+    assert header.split()[:3] == ["model", "version", "tokenizer"] and [r.split()[-7] for r in rows] == ["words"] * 2
     assert {m["name"] for m in json.loads(lstmd("models", "--json", "--target", server_target).stdout)} == {
         "tiny",
         "tiny2",
     }
+
+
+def test_ids_give_what_the_same_text_gives(server_target: str, tmp_path: Path) -> None:
+    ids = [str(ID[w]) for w in ("the", "cat", "sat", "on", "the")]
+    by_text = json.loads(lstmd("predict", "the cat sat on the", "--json", "--target", server_target).stdout)
+    by_ids = json.loads(lstmd("predict", "--ids", *ids, "--json", "--target", server_target).stdout)
+    assert by_ids == by_text and by_ids["position"] == 5
+    table_text = lstmd("predict", "the cat sat on the", "--target", server_target).stdout
+    assert lstmd("predict", "--ids", *ids, "--target", server_target).stdout == table_text
+
+    sampling = ("--max-tokens", "12", "--seed", "1", "--temperature", "0.8", "--target", server_target)
+    generated = lstmd("generate", "the king", *sampling).stdout
+    continued = lstmd("generate", "--ids", str(ID["the"]), str(ID["king"]), *sampling).stdout
+    assert generated == "the king" + continued and len(continued.split()) >= 8
+
+    (tmp_path / "text.txt").write_text("the cat sat on the mat .\n")
+    line = [str(ID[w]) for w in ("the", "cat", "sat", "on", "the", "mat", ".", "<eos>")]
+    scored = json.loads(lstmd("score", str(tmp_path / "text.txt"), "--json", "--target", server_target).stdout)
+    scored_ids = json.loads(lstmd("score", "--ids", *line, "--json", "--target", server_target).stdout)
+    assert scored_ids["tokens"] == scored["tokens"] == 8
+    assert math.isclose(scored_ids["perplexity"], scored["perplexity"], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["predict", "generate", "score"])
+def test_bad_ids_are_the_servers_invalid_argument_or_a_usage_error(server_target: str, command: str) -> None:
+    result = lstmd(command, "--ids", "3", "999", "--target", server_target, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "lstmd: INVALID_ARGUMENT: token id 999 is outside the vocabulary of tiny" in result.stderr
+    for args, message in ((["--ids", "3", "x"], "token ids are integers"), (["--ids", str(2**63)], "out of range"),
+                          (["the", "--ids", "3"], "not allowed with"), ([], "is required")):  # fmt: skip
+        result = lstmd(command, *args, "--target", server_target, check=False)
+        assert result.returncode == 2 and message in result.stderr
+
+
+def test_tokenize_table_and_json(server_target: str) -> None:
+    out = lstmd("tokenize", "The cat zyzzyva.\nsat", "--target", server_target).stdout.splitlines()
+    assert out[0] == "tiny: words tokenizer, 6 tokens"
+    assert out[1].split() == ["position", "id", "piece", "unknown"]
+    assert [line.split() for line in out[3:]] == [
+        ["0", str(ID["the"]), "the"],
+        ["1", str(ID["cat"]), "cat"],
+        ["2", str(ID["<unk>"]), "zyzzyva", "yes"],
+        ["3", str(ID["."]), "."],
+        ["4", str(ID["<eos>"]), "<eos>"],
+        ["5", str(ID["sat"]), "sat"],
+    ]
+    data = json.loads(lstmd("tokenize", "a sea", "--model", "tiny2", "--json", "--target", server_target).stdout)
+    tokens = [{"id": ID["a"], "piece": "a", "unknown": False}, {"id": ID["sea"], "piece": "sea", "unknown": False}]
+    assert data == {"model": "tiny2", "tokenizer": "words", "tokens": tokens}
 
 
 @pytest.mark.parametrize(
@@ -79,6 +133,8 @@ def test_health_and_models(server_target: str) -> None:
         (["predict", "the", "--session", "0" * 32], 1, "NOT_FOUND: session 000"),
         (["predict", "the", "--top-k", "many"], 2, "invalid int value"),
         (["generate", "the", "--max-tokens", "0"], 1, "INVALID_ARGUMENT: max_tokens"),
+        (["tokenize", ""], 1, "INVALID_ARGUMENT: the input is empty"),
+        (["tokenize", "the", "--model", "nope"], 1, "NOT_FOUND: no model named 'nope'"),
     ],
 )
 def test_errors_exit_non_zero_with_a_message(server_target: str, args: list[str], code: int, message: str) -> None:

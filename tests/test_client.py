@@ -9,7 +9,9 @@ import pytest
 
 from lstmd import client
 from lstmd.client import AsyncClient, Client
-from tests.conftest import Reference
+from tests.conftest import WORDS, Reference
+
+ID = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}  # the tiny models' vocabulary
 
 
 def test_sync_client_session_calls(server_target: str, reference: Reference) -> None:
@@ -73,6 +75,33 @@ def test_sync_errors_map_to_the_client_tree(server_target: str) -> None:
             list(c.generate("the", max_tokens=0))
         with pytest.raises(client.NotFound):
             list(c.stream(["the"], session_id="0" * 32))
+
+
+def test_tokenize_with_both_clients(server_target: str) -> None:
+    with Client(server_target, retries=0) as c:
+        result = c.tokenize("The sea, zyzzyva")
+        assert (result.model, result.tokenizer) == ("tiny", "words")
+        assert [(t.id, t.word, t.unknown) for t in result.tokens] == [
+            (ID["the"], "the", False),
+            (ID["sea"], "sea", False),
+            (ID[","], ",", False),
+            (ID["<unk>"], "zyzzyva", True),
+        ]
+        assert c.tokenize("sea", model="tiny2").model == "tiny2"
+        assert {m.tokenizer for m in c.list_models()} == {"words"}
+        with pytest.raises(client.InvalidInput, match="the input is empty"):
+            c.tokenize("")
+        with pytest.raises(client.NotFound, match="no model named"):
+            c.tokenize("the", model="nope")
+
+
+async def test_async_tokenize(server_target: str) -> None:
+    async with AsyncClient(server_target, retries=0) as c:
+        result = await c.tokenize("The sea", model="tiny2")
+        assert result == client.Tokenization("tiny2", "words", [client.Token(ID["the"], "the", False),
+                                                                client.Token(ID["sea"], "sea", False)])  # fmt: skip
+        with pytest.raises(client.NotFound):
+            await c.tokenize("the", model="nope")
 
 
 def test_unreachable_server_is_unavailable_after_retries() -> None:

@@ -39,6 +39,7 @@ def test_contract_has_every_planned_rpc() -> None:
         "Feed": (False, False),
         "Stream": (True, True),
         "Generate": (False, True),
+        "Tokenize": (False, False),
     }
     assert lstmd_pb2.DESCRIPTOR.package == "lstmd.v1"
 

@@ -243,6 +243,7 @@ async def test_no_key_or_a_wrong_key_is_unauthenticated_on_every_rpc(
         stub.Feed(pb.FeedRequest(session_id=NOBODY, text="the"), metadata=metadata),
         stub.Stream(iter([pb.StreamRequest(text="the")]), metadata=metadata).read(),
         stub.Generate(pb.GenerateRequest(max_tokens=3), metadata=metadata).read(),
+        stub.Tokenize(pb.TokenizeRequest(text="the"), metadata=metadata),
     ]
     for call in calls:
         code, message = await code_of(call)
@@ -261,6 +262,10 @@ async def test_health_and_reflection_need_no_key_and_a_key_works(keyed: tuple[Ru
     assert "lstmd.v1.Lstmd" in {s.name for s in (await call.read()).list_services_response.service}
     for key in (KEY_A, KEY_B, KEY_C):
         assert len((await As(channel, key).ListModels(pb.ListModelsRequest())).models) == 2
+        assert [t.word for t in (await As(channel, key).Tokenize(pb.TokenizeRequest(text="the cat"))).tokens] == [
+            "the",
+            "cat",
+        ]
 
 
 async def test_keyless_services_setting_can_put_health_behind_a_key(make_server: ServerFactory) -> None:

@@ -13,9 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
+from lstmd.model.tokenizer import detokenize
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
-from tests.conftest import HIDDEN, LAYERS, Reference, ServerFactory, memory_sessions
+from tests.conftest import HIDDEN, LAYERS, WORDS, Reference, ServerFactory, memory_sessions
 
 TEXTS = [
     "the cat sat on the mat .",
@@ -57,6 +58,7 @@ async def test_list_models_reports_metadata(stub: Any) -> None:
     assert (tiny.num_layers, tiny.hidden_size, tiny.is_default, tiny.precision) == (LAYERS, HIDDEN, True, "fp32")
     assert tiny.state_bytes == 2 * 2 * LAYERS * HIDDEN * 4  # (h, c) after and before the last token
     assert not models["tiny2"].is_default
+    assert tiny.tokenizer == models["tiny2"].tokenizer == "words"
 
 
 async def test_session_lifecycle(stub: Any) -> None:
@@ -111,6 +113,51 @@ async def test_session_rpcs_reject_unknown_and_malformed_ids(
 ) -> None:
     request = getattr(pb, f"{method}Request")(session_id=session_id)
     assert (await code_of(getattr(stub, method)(request)))[0] == code
+
+
+# tokenizing
+
+ID = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}  # the tiny models' vocabulary, as conftest builds it
+
+
+async def test_tokenize_shows_the_tokens_a_feed_would_apply_and_steps_nothing(
+    shared: tuple[RunningServer, Any],
+) -> None:
+    running, stub = shared
+    held = len(memory_sessions(running))
+    reply = await stub.Tokenize(pb.TokenizeRequest(text="The Cat sat, zyzzyva!\nthe"))
+    assert (reply.model, reply.tokenizer) == ("tiny", "words")
+    assert [(t.id, t.word, t.unknown) for t in reply.tokens] == [
+        (ID["the"], "the", False),
+        (ID["cat"], "cat", False),
+        (ID["sat"], "sat", False),
+        (ID[","], ",", False),
+        (ID["<unk>"], "zyzzyva", True),
+        (ID["!"], "!", False),
+        (ID["<eos>"], "<eos>", False),
+        (ID["the"], "the", False),
+    ]
+    assert (await stub.Tokenize(pb.TokenizeRequest(model="tiny2", text="sea"))).model == "tiny2"
+    assert len(memory_sessions(running)) == held, "no session was made"
+    session = await stub.CreateSession(pb.CreateSessionRequest())
+    fed = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="The Cat sat, zyzzyva!\nthe"))
+    assert list(fed.tokens) == list(reply.tokens)
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "words"),
+    [
+        (pb.TokenizeRequest(model="nope", text="the"), grpc.StatusCode.NOT_FOUND, "no model named 'nope'"),
+        (pb.TokenizeRequest(text=""), grpc.StatusCode.INVALID_ARGUMENT, "the input is empty"),
+        (pb.TokenizeRequest(text=" \t "), grpc.StatusCode.INVALID_ARGUMENT, "the input is empty"),
+        (pb.TokenizeRequest(text="a" * 100_001), grpc.StatusCode.INVALID_ARGUMENT, "the limit is 100000"),
+        (pb.TokenizeRequest(text="the " * 5000), grpc.StatusCode.INVALID_ARGUMENT, "text is 5000 tokens"),
+    ],
+    ids=["unknown-model", "empty", "blank", "over-max-chars", "over-max-tokens"],
+)
+async def test_tokenize_errors(stub: Any, request_: pb.TokenizeRequest, code: grpc.StatusCode, words: str) -> None:
+    got, message = await code_of(stub.Tokenize(request_))
+    assert got == code and words in message
 
 
 # feeding
@@ -355,6 +402,18 @@ async def test_generate_with_top_k_one_is_greedy_and_stops_at_a_stop_word(stub: 
     ]
     assert [t.word for t in stopped] == [t.word for t in words[: len(stopped)]]
     assert stopped[-1].word == stop and stopped[-1].finish_reason == pb.FINISH_REASON_STOP_WORD
+
+
+async def test_generate_sends_the_text_each_token_adds(stub: Any) -> None:
+    """For lstmd's word models: a space before each word, none before closing punctuation, a newline
+    for "<eos>"; after the prompt, the texts add up to detokenizing prompt and generation whole."""
+    request = pb.GenerateRequest(prompt="the king", max_tokens=200, seed=0, allow_eos=True)
+    tokens = [t async for t in stub.Generate(request)]
+    assert "".join(t.text for t in tokens) == detokenize(["the", "king", *(t.word for t in tokens)])[len("the king") :]
+    assert {t.word for t in tokens} & {'"', ",", "<eos>"} == {'"', ",", "<eos>"}, "the seed reaches each case"
+    for t in tokens:
+        assert t.text in ("\n" if t.word == "<eos>" else t.word, " " + t.word)
+    assert [t.text for t in tokens if t.word == ","] == [","] * sum(t.word == "," for t in tokens)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lstmd.model.tokenizer import EOS, UNK, Vocab, detokenize, tokenize
+from lstmd.model.tokenizer import EOS, UNK, TokenizerSpec, Vocab, WordsTokenizer, detokenize, tokenize
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,25 @@ def test_vocab_build_encode_decode_and_save(tmp_path: Path) -> None:
 def test_vocab_rejects_missing_specials_and_duplicates(words: list[str]) -> None:
     with pytest.raises(ValueError, match=r"special|duplicate"):
         Vocab(words)
+
+
+def test_the_words_text_stream_keeps_a_quote_open_over_any_distance() -> None:
+    quote = 'he said , " i will go to the city with my dog and the cat tomorrow , " said he .'.split()  # noqa: SIM905
+    vocab = Vocab([UNK, EOS, *dict.fromkeys(quote)])
+    tokenizer = WordsTokenizer(TokenizerSpec(), vocab)
+    stream = tokenizer.text_stream(vocab.encode(["he", "said"]))
+    texts = [stream.add(i) for i in vocab.encode(quote[2:])]
+    assert "".join(texts) == ', "i will go to the city with my dog and the cat tomorrow," said he.'
+    assert texts[:3] == [",", ' "', "i"] and texts[-5:] == [",", '"', " said", " he", "."]
+    fresh = tokenizer.text_stream([vocab.eos_id])  # a new session starts after <eos>: no space first
+    assert [fresh.add(i) for i in vocab.encode(["he", EOS, "said"])] == ["he", "\n", "said"]
+
+
+@given(st.lists(st.sampled_from(["a", "b", '"', ",", "(", EOS, "$"]), max_size=60), st.integers(0, 60))
+def test_the_words_text_stream_adds_up_to_decoding_everything(words: list[str], split: int) -> None:
+    vocab = Vocab([UNK, EOS, "a", "b", '"', ",", "(", "$"])
+    tokenizer = WordsTokenizer(TokenizerSpec(), vocab)
+    ids = vocab.encode(words)
+    stream = tokenizer.text_stream(ids[:split])
+    texts = "".join(stream.add(i) for i in ids[split:])
+    assert detokenize(words[:split]) + texts == detokenize(words)

@@ -230,6 +230,47 @@ async def test_generated_pieces_decode_as_the_library_decodes(
     assert tokenizer.decode(new) == exp.decode(new)
 
 
+@pytest.mark.parametrize("name", ["chars", "bpe", "spm"])
+async def test_generated_text_fields_add_up_to_the_librarys_decoding(
+    name: str, tokenizer_models: tuple[Path, dict[str, Expected]]
+) -> None:
+    """Each token's ``text`` is what it adds to the session's text: after a prompt, the library's
+    decoding of prompt and generation beyond that of the prompt; on a new session, the library's
+    decoding of the generated ids."""
+    root, expected = tokenizer_models
+    exp, prompt = expected[name], "The cat"
+    async with _serving(root) as stub:
+        after_prompt = [t async for t in stub.Generate(pb.GenerateRequest(model=name, prompt=prompt, max_tokens=40,
+                                                                           seed=3, temperature=1.5))]  # fmt: skip
+        session = await stub.CreateSession(pb.CreateSessionRequest(model=name))
+        request = pb.GenerateRequest(session_id=session.session_id, max_tokens=40, seed=4, temperature=1.5)
+        fresh = [t async for t in stub.Generate(request)]
+    prompt_ids = exp.encode(prompt)
+    whole = exp.decode(prompt_ids + [t.token_id for t in after_prompt])
+    assert whole.startswith(exp.decode(prompt_ids))
+    assert "".join(t.text for t in after_prompt) == whole[len(exp.decode(prompt_ids)) :]
+    assert "".join(t.text for t in fresh) == exp.decode([t.token_id for t in fresh])
+    assert any(t.text.startswith(" ") for t in after_prompt + fresh) or name == "chars", "spacing comes from pieces"
+
+
+def test_the_text_stream_holds_back_the_bytes_of_a_split_character(
+    tokenizer_models: tuple[Path, dict[str, Expected]],
+) -> None:
+    """A byte-level BPE spells a character it has no merge for in several byte tokens: the stream
+    gives no half character, and the texts still add up to the library's decoding."""
+    root, expected = tokenizer_models
+    exp = expected["bpe"]
+    _, tokenizer = read_model_dir(root / "bpe" / "1")
+    text = "The cat saw \u2603 and \U0001f408 at night, caf\u00e9 \u00e9t\u00e9 cat sat on the mat."
+    ids = exp.encode(text)
+    assert any("\ufffd" in exp.decode([i]) for i in ids), "some characters are split over byte tokens"
+    for first in (0, 3):
+        stream = tokenizer.text_stream(ids[:first])
+        texts = [stream.add(i, last=n == len(ids) - 1) for n, i in enumerate(ids) if n >= first]
+        assert "".join(texts) == exp.decode(ids)[len(exp.decode(ids[:first])) :]
+        assert not any("\ufffd" in t for t in texts) and "" in texts, "bytes of a character were held back"
+
+
 def test_a_card_without_a_tokenizer_section_loads_as_lstmds_words(models_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "old"
     shutil.copytree(models_dir / "tiny" / "1", folder)

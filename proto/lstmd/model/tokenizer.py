@@ -63,23 +63,30 @@ def tokenize(text: str, lowercase: bool = True) -> list[str]:
 
 def detokenize(words: Iterable[str]) -> str:
     """Join tokens into readable text: no space before closing punctuation."""
-    out: list[str] = []
-    quote_open = False
-    glue_next = True  # no space before the first word or after an opening bracket
-    for word in words:
+    joiner = Detokenizer()
+    return "".join(map(joiner.add, words))
+
+
+class Detokenizer:
+    """``detokenize`` one token at a time: ``add`` returns the text a token adds after the ones
+    before it. All it remembers is whether the next token hugs the text and whether a quote is open."""
+
+    def __init__(self) -> None:
+        self.quote_open = False
+        self.glue_next = True  # no space before the first word or after an opening bracket
+
+    def add(self, word: str) -> str:
         if word == EOS:
-            out.append("\n")
-            glue_next = True
-            continue
-        glue = glue_next or word in _NO_SPACE_BEFORE
+            self.glue_next = True
+            return "\n"
+        glue = self.glue_next or word in _NO_SPACE_BEFORE
         if word == '"':
-            glue = glue_next or quote_open  # a closing quote hugs the word before it
-            quote_open = not quote_open
-            glue_next = quote_open  # an opening quote hugs the word after it
+            glue = self.glue_next or self.quote_open  # a closing quote hugs the word before it
+            self.quote_open = not self.quote_open
+            self.glue_next = self.quote_open  # an opening quote hugs the word after it
         else:
-            glue_next = word in _NO_SPACE_AFTER
-        out.append(word if glue else " " + word)
-    return "".join(out)
+            self.glue_next = word in _NO_SPACE_AFTER
+        return word if glue else " " + word
 
 
 class Vocab:
@@ -255,6 +262,11 @@ class Tokenizer(ABC):
     def encode_text(self, text: str) -> list[int]:
         return self.encode(text).ids
 
+    def text_stream(self, context: Sequence[int]) -> TextStream:
+        """Decodes ids one at a time after ``context`` (the ids before them): ``add(id)`` returns the
+        text the id adds, so that the texts together are decode(context + ids) minus decode(context)."""
+        return TextStream(self.decode, context)
+
     def _decode_lines(self, ids: Sequence[int], decode: Callable[[list[int]], str]) -> str:
         """``decode`` each run of ids between newline tokens, joined by newlines."""
         lines: list[list[int]] = [[]]
@@ -301,6 +313,11 @@ class WordsTokenizer(Tokenizer):
 
     def token_id(self, piece: str) -> int | None:
         return self.vocab.ids.get(piece)
+
+    def text_stream(self, context: Sequence[int]) -> TextStream:
+        """Exact and O(1) a token: ``detokenize`` is a left-to-right join (``Detokenizer``), so the
+        whole context is read once and no window can lose an open quote."""
+        return _WordsTextStream(self.pieces, context)
 
     def encode(self, text: str) -> Encoding:
         words = tokenize(text, not self.spec.keep_case)
@@ -369,3 +386,60 @@ class CharactersTokenizer(_VocabFileTokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join("\n" if i == self.newline_id else self.pieces[i] for i in ids)
+
+
+class TextStream:
+    """The text each id adds when ids come one at a time (generation): decode(ids so far) minus
+    decode(the ids before), the usual streaming detokenization, computed over a window.
+
+    Decoding every id so far at each step costs O(n) a token, O(n²) a generation. The window holds
+    the last ``CONTEXT`` ids whose text was given, for the spacing and joining they decide (a
+    SentencePiece ``▁``, a byte-level BPE ``Ġ`` after the word before), and the ids not yet given:
+    an id whose decoding ends in U+FFFD (the first bytes of a character that the next token
+    completes) or rewrites the window's text gives "" and comes out with a later one; ``last=True``
+    gives everything held. So a token costs two decodes of a handful of ids. A tokenizer whose text
+    depends on more than ``CONTEXT`` ids before overrides ``Tokenizer.text_stream``."""
+
+    CONTEXT = 4  # ids of decoded text kept before the new ones
+    MAX_HELD = 16  # ids held back at most (a model emitting bytes that never form a character)
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], context: Sequence[int]):
+        self._decode = decode
+        self._ids = list(context[-self.CONTEXT :])
+        self._given = len(self._ids)  # ids[:given] are decoded text already given (or context)
+        self._text = decode(self._ids)
+
+    def add(self, token_id: int, last: bool = False) -> str:
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        complete = text.startswith(self._text) and not text.endswith("\ufffd")
+        if not (complete or last or len(self._ids) - self._given >= self.MAX_HELD):
+            return ""
+        start = len(self._text) if text.startswith(self._text) else _common_prefix(text, self._text)
+        if len(self._ids) > self.CONTEXT:
+            self._ids = self._ids[-self.CONTEXT :]
+            self._text = self._decode(self._ids)
+        else:
+            self._text = text
+        self._given = len(self._ids)
+        return text[start:]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _WordsTextStream(TextStream):
+    def __init__(self, pieces: list[str], context: Sequence[int]):
+        self._pieces = pieces
+        self._joiner = Detokenizer()
+        for i in context:
+            self._joiner.add(pieces[i])
+
+    def add(self, token_id: int, last: bool = False) -> str:
+        return self._joiner.add(self._pieces[token_id])

@@ -25,49 +25,53 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lstmd/v1/lstmd.proto\x12\x08lstmd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.lstmd.v1.ModelInfo\"\xbc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x04\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x17\n\x0ftest_perplexity\x18\t \x01(\x02\"4\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\"\xc0\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\r\n\x05top_k\x18\x05 \x01(\r\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"(\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xc4\x01\n\x0b\x46\x65\x65\x64Request\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.lstmd.v1.TokenIdsH\x00\x12\x1e\n\x11\x65xpected_position\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x1d\n\x15return_token_logprobs\x18\x06 \x01(\x08\x42\x07\n\x05inputB\x14\n\x12_expected_position\"\xd5\x01\n\rStreamRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12$\n\x06tokens\x18\x04 \x01(\x0b\x32\x12.lstmd.v1.TokenIdsH\x00\x12\x1e\n\x11\x65xpected_position\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x1d\n\x15return_token_logprobs\x18\x07 \x01(\x08\x42\x07\n\x05inputB\x14\n\x12_expected_position\"2\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04word\x18\x02 \x01(\t\x12\x0f\n\x07unknown\x18\x03 \x01(\x08\"@\n\tCandidate\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xa6\x01\n\nPrediction\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x1f\n\x06tokens\x18\x03 \x03(\x0b\x32\x0f.lstmd.v1.Token\x12\'\n\ncandidates\x18\x04 \x03(\x0b\x32\x13.lstmd.v1.Candidate\x12\x16\n\x0etoken_logprobs\x18\x05 \x03(\x02\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\xfe\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1e\n\x11\x65xpected_position\x18\n \x01(\x04H\x01\x88\x01\x01\x12\x11\n\tallow_eos\x18\x0b \x01(\x08\x42\x07\n\x05_seedB\x14\n\x12_expected_position\"\x9a\x01\n\x0eGeneratedToken\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04word\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\x03\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x12\x10\n\x08position\x18\x05 \x01(\x04\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.lstmd.v1.FinishReason*h\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12\x1b\n\x17\x46INISH_REASON_STOP_WORD\x10\x02\x32\x99\x04\n\x05Lstmd\x12G\n\nListModels\x12\x1b.lstmd.v1.ListModelsRequest\x1a\x1c.lstmd.v1.ListModelsResponse\x12\x42\n\rCreateSession\x12\x1e.lstmd.v1.CreateSessionRequest\x1a\x11.lstmd.v1.Session\x12<\n\nGetSession\x12\x1b.lstmd.v1.GetSessionRequest\x1a\x11.lstmd.v1.Session\x12P\n\rDeleteSession\x12\x1e.lstmd.v1.DeleteSessionRequest\x1a\x1f.lstmd.v1.DeleteSessionResponse\x12>\n\x0b\x46orkSession\x12\x1c.lstmd.v1.ForkSessionRequest\x1a\x11.lstmd.v1.Session\x12\x33\n\x04\x46\x65\x65\x64\x12\x15.lstmd.v1.FeedRequest\x1a\x14.lstmd.v1.Prediction\x12;\n\x06Stream\x12\x17.lstmd.v1.StreamRequest\x1a\x14.lstmd.v1.Prediction(\x01\x30\x01\x12\x41\n\x08Generate\x12\x19.lstmd.v1.GenerateRequest\x1a\x18.lstmd.v1.GeneratedToken0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lstmd/v1/lstmd.proto\x12\x08lstmd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.lstmd.v1.ModelInfo\"\xcf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x04\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x17\n\x0ftest_perplexity\x18\t \x01(\x02\x12\x11\n\ttokenizer\x18\n \x01(\t\"4\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\"\xc0\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\r\n\x05top_k\x18\x05 \x01(\r\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"(\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xc4\x01\n\x0b\x46\x65\x65\x64Request\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.lstmd.v1.TokenIdsH\x00\x12\x1e\n\x11\x65xpected_position\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x1d\n\x15return_token_logprobs\x18\x06 \x01(\x08\x42\x07\n\x05inputB\x14\n\x12_expected_position\"\xd5\x01\n\rStreamRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12$\n\x06tokens\x18\x04 \x01(\x0b\x32\x12.lstmd.v1.TokenIdsH\x00\x12\x1e\n\x11\x65xpected_position\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x1d\n\x15return_token_logprobs\x18\x07 \x01(\x08\x42\x07\n\x05inputB\x14\n\x12_expected_position\"2\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04word\x18\x02 \x01(\t\x12\x0f\n\x07unknown\x18\x03 \x01(\x08\"@\n\tCandidate\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xa6\x01\n\nPrediction\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x1f\n\x06tokens\x18\x03 \x03(\x0b\x32\x0f.lstmd.v1.Token\x12\'\n\ncandidates\x18\x04 \x03(\x0b\x32\x13.lstmd.v1.Candidate\x12\x16\n\x0etoken_logprobs\x18\x05 \x03(\x02\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\xfe\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1e\n\x11\x65xpected_position\x18\n \x01(\x04H\x01\x88\x01\x01\x12\x11\n\tallow_eos\x18\x0b \x01(\x08\x42\x07\n\x05_seedB\x14\n\x12_expected_position\"\xa8\x01\n\x0eGeneratedToken\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04word\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\x03\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x12\x10\n\x08position\x18\x05 \x01(\x04\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.lstmd.v1.FinishReason\x12\x0c\n\x04text\x18\x07 \x01(\t\".\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"U\n\x10TokenizeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x1f\n\x06tokens\x18\x03 \x03(\x0b\x32\x0f.lstmd.v1.Token*h\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12\x1b\n\x17\x46INISH_REASON_STOP_WORD\x10\x02\x32\xdc\x04\n\x05Lstmd\x12G\n\nListModels\x12\x1b.lstmd.v1.ListModelsRequest\x1a\x1c.lstmd.v1.ListModelsResponse\x12\x42\n\rCreateSession\x12\x1e.lstmd.v1.CreateSessionRequest\x1a\x11.lstmd.v1.Session\x12<\n\nGetSession\x12\x1b.lstmd.v1.GetSessionRequest\x1a\x11.lstmd.v1.Session\x12P\n\rDeleteSession\x12\x1e.lstmd.v1.DeleteSessionRequest\x1a\x1f.lstmd.v1.DeleteSessionResponse\x12>\n\x0b\x46orkSession\x12\x1c.lstmd.v1.ForkSessionRequest\x1a\x11.lstmd.v1.Session\x12\x33\n\x04\x46\x65\x65\x64\x12\x15.lstmd.v1.FeedRequest\x1a\x14.lstmd.v1.Prediction\x12;\n\x06Stream\x12\x17.lstmd.v1.StreamRequest\x1a\x14.lstmd.v1.Prediction(\x01\x30\x01\x12\x41\n\x08Generate\x12\x19.lstmd.v1.GenerateRequest\x1a\x18.lstmd.v1.GeneratedToken0\x01\x12\x41\n\x08Tokenize\x12\x19.lstmd.v1.TokenizeRequest\x1a\x1a.lstmd.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lstmd.v1.lstmd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1880
-  _globals['_FINISHREASON']._serialized_end=1984
+  _globals['_FINISHREASON']._serialized_start=2048
+  _globals['_FINISHREASON']._serialized_end=2152
   _globals['_LISTMODELSREQUEST']._serialized_start=67
   _globals['_LISTMODELSREQUEST']._serialized_end=86
   _globals['_LISTMODELSRESPONSE']._serialized_start=88
   _globals['_LISTMODELSRESPONSE']._serialized_end=145
   _globals['_MODELINFO']._serialized_start=148
-  _globals['_MODELINFO']._serialized_end=336
-  _globals['_CREATESESSIONREQUEST']._serialized_start=338
-  _globals['_CREATESESSIONREQUEST']._serialized_end=390
-  _globals['_SESSION']._serialized_start=393
-  _globals['_SESSION']._serialized_end=585
-  _globals['_GETSESSIONREQUEST']._serialized_start=587
-  _globals['_GETSESSIONREQUEST']._serialized_end=626
-  _globals['_DELETESESSIONREQUEST']._serialized_start=628
-  _globals['_DELETESESSIONREQUEST']._serialized_end=670
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=672
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=695
-  _globals['_FORKSESSIONREQUEST']._serialized_start=697
-  _globals['_FORKSESSIONREQUEST']._serialized_end=737
-  _globals['_TOKENIDS']._serialized_start=739
-  _globals['_TOKENIDS']._serialized_end=762
-  _globals['_FEEDREQUEST']._serialized_start=765
-  _globals['_FEEDREQUEST']._serialized_end=961
-  _globals['_STREAMREQUEST']._serialized_start=964
-  _globals['_STREAMREQUEST']._serialized_end=1177
-  _globals['_TOKEN']._serialized_start=1179
-  _globals['_TOKEN']._serialized_end=1229
-  _globals['_CANDIDATE']._serialized_start=1231
-  _globals['_CANDIDATE']._serialized_end=1295
-  _globals['_PREDICTION']._serialized_start=1298
-  _globals['_PREDICTION']._serialized_end=1464
-  _globals['_GENERATEREQUEST']._serialized_start=1467
-  _globals['_GENERATEREQUEST']._serialized_end=1721
-  _globals['_GENERATEDTOKEN']._serialized_start=1724
-  _globals['_GENERATEDTOKEN']._serialized_end=1878
-  _globals['_LSTMD']._serialized_start=1987
-  _globals['_LSTMD']._serialized_end=2524
+  _globals['_MODELINFO']._serialized_end=355
+  _globals['_CREATESESSIONREQUEST']._serialized_start=357
+  _globals['_CREATESESSIONREQUEST']._serialized_end=409
+  _globals['_SESSION']._serialized_start=412
+  _globals['_SESSION']._serialized_end=604
+  _globals['_GETSESSIONREQUEST']._serialized_start=606
+  _globals['_GETSESSIONREQUEST']._serialized_end=645
+  _globals['_DELETESESSIONREQUEST']._serialized_start=647
+  _globals['_DELETESESSIONREQUEST']._serialized_end=689
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=691
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=714
+  _globals['_FORKSESSIONREQUEST']._serialized_start=716
+  _globals['_FORKSESSIONREQUEST']._serialized_end=756
+  _globals['_TOKENIDS']._serialized_start=758
+  _globals['_TOKENIDS']._serialized_end=781
+  _globals['_FEEDREQUEST']._serialized_start=784
+  _globals['_FEEDREQUEST']._serialized_end=980
+  _globals['_STREAMREQUEST']._serialized_start=983
+  _globals['_STREAMREQUEST']._serialized_end=1196
+  _globals['_TOKEN']._serialized_start=1198
+  _globals['_TOKEN']._serialized_end=1248
+  _globals['_CANDIDATE']._serialized_start=1250
+  _globals['_CANDIDATE']._serialized_end=1314
+  _globals['_PREDICTION']._serialized_start=1317
+  _globals['_PREDICTION']._serialized_end=1483
+  _globals['_GENERATEREQUEST']._serialized_start=1486
+  _globals['_GENERATEREQUEST']._serialized_end=1740
+  _globals['_GENERATEDTOKEN']._serialized_start=1743
+  _globals['_GENERATEDTOKEN']._serialized_end=1911
+  _globals['_TOKENIZEREQUEST']._serialized_start=1913
+  _globals['_TOKENIZEREQUEST']._serialized_end=1959
+  _globals['_TOKENIZERESPONSE']._serialized_start=1961
+  _globals['_TOKENIZERESPONSE']._serialized_end=2046
+  _globals['_LSTMD']._serialized_start=2155
+  _globals['_LSTMD']._serialized_end=2759
 # @@protoc_insertion_point(module_scope)

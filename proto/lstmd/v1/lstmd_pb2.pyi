@@ -19,7 +19,8 @@ Concepts
 - A *word* in Token, Candidate and GeneratedToken is one token of the model's tokenizer: a
   whole word for word models, but for subword and character models a piece of a word (e.g.
   "▁the", "Ġcat", "c"), as the tokenizer's vocabulary spells it. Joining pieces into text is
-  the tokenizer's decoding, not string concatenation.
+  the tokenizer's decoding, not string concatenation: Generate sends each token's decoded
+  text beside it (GeneratedToken.text), and Tokenize shows how text becomes tokens.
 
 Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input, token id outside the vocabulary,
@@ -121,6 +122,7 @@ class ModelInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     TEST_PERPLEXITY_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     vocab_size: _builtins.int
@@ -134,6 +136,10 @@ class ModelInfo(_message.Message):
     """"fp32" or "int8"."""
     test_perplexity: _builtins.float
     """Test-set perplexity from the model card (0 when unknown)."""
+    tokenizer: _builtins.str
+    """The model's tokenizer kind: "words" (lstmd's word tokenizer), "whitespace" (already-tokenized
+    words), "characters", "hf" (a Hugging Face tokenizer.json) or "sentencepiece".
+    """
     def __init__(
         self,
         *,
@@ -146,10 +152,11 @@ class ModelInfo(_message.Message):
         is_default: _builtins.bool = ...,
         precision: _builtins.str = ...,
         test_perplexity: _builtins.float = ...,
+        tokenizer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_size", b"hidden_size", "is_default", b"is_default", "name", b"name", "num_layers", b"num_layers", "precision", b"precision", "state_bytes", b"state_bytes", "test_perplexity", b"test_perplexity", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_size", b"hidden_size", "is_default", b"is_default", "name", b"name", "num_layers", b"num_layers", "precision", b"precision", "state_bytes", b"state_bytes", "test_perplexity", b"test_perplexity", "tokenizer", b"tokenizer", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -595,6 +602,7 @@ class GeneratedToken(_message.Message):
     PROBABILITY_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     word: _builtins.str
     """One token of the model's tokenizer: for subword and character models a piece of a word."""
@@ -605,6 +613,14 @@ class GeneratedToken(_message.Message):
     """The session's position after this token."""
     finish_reason: Global___FinishReason.ValueType
     """Set on the last token: why generation stopped."""
+    text: _builtins.str
+    """The text this token adds to the session's text, decoded by the model's tokenizer: what
+    decoding the ids so far gives beyond decoding the ids before (for subword models, "▁the"
+    after a word adds " the"; lstmd's word models space and glue punctuation and quotes). Print
+    the texts one after another, after the prompt, to show the generation. It may be "" while a
+    character spans several tokens (byte-level pieces); the token that completes it, or the last
+    token, carries the text. Servers before this field send "" always.
+    """
     def __init__(
         self,
         *,
@@ -614,11 +630,66 @@ class GeneratedToken(_message.Message):
         probability: _builtins.float = ...,
         position: _builtins.int = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
+        text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "position", b"position", "probability", b"probability", "session_id", b"session_id", "token_id", b"token_id", "word", b"word"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "position", b"position", "probability", b"probability", "session_id", b"session_id", "text", b"text", "token_id", b"token_id", "word", b"word"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GeneratedToken: _TypeAlias = GeneratedToken  # noqa: Y015
+
+@_typing.final
+class TokenizeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name; empty for the server's default model."""
+    text: _builtins.str
+    """Raw text, tokenized as a Feed's text would be."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizeRequest: _TypeAlias = TokenizeRequest  # noqa: Y015
+
+@_typing.final
+class TokenizeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model that tokenized the text (the default model's name when the request named none)."""
+    tokenizer: _builtins.str
+    """The model's tokenizer kind, as in ModelInfo.tokenizer."""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___Token]:
+        """The tokens the text becomes, in order."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        tokenizer: _builtins.str = ...,
+        tokens: _abc.Iterable[Global___Token] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "tokenizer", b"tokenizer", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015

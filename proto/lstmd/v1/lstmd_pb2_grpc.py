@@ -75,6 +75,11 @@ class LstmdStub:
                 request_serializer=lstmd_dot_v1_dot_lstmd__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=lstmd_dot_v1_dot_lstmd__pb2.GeneratedToken.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/lstmd.v1.Lstmd/Tokenize',
+                request_serializer=lstmd_dot_v1_dot_lstmd__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=lstmd_dot_v1_dot_lstmd__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class LstmdServicer:
@@ -151,6 +156,17 @@ class LstmdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """How `model` (the default model when empty) turns `text` into tokens: the ids, pieces and
+        unknown flags a Feed of that text would apply, and the model's tokenizer kind. Steps no
+        session and creates none.
+        Errors: INVALID_ARGUMENT (empty text, or text over the server's character or token limit per
+        feed), NOT_FOUND (unknown model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LstmdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +209,11 @@ def add_LstmdServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=lstmd_dot_v1_dot_lstmd__pb2.GenerateRequest.FromString,
                     response_serializer=lstmd_dot_v1_dot_lstmd__pb2.GeneratedToken.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=lstmd_dot_v1_dot_lstmd__pb2.TokenizeRequest.FromString,
+                    response_serializer=lstmd_dot_v1_dot_lstmd__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -412,6 +433,33 @@ class Lstmd:
             '/lstmd.v1.Lstmd/Generate',
             lstmd_dot_v1_dot_lstmd__pb2.GenerateRequest.SerializeToString,
             lstmd_dot_v1_dot_lstmd__pb2.GeneratedToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmd.v1.Lstmd/Tokenize',
+            lstmd_dot_v1_dot_lstmd__pb2.TokenizeRequest.SerializeToString,
+            lstmd_dot_v1_dot_lstmd__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,8 @@ Concepts
 - A *word* in Token, Candidate and GeneratedToken is one token of the model's tokenizer: a
   whole word for word models, but for subword and character models a piece of a word (e.g.
   "▁the", "Ġcat", "c"), as the tokenizer's vocabulary spells it. Joining pieces into text is
-  the tokenizer's decoding, not string concatenation.
+  the tokenizer's decoding, not string concatenation: Generate sends each token's decoded
+  text beside it (GeneratedToken.text), and Tokenize shows how text becomes tokens.
 
 Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input, token id outside the vocabulary,
@@ -104,6 +105,13 @@ class LstmdStub:
     an ephemeral session on `model` is used and freed at the end.
     Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
     """
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.TokenizeRequest, _lstmd_pb2.TokenizeResponse]
+    """How `model` (the default model when empty) turns `text` into tokens: the ids, pieces and
+    unknown flags a Feed of that text would apply, and the model's tokenizer kind. Steps no
+    session and creates none.
+    Errors: INVALID_ARGUMENT (empty text, or text over the server's character or token limit per
+    feed), NOT_FOUND (unknown model).
+    """
 
 @_typing.type_check_only
 class LstmdAsyncStub(LstmdStub):
@@ -144,6 +152,13 @@ class LstmdAsyncStub(LstmdStub):
     tokens become part of the session (its position advances). When `session_id` is empty
     an ephemeral session on `model` is used and freed at the end.
     Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
+    """
+    Tokenize: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.TokenizeRequest, _lstmd_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """How `model` (the default model when empty) turns `text` into tokens: the ids, pieces and
+    unknown flags a Feed of that text would apply, and the model's tokenizer kind. Steps no
+    session and creates none.
+    Errors: INVALID_ARGUMENT (empty text, or text over the server's character or token limit per
+    feed), NOT_FOUND (unknown model).
     """
 
 class LstmdServicer(metaclass=_abc_1.ABCMeta):
@@ -230,6 +245,19 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
         tokens become part of the session (its position advances). When `session_id` is empty
         an ephemeral session on `model` is used and freed at the end.
         Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
+        """
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _lstmd_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lstmd_pb2.TokenizeResponse, _abc.Awaitable[_lstmd_pb2.TokenizeResponse]]:
+        """How `model` (the default model when empty) turns `text` into tokens: the ids, pieces and
+        unknown flags a Feed of that text would apply, and the model's tokenizer kind. Steps no
+        session and creates none.
+        Errors: INVALID_ARGUMENT (empty text, or text over the server's character or token limit per
+        feed), NOT_FOUND (unknown model).
         """
 
 def add_LstmdServicer_to_server(servicer: LstmdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
