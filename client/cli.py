@@ -110,13 +110,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole_lines(text: str) -> list[str]:
+    """``text`` in pieces of whole lines, each with something besides whitespace (blank lines go
+    with the line after them, trailing ones with the last), so that the model's tokenizer sees
+    exactly the text, blank lines and all, and no piece is empty."""
+    pieces: list[str] = []
+    pending = ""
+    for line in text.splitlines(keepends=True):
+        pending += line
+        if line.strip():
+            pieces.append(pending)
+            pending = ""
+    if pieces and pending:
+        pieces[-1] += pending
+    return pieces
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     inputs: list[Input]
     if args.ids is not None:
         inputs = [args.ids]
     else:
-        text = Path(args.file).read_text(encoding="utf-8", errors="replace")
-        inputs = [line + "\n" for line in text.splitlines() if line.strip()]
+        inputs = list(_whole_lines(Path(args.file).read_text(encoding="utf-8", errors="replace")))
     total, count, unknown = 0.0, 0, 0
     with _client(args) as client:
         for prediction in client.stream(inputs, model=args.model, top_k=1, token_logprobs=True):

@@ -13,7 +13,7 @@ import pexpect
 import pytest
 
 from lstmd.client import Client
-from tests.conftest import WORDS
+from tests.conftest import WORDS, Reference
 
 ID = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}  # the tiny models' vocabulary
 
@@ -53,6 +53,20 @@ def test_generate_streams_reproducible_text(server_target: str) -> None:
     )
     first, second = lstmd(*args).stdout, lstmd(*args).stdout
     assert first == second and first.startswith("the king") and len(first.split()) >= 8
+
+
+def test_score_is_the_perplexity_of_exactly_the_text(server_target: str, tmp_path: Path, reference: Reference) -> None:
+    """Blank lines included: the model sees the text as its tokenizer makes it, each newline "<eos>"."""
+    text = "the cat sat on the mat .\n\nthe dog ran to the river .\n\n"
+    (tmp_path / "text.txt").write_text(text)
+    data = json.loads(lstmd("score", str(tmp_path / "text.txt"), "--target", server_target, "--json").stdout)
+    vocab = ["<unk>", "<eos>", *WORDS]  # the tiny model's vocabulary (tests/conftest.py)
+    words = [w for line in text.split("\n")[:-1] for w in [*line.split(), "<eos>"]]
+    ids = [vocab.index(w) for w in words]
+    # ONNX Runtime on the model file: each token's log-probability after the ones before it
+    total = sum(float(reference.logprobs(ids[:i])[token]) for i, token in enumerate(ids))
+    assert data["tokens"] == len(ids) == 18 and data["unknown"] == 0
+    assert math.isclose(data["perplexity"], math.exp(-total / len(ids)), rel_tol=1e-5)
 
 
 def test_score_matches_the_library(server_target: str, tmp_path: Path) -> None:
