@@ -8,6 +8,7 @@ log-probabilities come from ONNX Runtime run directly on those ids."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -161,15 +162,24 @@ def tokenizer_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, di
 
 
 @contextlib.asynccontextmanager
-async def _serving(root: Path) -> AsyncIterator[Any]:
+async def _server(root: Path) -> AsyncIterator[str]:
+    """A real server for the models under ``root``, in this process; yields its target."""
     settings = settings_for(root, default_model="wikitext")
     running = await start(settings, load_models(settings))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:
-        yield lstmd_pb2_grpc.LstmdStub(channel)
+        yield f"127.0.0.1:{running.port}"
     finally:
-        await channel.close()
         await running.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def _serving(root: Path) -> AsyncIterator[Any]:
+    async with _server(root) as target:
+        channel = grpc.aio.insecure_channel(target)
+        try:
+            yield lstmd_pb2_grpc.LstmdStub(channel)
+        finally:
+            await channel.close()
 
 
 def _reference_logprobs(folder: Path, ids: list[int]) -> np.ndarray:
@@ -206,6 +216,36 @@ async def test_text_is_tokenized_by_the_models_own_tokenizer(
     assert [c.token_id for c in got.candidates] == np.argsort(-reference, kind="stable")[:5].tolist()
     for i, logprob in enumerate(got.token_logprobs):
         assert math.isclose(logprob, _reference_logprobs(folder, [exp.initial, *want[:i]])[want[i]], abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("name", KINDS)
+async def test_lstmd_score_of_a_text_is_the_pytorch_models_perplexity_of_its_ids(
+    name: str, tokenizer_models: tuple[Path, dict[str, Expected]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole text path against the PyTorch module itself: ``lstmd score`` of a file, through
+    the model's tokenizer, ONNX Runtime and the server, equals PyTorch's perplexity of the ids the
+    library gives for that text (each token after the one before it, from the session's start)."""
+    from lstmd.client.cli import main as lstmd_main
+
+    root, expected = tokenizer_models
+    exp, text = expected[name], TEXTS[name]
+    (tmp_path / "text.txt").write_text(text)
+    ids = [exp.initial]
+    for i, line in enumerate(text.split("\n")):  # a newline is <eos> (the initial token) in the vocabulary kinds
+        ids += ([exp.initial] if i else []) + exp.encode(line)
+    card, _ = read_model_dir(root / name / "1")
+    lm = _lm(card.vocab_size, KINDS.index(name))  # the fixture's model: seeded by its place in KINDS
+    zero = torch.zeros(LAYERS, 1, HIDDEN)
+    with torch.no_grad():
+        logits, _ = lm(torch.tensor([ids]), (zero, zero))
+        logprobs = torch.log_softmax(logits[0], -1)
+    nll = -sum(float(logprobs[i, token]) for i, token in enumerate(ids[1:]))
+    async with _server(root) as target:
+        args = ["score", str(tmp_path / "text.txt"), "--model", name, "--target", target, "--json"]
+        assert await asyncio.to_thread(lstmd_main, args) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["tokens"] == len(ids) - 1
+    assert math.isclose(scored["perplexity"], math.exp(nll / (len(ids) - 1)), rel_tol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["chars", "bpe", "spm"])
