@@ -163,6 +163,7 @@ async def test_lstmd_score_is_the_zero_state_evaluation_of_pytorch(zero_models: 
     async with serving(zero_models) as (running, _):
         target = f"127.0.0.1:{running.port}"
         out = await asyncio.to_thread(lstmd, "score", str(tmp_path / "text.txt"), "--target", target, "--json")
+        one = await asyncio.to_thread(lstmd, "score", "--ids", "2", "--target", target, check=False)
     ids = [VOCAB.ids[w] for line in text.split("\n")[:-1] for w in [*line.split(), EOS]]
     lm = _lm()
     with torch.no_grad():
@@ -172,6 +173,7 @@ async def test_lstmd_score_is_the_zero_state_evaluation_of_pytorch(zero_models: 
     data = json.loads(out.stdout)
     assert data["tokens"] == len(ids) - 1 == 15
     assert math.isclose(data["perplexity"], math.exp(-total / (len(ids) - 1)), rel_tol=1e-4)
+    assert one.returncode == 1 and "the one token has no prediction before it" in one.stderr
 
 
 async def test_a_fresh_zero_session_survives_a_snapshot(zero_models: Path, tmp_path: Path) -> None:
