@@ -127,19 +127,25 @@ def _whole_lines(text: str) -> list[str]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    """Perplexity over the tokens that have a prediction: all of them, except the first on a model
+    that starts from a zero state (it has nothing before it; the server sends no log-probability)."""
     inputs: list[Input]
     if args.ids is not None:
         inputs = [args.ids]
     else:
         inputs = list(_whole_lines(Path(args.file).read_text(encoding="utf-8", errors="replace")))
-    total, count, unknown = 0.0, 0, 0
+    total, count, unknown, fed = 0.0, 0, 0, 0
     with _client(args) as client:
         for prediction in client.stream(inputs, model=args.model, top_k=1, token_logprobs=True):
             total += sum(prediction.token_logprobs)
             count += len(prediction.token_logprobs)
+            fed += len(prediction.tokens)
             unknown += sum(t.unknown for t in prediction.tokens)
     if not count:
-        print(f"lstmd: {args.file} holds no words", file=sys.stderr)
+        if fed:  # one token on a model that starts from zeros
+            print("lstmd: nothing to score: the one token has no prediction before it", file=sys.stderr)
+        else:
+            print(f"lstmd: {args.file} holds no words", file=sys.stderr)
         return 1
     result = {
         "tokens": count,

@@ -153,8 +153,9 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     t.add_argument("--bos-token", help="the beginning of sequence token's name")
     t.add_argument("--newline-token", help="the token a newline becomes; '' for none (default: the eos token for "
                    "vocabulary kinds, the library's own handling for hf and sentencepiece)")  # fmt: skip
-    t.add_argument("--initial", choices=INITIAL, help="a new session starts after this token "
-                   "(default: eos; bos for hf and sentencepiece when they have one)")  # fmt: skip
+    t.add_argument("--initial", choices=INITIAL, help="a new session starts after this token, or from the zero "
+                   "state with no token before its first (zeros: as pytorch/examples' word_language_model trains "
+                   "and evaluates) (default: eos; bos for hf and sentencepiece when they have one)")  # fmt: skip
     p.add_argument("--version", default="1")
     p.add_argument("--force", action="store_true", help="replace OUT/NAME/VERSION if it exists")
     p.add_argument("--run", help="the folder lstmd-export train wrote: training facts and perplexities for the card")

@@ -63,8 +63,9 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
 def check_servable(folder: Path, name: str) -> None:
     """Check ``folder`` as lstmd-server checks a model it loads: files, card, checksum and
     vocabulary, the graph's inputs and outputs against the card, the card's name against ``name``
-    (its name folder), and a first step from the tokenizer's initial token, as a new session
-    takes. Raises PublishError."""
+    (its name folder), and a first step from the zero state, as a new session takes: the
+    tokenizer's initial token, or for a model that starts from zeros, token 0 (any token may be a
+    session's first). Raises PublishError."""
     try:
         card, tokenizer = read_model_dir(folder)
         session = graph.load(folder / ONNX_FILE)
@@ -77,6 +78,7 @@ def check_servable(folder: Path, name: str) -> None:
         )
     zero = np.zeros((card.num_layers, 1, card.hidden_size), np.float32)
     try:
-        graph.run(session, np.array([[tokenizer.initial_id]], np.int64), zero, zero, 1)
+        first = 0 if tokenizer.initial_id is None else tokenizer.initial_id
+        graph.run(session, np.array([[first]], np.int64), zero, zero, 1)
     except Exception as e:  # ONNX Runtime's own error types
         raise PublishError(f"lstmd-server would refuse this model: its first step fails: {e}") from e

@@ -89,7 +89,7 @@ class RunSplit:
 
     ids: dict[str, list[int]]
     vocab_size: int
-    initial_id: int  # the token sessions start after: the context of each split's first token
+    initial_id: int | None  # the token sessions start after: the context of each split's first token; None: zeros
     text: dict[str, dict[str, int]]  # {split: {"words": ..., "characters": ...}} of the text as loaded
 
 
@@ -130,12 +130,14 @@ def split_ids_from_run(corpus: str, run: Path) -> tuple[dict[str, list[int]], in
     return split.ids, split.vocab_size
 
 
-def eval_batches(ids: list[int], initial_id: int, streams: int) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_batches(ids: list[int], initial_id: int | None, streams: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), each (streams, steps), in which every id of ``ids`` is a target exactly
     once: ``initial_id`` gives the first its context, each stream starts with the last token of the
-    one before, and the end of the last streams is padded (inputs 0, targets ``IGNORE``)."""
-    seq = [initial_id, *ids]
-    steps = max(1, math.ceil(len(ids) / streams))
+    one before, and the end of the last streams is padded (inputs 0, targets ``IGNORE``). With
+    ``initial_id`` None (a model that starts from zeros) the first id has no context and is no
+    target: ``scored_tokens`` counts the targets."""
+    seq = ids if initial_id is None else [initial_id, *ids]
+    steps = max(1, math.ceil((len(seq) - 1) / streams))
     inputs = torch.zeros(streams, steps, dtype=torch.long)
     targets = torch.full((streams, steps), IGNORE, dtype=torch.long)
     for k in range(streams):
@@ -145,6 +147,11 @@ def eval_batches(ids: list[int], initial_id: int, streams: int) -> tuple[torch.T
         inputs[k, : len(chunk) - 1] = chunk[:-1]
         targets[k, : len(chunk) - 1] = chunk[1:]
     return inputs, targets
+
+
+def scored_tokens(ids: list[int], initial_id: int | None) -> int:
+    """How many of ``ids`` are targets of ``eval_batches``: all, or all but the first from zeros."""
+    return len(ids) if initial_id is not None else max(0, len(ids) - 1)
 
 
 @torch.no_grad()
@@ -333,7 +340,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
                 f"time budget of {cfg.max_minutes} minutes reached in epoch {epoch} after {batch}/{len(steps)} batches"
             )
         # A cut epoch is validated too: its weights may still be the best so far.
-        valid_ppl = math.exp(evaluate(model, valid_data, cfg.bptt) / len(ids["valid"]))
+        valid_ppl = math.exp(evaluate(model, valid_data, cfg.bptt) / scored_tokens(ids["valid"], tokenizer.initial_id))
         elapsed += time.monotonic() - started
         scheduler.step(valid_ppl)
         history.append(
@@ -374,7 +381,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, object]:
     best = torch.load(out / "best.pt", weights_only=False)
     model.load_state_dict(best["model"])
     scored = {
-        s: measures(evaluate(model, data, cfg.bptt), len(ids[s]), counts[s] if counts else None)
+        s: measures(
+            evaluate(model, data, cfg.bptt), scored_tokens(ids[s], tokenizer.initial_id), counts[s] if counts else None
+        )
         for s, data in (("valid", valid_data), ("test", test_data))
     }
     baseline = kneser_ney_baseline(ids, len(tokenizer), cfg.baseline_order, tokenizer.initial_id, counts)

@@ -16,7 +16,7 @@ import numpy as np
 
 from lstmd.server.batcher import Batcher, Sampling, StepResult
 from lstmd.server.errors import InvalidInput, PositionMismatch, StoreUnavailable
-from lstmd.server.registry import Model, ModelRegistry
+from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
 
@@ -202,18 +202,23 @@ class Engine:
         Without log-probabilities: the prompt minus its last token in one call, then the last
         token as a single-token step (batched with other sessions), which also yields the state
         before the last token. With them: one step per token, starting by recomputing the
-        distribution before the first token from the state before the session's last token.
+        distribution before the first token from the state before the session's last token. A
+        session with no last token (NO_TOKEN: from zeros, nothing fed yet) has no distribution
+        before its first token, so that token gets no log-probability: one fewer than ``ids``.
         """
         batcher = self._batchers[session.model.name]
         prev_state = session.state
         logprobs: list[float] = []
         if want_logprobs:
-            result = await batcher.run([session.last_token], session.prev_state, 1, logprobs=True)
+            before: StepResult | None = None  # the distribution before the next token
+            if session.last_token != NO_TOKEN:
+                before = await batcher.run([session.last_token], session.prev_state, 1, logprobs=True)
             state = session.state
             for token in ids:
-                logprobs.append(float(result.logprobs[token]))
+                if before is not None:
+                    logprobs.append(float(before.logprobs[token]))
                 prev_state = state
-                result = await batcher.run([token], state, top_k, sampling, logprobs=True)
+                before = result = await batcher.run([token], state, top_k, sampling, logprobs=True)
                 state = result.state
         else:
             if len(ids) > 1:
@@ -252,11 +257,17 @@ class Engine:
                     raise PositionMismatch(args.expected_position, session.position)
                 # the text each token adds follows the session's last token and the prompt (the
                 # stream keeps what it needs of them: see Tokenizer.text_stream)
-                text = tokenizer.text_stream([session.last_token, *(t.id for t in prompt)])
+                last = [] if session.last_token == NO_TOKEN else [session.last_token]
+                text = tokenizer.text_stream([*last, *(t.id for t in prompt)])
                 if prompt:
                     read = session.position
                     result, _ = await self._apply(session, [t.id for t in prompt], 1, False, sampling)
                     await self._commit_generated(session, read)
+                elif session.last_token == NO_TOKEN:
+                    raise InvalidInput(
+                        f"give a prompt: {model.name} starts from a zero state, so a session has no next-word "
+                        "distribution before its first token"
+                    )
                 else:
                     result = await batcher.run([session.last_token], session.prev_state, 1, sampling)
                 for i in range(args.max_tokens):

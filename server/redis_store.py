@@ -50,7 +50,7 @@ from lstmd.server.sessions import Session, SessionStore, check_id, not_found
 log = logging.getLogger(__name__)
 PREFIX = "lstmd:session:"
 FORMAT = 1
-_HEADER = struct.Struct("<BiIdd")  # format, last token, top_k, created, last used
+_HEADER = struct.Struct("<BiIdd")  # format, last token (signed: -1 is NO_TOKEN), top_k, created, last used
 
 # KEYS[1] the session; ARGV: position read, new position, hdr, st, req ("" keeps it), TTL in ms.
 # Returns -2 when written, -1 when the session is gone, else the position another replica left.

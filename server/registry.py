@@ -20,6 +20,8 @@ from lstmd.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+NO_TOKEN = -1  # a session's last token before anything was fed to a model that starts from zeros
+
 
 class ModelError(Exception):
     """A model cannot be served; the server refuses to start."""
@@ -42,13 +44,18 @@ class Model:
         graph.check(self.session, self.card)
         # A new session starts after the tokenizer's initial token: for lstmd's word models "<eos>",
         # as if after the end of a paragraph; for library tokenizers their bos token if they have one.
+        # With initial "zeros" it is the zero state itself, with no last token (NO_TOKEN).
         first = self.tokenizer.initial_id
         zero = self.zero_state(1)
-        out = self.run(np.array([[first]], np.int64), zero[0], zero[1], 1)
-        self._initial = (np.stack([out.h[:, 0], out.c[:, 0]]), zero[:, :, 0].copy(), first)
+        if first is None:
+            self._initial = (zero[:, :, 0].copy(), zero[:, :, 0].copy(), NO_TOKEN)
+        else:
+            out = self.run(np.array([[first]], np.int64), zero[0], zero[1], 1)
+            self._initial = (np.stack([out.h[:, 0], out.c[:, 0]]), zero[:, :, 0].copy(), first)
 
     def initial_state(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """A new session's (state, state before its last token, last token); copies."""
+        """A new session's (state, state before its last token, last token); copies. A model that
+        starts from zeros gives the zero state twice and NO_TOKEN."""
         state, prev_state, last_token = self._initial
         return state.copy(), prev_state.copy(), last_token
 

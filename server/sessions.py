@@ -27,14 +27,18 @@ _ID = re.compile(r"[0-9a-f]{32}")
 class Session:
     """One text's state. Besides (h, c) after the last token it keeps the state before that token,
     so the distribution of the next word can be recomputed (for Generate without a prompt and for
-    the log-probability of a feed's first token) without storing a vocabulary-sized vector."""
+    the log-probability of a feed's first token) without storing a vocabulary-sized vector.
+
+    A new session of a model whose tokenizer starts from ``zeros`` has the zero state and no last
+    token: ``last_token`` is ``registry.NO_TOKEN`` (-1) until its first feed. It has no distribution of the
+    next word yet, so its first fed token has no log-probability and Generate needs a prompt."""
 
     id: str
     model: Model
     top_k: int
     state: np.ndarray  # (2, layers, hidden): h and c after the last token
     prev_state: np.ndarray  # (2, layers, hidden): before the last token
-    last_token: int
+    last_token: int  # NO_TOKEN (-1): none yet, a zero-start session before its first feed
     position: int = 0
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)

@@ -10,7 +10,8 @@ Layout (all integers little-endian)::
              count times:
                meta_len   u32       length of meta
                meta       meta_len bytes of UTF-8 JSON: an object with id, model, model_version,
-                          top_k, last_token, position, created, last_used (seconds since the
+                          top_k, last_token (-1: none, a new session of a model that starts from
+                          zeros), position, created, last_used (seconds since the
                           epoch), owner, shape ([2, layers, hidden]) and last_request (JSON or null)
                state      float32 array of that shape, C order: h and c after the last token
                prev_state float32 array of that shape: h and c before the last token

@@ -47,6 +47,15 @@ def test_round_trip_is_exact() -> None:
     assert snapshot_format.decode(snapshot_format.encode([])) == []
 
 
+def test_a_new_zero_state_session_without_a_last_token_round_trips() -> None:
+    """A new session of a model that starts from zeros: zero state, last token -1 (none), position 0."""
+    zero = np.zeros((2, 2, 3), np.float32)
+    fresh = [SessionRecord("c" * 32, "zero", "1", 5, -1, 0, 1.0, 2.0, "", zero, zero.copy())]
+    got = snapshot_format.decode(snapshot_format.encode(fresh))
+    assert_same(got, fresh)
+    assert got[0].last_token == -1
+
+
 def test_a_changed_byte_fails_the_checksum() -> None:
     data = bytearray(snapshot_format.encode(records()))
     data[len(data) // 2] ^= 0x01

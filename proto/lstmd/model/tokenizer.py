@@ -158,7 +158,7 @@ class Vocab:
 KINDS = ("words", "whitespace", "characters", "hf", "sentencepiece")
 DEFAULT_FILES = {"words": "vocab.txt", "whitespace": "vocab.txt", "characters": "vocab.txt",
                  "hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}  # fmt: skip
-INITIAL = ("eos", "bos")
+INITIAL = ("eos", "bos", "zeros")  # "zeros": a new session is the zero state, with no token before its first
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class TokenizerSpec:
     eos: str | None = None  # end of line / sentence
     bos: str | None = None  # beginning of sequence
     newline: str | None = None  # the token a newline becomes; "": none (a space); None: the kind's default
-    initial: str | None = None  # a new session starts after this token, "eos" or "bos"; None: the kind's default
+    initial: str | None = None  # a session starts after this token, "eos" or "bos", or "zeros"; None: kind's default
     keep_case: bool = False  # the words kind only: do not lowercase (last: the fields before are positional)
 
     def __post_init__(self) -> None:
@@ -231,11 +231,14 @@ class Tokenizer(ABC):
         self.pieces = pieces
         self.unk_id, self.eos_id, self.bos_id = unk, eos, bos
         initial = spec.initial or ("bos" if bos is not None and self.kind in ("hf", "sentencepiece") else "eos")
-        initial_id = bos if initial == "bos" else eos
-        if initial_id is None:
+        initial_id = None if initial == "zeros" else bos if initial == "bos" else eos
+        if initial_id is None and initial != "zeros":
             raise ValueError(f"a new session starts after the {initial} token, and this tokenizer has none: "
                              f"name it ({initial}) or start after the other one (initial)")  # fmt: skip
-        self.initial_id: int = initial_id  # a new session starts after this token
+        # a new session starts after this token; None: from the zero state, with no token before its
+        # first (as pytorch/examples' word_language_model trains and evaluates), so the first token
+        # fed has no prediction
+        self.initial_id: int | None = initial_id
         newline = spec.newline
         if newline is None and self.kind in ("words", "whitespace", "characters"):
             newline = pieces[eos] if eos is not None else ""

@@ -16,6 +16,12 @@ Concepts
 - Input is either raw text, which the server tokenizes with the model's own tokenizer (for
   lstmd's word models: lowercased, punctuation split off, each newline becomes the token
   "<eos>"), or token ids of that vocabulary.
+- A new session starts as its model was trained: after a start token (for lstmd's word
+  models "<eos>", for subword models their beginning-of-sequence token), or, for a model
+  whose card says `initial: "zeros"` (as pytorch/examples' word_language_model trains and
+  evaluates), from the zero state with no token before its first. Such a session has no
+  prediction before its first token: that token has no log-probability (see
+  Prediction.token_logprobs), and Generate on it needs a prompt.
 - A *word* in Token, Candidate and GeneratedToken is one token of the model's tokenizer: a
   whole word for word models, but for subword and character models a piece of a word (e.g.
   "▁the", "Ġcat", "c"), as the tokenizer's vocabulary spells it. Joining pieces into text is
@@ -24,7 +30,8 @@ Concepts
 
 Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input, token id outside the vocabulary,
-  top_k / temperature / top_p / max_tokens out of range, malformed session id).
+  top_k / temperature / top_p / max_tokens out of range, malformed session id; Generate
+  without a prompt on a session with nothing fed yet of a model that starts from zeros).
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
@@ -496,7 +503,11 @@ class Prediction(_message.Message):
     @_builtins.property
     def token_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """With return_token_logprobs: natural-log probability of each fed token given everything
-        before it in the session, one per token.
+        before it in the session, one per token, except that a token with no prediction before it
+        has none: the first token fed to a session of a model that starts from zeros. So the first
+        feed of such a session has one fewer than `tokens` (none for a one-token feed), and always
+        token_logprobs[j] belongs to tokens[len(tokens) - len(token_logprobs) + j]. Summed over a
+        text and divided by their count, they give the mean log-likelihood per predicted token.
         """
 
     def __init__(
@@ -536,7 +547,9 @@ class GenerateRequest(_message.Message):
     """The session to continue; empty for an ephemeral session on `model`."""
     model: _builtins.str
     prompt: _builtins.str
-    """Text fed before sampling starts (may be empty for an existing session)."""
+    """Text fed before sampling starts (may be empty for an existing session, unless nothing was
+    fed to it yet and its model starts from zeros: see Generate).
+    """
     max_tokens: _builtins.int
     """Words to produce, 1 to the server's limit."""
     temperature: _builtins.float

@@ -149,7 +149,9 @@ class LstmdServicer:
     def Generate(self, request, context):
         """Continues a session by sampling, streaming each word as it is produced. Generated
         tokens become part of the session (its position advances). When `session_id` is empty
-        an ephemeral session on `model` is used and freed at the end.
+        an ephemeral session on `model` is used and freed at the end. A session of a model that
+        starts from zeros with nothing fed yet has no distribution to sample from: Generate without
+        a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
         Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

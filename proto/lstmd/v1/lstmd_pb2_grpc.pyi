@@ -16,6 +16,12 @@ Concepts
 - Input is either raw text, which the server tokenizes with the model's own tokenizer (for
   lstmd's word models: lowercased, punctuation split off, each newline becomes the token
   "<eos>"), or token ids of that vocabulary.
+- A new session starts as its model was trained: after a start token (for lstmd's word
+  models "<eos>", for subword models their beginning-of-sequence token), or, for a model
+  whose card says `initial: "zeros"` (as pytorch/examples' word_language_model trains and
+  evaluates), from the zero state with no token before its first. Such a session has no
+  prediction before its first token: that token has no log-probability (see
+  Prediction.token_logprobs), and Generate on it needs a prompt.
 - A *word* in Token, Candidate and GeneratedToken is one token of the model's tokenizer: a
   whole word for word models, but for subword and character models a piece of a word (e.g.
   "▁the", "Ġcat", "c"), as the tokenizer's vocabulary spells it. Joining pieces into text is
@@ -24,7 +30,8 @@ Concepts
 
 Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input, token id outside the vocabulary,
-  top_k / temperature / top_p / max_tokens out of range, malformed session id).
+  top_k / temperature / top_p / max_tokens out of range, malformed session id; Generate
+  without a prompt on a session with nothing fed yet of a model that starts from zeros).
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
@@ -102,7 +109,9 @@ class LstmdStub:
     Generate: _grpc.UnaryStreamMultiCallable[_lstmd_pb2.GenerateRequest, _lstmd_pb2.GeneratedToken]
     """Continues a session by sampling, streaming each word as it is produced. Generated
     tokens become part of the session (its position advances). When `session_id` is empty
-    an ephemeral session on `model` is used and freed at the end.
+    an ephemeral session on `model` is used and freed at the end. A session of a model that
+    starts from zeros with nothing fed yet has no distribution to sample from: Generate without
+    a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
     Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
     """
     Tokenize: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.TokenizeRequest, _lstmd_pb2.TokenizeResponse]
@@ -150,7 +159,9 @@ class LstmdAsyncStub(LstmdStub):
     Generate: _aio.UnaryStreamMultiCallable[_lstmd_pb2.GenerateRequest, _lstmd_pb2.GeneratedToken]  # type: ignore[assignment]
     """Continues a session by sampling, streaming each word as it is produced. Generated
     tokens become part of the session (its position advances). When `session_id` is empty
-    an ephemeral session on `model` is used and freed at the end.
+    an ephemeral session on `model` is used and freed at the end. A session of a model that
+    starts from zeros with nothing fed yet has no distribution to sample from: Generate without
+    a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
     Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
     """
     Tokenize: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.TokenizeRequest, _lstmd_pb2.TokenizeResponse]  # type: ignore[assignment]
@@ -243,7 +254,9 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_lstmd_pb2.GeneratedToken], _abc.AsyncIterator[_lstmd_pb2.GeneratedToken]]:
         """Continues a session by sampling, streaming each word as it is produced. Generated
         tokens become part of the session (its position advances). When `session_id` is empty
-        an ephemeral session on `model` is used and freed at the end.
+        an ephemeral session on `model` is used and freed at the end. A session of a model that
+        starts from zeros with nothing fed yet has no distribution to sample from: Generate without
+        a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
         Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
         """
 
