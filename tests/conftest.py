@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 import subprocess
 import sys
@@ -107,22 +108,23 @@ def memory_sessions(running: RunningServer) -> MemorySessionStore:
 ServerFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[RunningServer, Any]]]
 
 
+@contextlib.asynccontextmanager
+async def serve(models_dir: Path, **overrides: Any) -> AsyncIterator[tuple[RunningServer, Any]]:
+    """A real server in this process for the models under ``models_dir``, and a raw stub on it."""
+    settings = settings_for(models_dir, **overrides)
+    running = await start(settings, load_models(settings))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        yield running, lstmd_pb2_grpc.LstmdStub(channel)
+    finally:
+        await channel.close()
+        await running.stop(0)
+
+
 @pytest.fixture(scope="session")
 def make_server(models_dir: Path) -> ServerFactory:
     """``async with make_server(max_sessions=2) as (server, stub)``: a fresh server with settings."""
-
-    @contextlib.asynccontextmanager
-    async def factory(**overrides: Any) -> AsyncIterator[tuple[RunningServer, Any]]:
-        settings = settings_for(models_dir, **overrides)
-        running = await start(settings, load_models(settings))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        try:
-            yield running, lstmd_pb2_grpc.LstmdStub(channel)
-        finally:
-            await channel.close()
-            await running.stop(0)
-
-    return factory
+    return functools.partial(serve, models_dir)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import sentencepiece
@@ -31,11 +30,8 @@ from lstmd.export.onnx_export import write_model_dir
 from lstmd.model import graph
 from lstmd.model.folder import ModelFormatError, read_model_dir
 from lstmd.model.tokenizer import TokenizerSpec, Vocab, WordsTokenizer, tokenize
-from lstmd.server.app import start
-from lstmd.server.registry import load_models
 from lstmd.v1 import lstmd_pb2 as pb
-from lstmd.v1 import lstmd_pb2_grpc
-from tests.conftest import HIDDEN, LAYERS, settings_for
+from tests.conftest import HIDDEN, LAYERS, serve
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -162,24 +158,9 @@ def tokenizer_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, di
 
 
 @contextlib.asynccontextmanager
-async def _server(root: Path) -> AsyncIterator[str]:
-    """A real server for the models under ``root``, in this process; yields its target."""
-    settings = settings_for(root, default_model="wikitext")
-    running = await start(settings, load_models(settings))
-    try:
-        yield f"127.0.0.1:{running.port}"
-    finally:
-        await running.stop(0)
-
-
-@contextlib.asynccontextmanager
 async def _serving(root: Path) -> AsyncIterator[Any]:
-    async with _server(root) as target:
-        channel = grpc.aio.insecure_channel(target)
-        try:
-            yield lstmd_pb2_grpc.LstmdStub(channel)
-        finally:
-            await channel.close()
+    async with serve(root, default_model="wikitext") as (_, stub):
+        yield stub
 
 
 def _reference_logprobs(folder: Path, ids: list[int]) -> np.ndarray:
@@ -240,7 +221,8 @@ async def test_lstmd_score_of_a_text_is_the_pytorch_models_perplexity_of_its_ids
         logits, _ = lm(torch.tensor([ids]), (zero, zero))
         logprobs = torch.log_softmax(logits[0], -1)
     nll = -sum(float(logprobs[i, token]) for i, token in enumerate(ids[1:]))
-    async with _server(root) as target:
+    async with serve(root, default_model="wikitext") as (running, _):
+        target = f"127.0.0.1:{running.port}"
         args = ["score", str(tmp_path / "text.txt"), "--model", name, "--target", target, "--json"]
         assert await asyncio.to_thread(lstmd_main, args) == 0
     scored = json.loads(capsys.readouterr().out)

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,10 @@ from lstmd.model import graph
 from lstmd.model.folder import read_model_dir
 from lstmd.model.tokenizer import EOS, UNK, TokenizerSpec, Vocab
 from lstmd.server import snapshot_format
-from lstmd.server.app import start
-from lstmd.server.registry import load_models
 from lstmd.server.snapshot_format import SessionRecord
 from lstmd.server.snapshot_policy import FILE_NAME
 from lstmd.v1 import lstmd_pb2 as pb
-from lstmd.v1 import lstmd_pb2_grpc
-from tests.conftest import HIDDEN, LAYERS, WORDS, memory_sessions, settings_for
+from tests.conftest import HIDDEN, LAYERS, WORDS, memory_sessions, serve
 from tests.test_cli import lstmd
 
 VOCAB = Vocab([UNK, EOS, *WORDS])
@@ -69,16 +65,8 @@ def ort_from_zeros(root: Path, ids: list[int]) -> np.ndarray:
     return logprobs
 
 
-@contextlib.asynccontextmanager
-async def serving(root: Path, **overrides: Any) -> AsyncIterator[tuple[Any, Any]]:
-    settings = settings_for(root, default_model="zero", **overrides)
-    running = await start(settings, load_models(settings))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-    try:
-        yield running, lstmd_pb2_grpc.LstmdStub(channel)
-    finally:
-        await channel.close()
-        await running.stop(0)
+def serving(root: Path, **overrides: Any) -> contextlib.AbstractAsyncContextManager[tuple[Any, Any]]:
+    return serve(root, default_model="zero", **overrides)
 
 
 def feed(session_id: str, ids: list[int], logprobs: bool = False) -> pb.FeedRequest:
