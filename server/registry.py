@@ -96,6 +96,12 @@ class ModelRegistry:
         return [(m.card, name == self.default) for name, m in sorted(self.models.items())]
 
 
+def _folders(path: Path) -> list[Path]:
+    """The sub-folders of ``path`` that can be models or versions: hidden ones (``lstmd-export``
+    stages a version in ``.<version>.partial-*`` beside its place) never are."""
+    return [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
 def _version_key(path: Path) -> tuple[int, str]:
     return (int(path.name), "") if path.name.isdigit() else (-1, path.name)
 
@@ -106,8 +112,12 @@ def load_models(settings: Settings) -> ModelRegistry:
     if not root.is_dir():
         raise ModelError(f"models directory {root} does not exist")
     models: dict[str, Model] = {}
-    for name_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = sorted((p for p in name_dir.iterdir() if p.is_dir()), key=_version_key)
+    for name_dir in sorted(_folders(root)):
+        versions = sorted(_folders(name_dir), key=_version_key)
+        if not versions and any(p.name.startswith(".") for p in name_dir.iterdir()):
+            log.warning("%s holds only hidden folders (an export that never finished?): no model served from it",
+                        name_dir)  # fmt: skip
+            continue
         if not versions:
             raise ModelError(f"{name_dir}: no version folders (expected {name_dir}/<version>/model.onnx)")
         try:

@@ -5,6 +5,7 @@ export; and the adapters and imports that let a user's own model export."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -259,3 +260,22 @@ def test_ort_loads_what_the_adapter_exported(user_files: Path) -> None:
     assert export_main(args) == 0
     session = ort.InferenceSession(str(user_files / "models/mine/1/model.onnx"))
     assert graph.shapes(session.get_outputs())["logprobs"] == [None, len(WORDS)]
+
+
+def test_the_server_passes_over_the_hidden_folders_of_an_export_that_never_finished(
+    models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A killed export leaves its staging folder (``.<version>.partial-*``) behind: beside a version
+    it is never served, and alone in a name folder it does not stop the server from starting."""
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / "tiny", root / "tiny")
+    (root / "tiny/.2.partial-killed").mkdir()  # a newer version being exported when it was killed
+    (root / "mine/.1.partial-killed").mkdir(parents=True)  # a first export, killed
+    (root / ".trash/1").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="lstmd.server.registry"):
+        registry = load_models(Settings(models_dir=str(root)))
+    assert list(registry.models) == ["tiny"] and registry.models["tiny"].version == "1"
+    assert f"{root / 'mine'} holds only hidden folders" in caplog.text
+    (root / "mine/2").mkdir()  # a visible version folder must still be a model
+    with pytest.raises(ModelError, match="cannot serve"):
+        load_models(Settings(models_dir=str(root)))
