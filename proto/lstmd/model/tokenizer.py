@@ -137,8 +137,7 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
-        text = Path(path).read_text(encoding="utf-8")
-        return cls([line for line in text.split("\n") if line])
+        return cls(read_vocab_lines(Path(path)))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text("\n".join(self.words) + "\n", encoding="utf-8")
