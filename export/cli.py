@@ -184,14 +184,11 @@ def _real_ids(text: str | None, tokenizer: Tokenizer) -> list[int]:
 def _read_sample(source: str) -> str:
     """The sample text as written: a file's lines (gzipped or not, in any encoding corpus loading
     reads), or a folder's documents one after another."""
-    import gzip
-
-    from lstmd.export.corpus import decode_bytes, load_corpus
+    from lstmd.export.corpus import load_corpus, read_text
 
     path = Path(source)
     if path.is_file():
-        data = path.read_bytes()
-        return decode_bytes(gzip.decompress(data) if path.suffix == ".gz" else data)
+        return read_text(path)
     return "".join(doc.text for doc in load_corpus(path))
 
 

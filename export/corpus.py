@@ -63,24 +63,23 @@ def unwrap(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def read_document(path: Path, root: Path) -> Document:
+def read_text(path: Path) -> str:
+    """A file's text as written: gunzipped if it ends in ``.gz``, decoded as ``decode_bytes`` does."""
     data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
+    return decode_bytes(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
+def read_document(path: Path, root: Path) -> Document:
     name = path.relative_to(root).as_posix().removesuffix(".gz")
-    return Document(name=name, text=unwrap(decode_bytes(data)))
+    return Document(name=name, text=unwrap(read_text(path)))
 
 
 def read_split_file(path: str | Path) -> Document:
     """One file of a fixed split (``--split``), used as is: decoded and with LF line ends, but
     lines are never joined, so a pre-tokenized corpus keeps one ``<eos>`` per line."""
     path = Path(path)
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    return Document(
-        name=path.name.removesuffix(".gz"), text=decode_bytes(data).replace("\r\n", "\n").replace("\r", "\n")
-    )
+    text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")
+    return Document(name=path.name.removesuffix(".gz"), text=text)
 
 
 def load_corpus(root: str | Path) -> list[Document]:
