@@ -32,8 +32,10 @@ async def measure(sessions: int, folder: Path) -> None:
     for i in range(sessions):
         session = await store.create(model, 5, owner="")
         session.position = i
-        answer = Prediction(session.id, i, [Token(3, "the", False)], [Candidate("sea", 9, 0.019)] * 5, [])
-        session.last_request = ((i - 1, (3,), 5, False), answer)
+        answer = Prediction(
+            session.id, i, [Token(3, "the", False)], [Candidate("sea", 9, 0.019, "word", " sea", [9])] * 5, []
+        )
+        session.last_request = ((i - 1, (3,), 5, False, "", False, False), answer)
     snapshots = Snapshots(settings, store, registry)
 
     gaps: list[float] = []

@@ -16,6 +16,8 @@ _FINISH = {
     "stop_word": pb.FINISH_REASON_STOP_WORD,
 }
 
+_KIND = {"word": pb.CANDIDATE_KIND_WORD, "token": pb.CANDIDATE_KIND_TOKEN}
+
 
 def model_info(card: ModelCard, is_default: bool) -> pb.ModelInfo:
     return pb.ModelInfo(
@@ -58,6 +60,9 @@ def feed_args(request: pb.FeedRequest | pb.StreamRequest) -> FeedArgs:
         expected_position=request.expected_position if request.HasField("expected_position") else None,
         top_k=request.top_k,
         want_logprobs=request.return_token_logprobs,
+        word_prefix=request.word_prefix,
+        token_candidates=request.candidates == pb.CANDIDATE_KIND_TOKEN,
+        exclude_special=request.exclude_special,
     )
 
 
@@ -68,7 +73,8 @@ def prediction(p: Prediction) -> pb.Prediction:
     for t in p.tokens:
         message.tokens.add(id=t.id, word=t.word, unknown=t.unknown)
     for c in p.candidates:
-        message.candidates.add(word=c.word, token_id=c.token_id, probability=c.probability)
+        message.candidates.add(word=c.word, token_id=c.token_id, probability=c.probability, kind=_KIND[c.kind],
+                               text=c.text, token_ids=c.token_ids)  # fmt: skip
     if p.token_logprobs:
         message.token_logprobs.extend(p.token_logprobs)
     if p.replayed:

@@ -5,7 +5,9 @@ The gRPC servicer only converts messages and calls this; nothing here knows abou
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -14,14 +16,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from lstmd.model.tokenizer import Tokenizer
 from lstmd.server.batcher import Batcher, Sampling, StepResult
 from lstmd.server.errors import InvalidInput, PositionMismatch, StoreUnavailable
 from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
+from lstmd.server.words import search
 
 log = logging.getLogger(__name__)
 MAX_CONFLICTS = 16  # a step whose compare-and-set other replicas win this often in a row is refused
+MAX_WORD_PREFIX = 64  # characters of a typed word prefix
 
 
 # The types below are created for every token streamed: plain slotted dataclasses, which
@@ -35,9 +40,12 @@ class Token:
 
 @dataclass(slots=True)
 class Candidate:
-    word: str
-    token_id: int
+    word: str  # a whole word, or a token as the vocabulary spells it
+    token_id: int  # the token, or a word's first token
     probability: float
+    kind: str  # "word" or "token"
+    text: str  # what it adds to the session's text, decoded by the model's tokenizer
+    token_ids: list[int]  # the token, or the word's most likely spelling
 
 
 @dataclass(slots=True)
@@ -66,6 +74,26 @@ class FeedArgs:
     expected_position: int | None = None
     top_k: int = 0  # 0: the session's default
     want_logprobs: bool = False
+    word_prefix: str = ""  # the typed start of the next word: candidates begin with it; never applied
+    token_candidates: bool = False  # the model's tokens instead of whole words
+    exclude_special: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Wanted:
+    """The candidates a feed asks for, checked against its model."""
+
+    k: int
+    graph_k: int  # asked of the graph's top-k: k, and room for the special tokens left out
+    prefix: str  # as the tokenizer spells words
+    search: bool  # whole words of a subword or character model: the beam search
+    exclude_special: bool
+    token_kind: bool  # candidates are tokens (not words)
+
+    @property
+    def full(self) -> bool:
+        """Whether the whole distribution is needed (the graph's top-k will not do)."""
+        return self.search or bool(self.prefix)
 
 
 @dataclass(frozen=True)
@@ -162,11 +190,15 @@ class Engine:
         first) leaves ``session`` re-read and the feed is decided again. So a feed with
         ``expected_position`` gets exactly the answers it would get from one server: its own answer
         replayed if it was applied already (e.g. by another replica before a retry), else
-        FAILED_PRECONDITION; a feed without one is applied on the newest state."""
+        FAILED_PRECONDITION; a feed without one is applied on the newest state. A feed of only a
+        word prefix applies nothing (``_complete``)."""
+        wanted = self._wanted(session.model, args, session.top_k)
+        if args.word_prefix and args.text in (None, "") and not args.token_ids:
+            return await self._complete(session, args, wanted)
         tokens = self._tokens(session.model, args.text, args.token_ids)
-        top_k = self._top_k(session.model, args.top_k, session.top_k)
         ids = [t.id for t in tokens]
-        key = (args.expected_position, tuple(ids), top_k, args.want_logprobs)  # server.exactly_once
+        key = (args.expected_position, tuple(ids), wanted.k, args.want_logprobs, wanted.prefix, wanted.token_kind,
+               wanted.exclude_special)  # fmt: skip  # server.exactly_once
         session.users += 1
         try:
             async with session.lock:
@@ -179,9 +211,10 @@ class Engine:
                                 return replace(answered, replayed=True)
                             raise PositionMismatch(args.expected_position, session.position)
                     read = session.position
-                    result, logprobs = await self._apply(session, ids, top_k, args.want_logprobs)
-                    prediction = Prediction(session.id, session.position, tokens, _candidates(session.model, result),
-                                            logprobs)  # fmt: skip
+                    result, logprobs = await self._apply(session, ids, wanted.graph_k, args.want_logprobs,
+                                                         full=wanted.full)  # fmt: skip
+                    candidates = await self._candidates(session, result, wanted)
+                    prediction = Prediction(session.id, session.position, tokens, candidates, logprobs)
                     if args.expected_position is not None:
                         session.last_request = (key, prediction)
                     if await self.store.commit(session, read, args.expected_position is not None):
@@ -194,8 +227,65 @@ class Engine:
             "not applied: retry"
         )
 
+    async def _complete(self, session: Session, args: FeedArgs, wanted: _Wanted) -> Prediction:
+        """A feed of only a word prefix: the words that begin with it after the session's text. It
+        reads the session and changes nothing, so there is nothing to commit or replay."""
+        session.users += 1
+        try:
+            async with session.lock:
+                await self.store.load(session)
+                if args.expected_position is not None and args.expected_position != session.position:
+                    raise PositionMismatch(args.expected_position, session.position)
+                if session.last_token == NO_TOKEN:
+                    raise InvalidInput(
+                        f"feed some text first: {session.model.name} starts from a zero state, so a session has no "
+                        "next-word distribution before its first token"
+                    )
+                batcher = self._batchers[session.model.name]
+                result = await batcher.run([session.last_token], session.prev_state, wanted.graph_k,
+                                           logprobs=wanted.full)  # fmt: skip
+                return Prediction(session.id, session.position, [], await self._candidates(session, result, wanted),
+                                  [])  # fmt: skip
+        finally:
+            session.users -= 1
+            self.store.touch(session)
+
+    async def _candidates(self, session: Session, result: StepResult, wanted: _Wanted) -> list[Candidate]:
+        """The candidates after the session's last token, whose distribution is ``result``."""
+        model, table = session.model, session.model.words
+        kind = "token" if wanted.token_kind else "word"
+        if wanted.search:
+            words = await search(table, functools.partial(self._steps, self._batchers[model.name]), result.logprobs,
+                                 session.state, session.last_token, wanted.prefix, wanted.k,
+                                 self.settings.word_beam, self.settings.word_max_tokens)  # fmt: skip
+            found = [(w.word, w.ids, w.probability) for w in words]
+        else:
+            if wanted.prefix:
+                top = table.completions(result.logprobs, wanted.prefix, wanted.k, wanted.exclude_special)
+            else:
+                pairs = zip(result.top_ids.tolist(), result.top_logprobs.tolist(), strict=True)
+                top = [(i, lp) for i, lp in pairs if not (wanted.exclude_special and table.special[i])][: wanted.k]
+            found = [(model.tokenizer.pieces[i], [i], math.exp(lp)) for i, lp in top]
+        context = [] if session.last_token == NO_TOKEN else [session.last_token]
+        return [Candidate(word, ids[0], probability, kind, _text_after(model.tokenizer, context, ids), ids)
+                for word, ids, probability in found]  # fmt: skip
+
+    @staticmethod
+    async def _steps(batcher: Batcher, ids: list[int], states: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Single-token steps of a word search, queued together so that one batch takes them all."""
+        results = await asyncio.gather(
+            *(batcher.run([i], s, 1, logprobs=True) for i, s in zip(ids, states, strict=True))
+        )
+        return [(r.logprobs, r.state) for r in results]
+
     async def _apply(
-        self, session: Session, ids: list[int], top_k: int, want_logprobs: bool, sampling: Sampling | None = None
+        self,
+        session: Session,
+        ids: list[int],
+        top_k: int,
+        want_logprobs: bool,
+        sampling: Sampling | None = None,
+        full: bool = False,
     ) -> tuple[StepResult, list[float]]:
         """Run ``ids`` through the model from the session's state and store the new state.
 
@@ -205,6 +295,7 @@ class Engine:
         distribution before the first token from the state before the session's last token. A
         session with no last token (NO_TOKEN: from zeros, nothing fed yet) has no distribution
         before its first token, so that token gets no log-probability: one fewer than ``ids``.
+        With ``full`` the result carries the whole distribution after the last token.
         """
         batcher = self._batchers[session.model.name]
         prev_state = session.state
@@ -223,7 +314,7 @@ class Engine:
         else:
             if len(ids) > 1:
                 prev_state = (await batcher.run(ids[:-1], session.state, 1)).state
-            result = await batcher.run(ids[-1:], prev_state, top_k, sampling)
+            result = await batcher.run(ids[-1:], prev_state, top_k, sampling, logprobs=full)
         session.prev_state, session.state = prev_state, result.state
         session.last_token = ids[-1]
         session.position += len(ids)
@@ -315,19 +406,37 @@ class Engine:
             pieces = model.tokenizer.pieces
             tokens = [Token(i, pieces[i], False) for i in token_ids]
         if not tokens:
-            raise InvalidInput("the input is empty: give text with at least one word or punctuation mark, or token ids")
+            raise InvalidInput(
+                "the input is empty: give text with at least one word or punctuation mark, or token ids "
+                "(a feed with no input needs a word_prefix)"
+            )
         return tokens
 
-    def _top_k(self, model: Model, asked: int, default: int) -> int:
-        limit = min(self.settings.max_top_k, model.vocab_size)
+    def _wanted(self, model: Model, args: FeedArgs, default_top_k: int) -> _Wanted:
+        table = model.words
+        search = not (table.word_level or args.token_candidates)
+        k = self._top_k(model, args.top_k, default_top_k, words=search)
+        prefix = args.word_prefix
+        if prefix:
+            if len(prefix) > MAX_WORD_PREFIX or any(ch.isspace() for ch in prefix):
+                raise InvalidInput(f"word_prefix {prefix[:80]!r} is not the start of one word: at most "
+                                   f"{MAX_WORD_PREFIX} characters, no whitespace")  # fmt: skip
+            if args.token_candidates and not table.word_level:
+                raise InvalidInput(f"word_prefix completes words, and {model.name}'s tokens are pieces of words "
+                                   f"({model.tokenizer.kind} tokenizer): ask for word candidates")  # fmt: skip
+            prefix = model.tokenizer.stop_key(prefix)
+        graph_k = 1 if search else min(k + table.special_count, model.vocab_size) if args.exclude_special else k
+        return _Wanted(k, graph_k, prefix, search, args.exclude_special, args.token_candidates)
+
+    def _top_k(self, model: Model, asked: int, default: int, words: bool = False) -> int:
+        """``asked``, or ``default`` for 0; at most the vocabulary's size, except for ``words`` of a search."""
+        limit = self.settings.max_top_k if words else min(self.settings.max_top_k, model.vocab_size)
         if asked < 0 or asked > limit:
             raise InvalidInput(f"top_k {asked} is out of range: 1 to {limit} (0: the default)")
         return asked or min(default, limit)
 
 
-def _candidates(model: Model, result: StepResult) -> list[Candidate]:
-    pieces = model.tokenizer.pieces
-    return [
-        Candidate(pieces[i], int(i), float(math.exp(lp)))
-        for i, lp in zip(result.top_ids.tolist(), result.top_logprobs.tolist(), strict=True)
-    ]
+def _text_after(tokenizer: Tokenizer, context: list[int], ids: list[int]) -> str:
+    """The text ``ids`` add after ``context``, as the tokenizer decodes them."""
+    stream = tokenizer.text_stream(context)
+    return "".join(stream.add(i, last=n == len(ids) - 1) for n, i in enumerate(ids))

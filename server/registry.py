@@ -17,6 +17,7 @@ from lstmd.model.folder import ONNX_FILE, ModelCard, ModelFormatError, read_mode
 from lstmd.model.tokenizer import Vocab, WordsTokenizer
 from lstmd.server.errors import NotFound
 from lstmd.server.settings import Settings
+from lstmd.server.words import WordTable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class Model:
         except ValueError as e:  # a provider this onnxruntime lacks
             raise ModelError(f"{e} (--providers {settings.providers})") from e
         graph.check(self.session, self.card)
+        try:
+            self.words = WordTable(self.tokenizer)
+        except ValueError as e:
+            raise ModelError(f"{folder}: its tokenizer's pieces cannot be read as words: {e}") from e
         # A new session starts after the tokenizer's initial token: for lstmd's word models "<eos>",
         # as if after the end of a paragraph; for library tokenizers their bos token if they have one.
         # With initial "zeros" it is the zero state itself, with no last token (NO_TOKEN).

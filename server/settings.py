@@ -52,6 +52,8 @@ class Settings:
     )
     default_top_k: int = _setting(5, "candidates per prediction when the request and session name none")
     max_top_k: int = _setting(100, "largest top_k a request may ask for")
+    word_beam: int = _setting(8, "hypotheses the word search keeps per step (subword and character models)")
+    word_max_tokens: int = _setting(24, "most tokens of one word the word search follows")
     max_feed_tokens: int = _setting(4096, "most tokens in one feed")
     max_text_chars: int = _setting(100_000, "longest text in one feed or prompt, in characters")
     max_message_bytes: int = _setting(1 << 20, "largest gRPC message the server accepts, in bytes")
@@ -135,6 +137,8 @@ class Settings:
             out.append("--max-batch-wait-ms must not be negative")
         if not 1 <= self.default_top_k <= self.max_top_k:
             out.append("--default-top-k must be between 1 and --max-top-k")
+        if self.word_beam < 1 or self.word_max_tokens < 1:
+            out.append("--word-beam and --word-max-tokens must be at least 1")
         if self.session_ttl_s <= 0 or self.sweep_interval_s <= 0:
             out.append("--session-ttl-s and --sweep-interval-s must be positive")
         if self.snapshot_interval_s < 0:

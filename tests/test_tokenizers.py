@@ -185,7 +185,8 @@ async def test_text_is_tokenized_by_the_models_own_tokenizer(
         pieces += (["<eos>"] if i else []) + exp.pieces(line)
     async with _serving(root) as stub:
         session = await stub.CreateSession(pb.CreateSessionRequest(model=name, top_k=5))
-        got = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text=text, return_token_logprobs=True))
+        got = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text=text, return_token_logprobs=True,
+                                             candidates=pb.CANDIDATE_KIND_TOKEN))  # fmt: skip
     assert [t.id for t in got.tokens] == want
     assert [t.word for t in got.tokens] == pieces
     assert [t.unknown for t in got.tokens] == [i == exp.banned[0] for i in want]

@@ -39,6 +39,9 @@ class HuggingFaceTokenizer(Tokenizer):
     def token_id(self, piece: str) -> int | None:
         return self.library.token_to_id(piece)
 
+    def _library_special_ids(self) -> Sequence[int]:
+        return [i for i, added in self.library.get_added_tokens_decoder().items() if added.special]
+
     def _encode_line(self, text: str) -> Encoding:
         encoded = self.library.encode(text, add_special_tokens=False)
         unk = self.unk_id
@@ -72,6 +75,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def token_id(self, piece: str) -> int | None:
         return self._ids.get(piece)
+
+    def _library_special_ids(self) -> Sequence[int]:
+        return [i for i in range(len(self.pieces)) if self.library.is_control(i) or self.library.is_unknown(i)]
 
     def _encode_line(self, text: str) -> Encoding:
         ids: list[int] = self.library.encode(text)

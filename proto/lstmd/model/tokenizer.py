@@ -246,6 +246,16 @@ class Tokenizer(ABC):
     def __len__(self) -> int:
         return len(self.pieces)
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The tokens that are no text to suggest: unknown, end, beginning and newline tokens, and
+        those the tokenizer's library marks special or control."""
+        named = {self.unk_id, self.eos_id, self.bos_id, self.newline_id}
+        return frozenset(i for i in named | set(self._library_special_ids()) if i is not None)
+
+    def _library_special_ids(self) -> Sequence[int]:
+        return ()
+
     @abstractmethod
     def token_id(self, piece: str) -> int | None:
         """The id of a token by name, or None if the vocabulary lacks it."""

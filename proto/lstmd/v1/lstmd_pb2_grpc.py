@@ -124,7 +124,9 @@ class LstmdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Feed(self, request, context):
-        """Appends input to a session and returns the prediction after its last token.
+        """Appends input to a session and returns the prediction after its last token: the next word
+        candidates (see *word* above), or the next tokens when asked. A feed with only a word_prefix
+        (no input) applies nothing: it completes the word being typed after the session's text.
         With `expected_position` the feed is exactly-once: it is applied only if the session is
         at that position; a retry of the feed that was applied last returns the same prediction
         (marked `replayed`) instead of applying it twice; any other mismatch is
