@@ -11,7 +11,17 @@ from typing import Unpack
 
 import grpc
 
-from lstmd.client._core import CHANNEL_OPTIONS, BaseClient, BaseSession, BaseStream, Flow, Sleep, Steps, T
+from lstmd.client._core import (
+    CHANNEL_OPTIONS,
+    BaseClient,
+    BaseSession,
+    BaseStream,
+    Flow,
+    Sleep,
+    Steps,
+    T,
+    completion,
+)
 from lstmd.client._errors import NotFound, PositionMismatch, from_rpc_error
 from lstmd.client._recovery import MAX_RECOVERIES
 from lstmd.client._types import (
@@ -94,8 +104,10 @@ class AsyncClient(BaseClient):
         return await self._run(self._feed(session_id, data, **options))
 
     async def stream(self, inputs: Iterable[Input], *, session_id: str = "", model: str = "", top_k: int = 0,
-                     token_logprobs: bool = False) -> AsyncIterator[Prediction]:  # fmt: skip
-        requests = (stream_request(data, top_k, token_logprobs, session_id, model) for data in inputs)
+                     token_logprobs: bool = False, tokens: bool = False,
+                     exclude_special: bool = False) -> AsyncIterator[Prediction]:  # fmt: skip
+        requests = (stream_request(data, session_id, model, top_k=top_k, token_logprobs=token_logprobs, tokens=tokens,
+                                   exclude_special=exclude_special) for data in inputs)  # fmt: skip
         try:
             async for reply in self._stub.Stream(iter(requests), timeout=None, metadata=self.metadata):
                 yield Prediction.from_pb(reply)
@@ -121,9 +133,20 @@ class AsyncStream(BaseStream):
         super().__init__(session_id, model, top_k)
         self._call = client._stub.Stream(metadata=client.metadata)
 
-    async def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
+    async def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False, *, word_prefix: str = "",
+                   tokens: bool = False, exclude_special: bool = False) -> Prediction:  # fmt: skip
+        """As ``Stream.feed``."""
+        return await self._exchange(self._request(data, top_k=top_k, token_logprobs=token_logprobs,
+                                                  word_prefix=word_prefix, tokens=tokens,
+                                                  exclude_special=exclude_special))  # fmt: skip
+
+    async def complete(self, prefix: str, top_k: int = 0, exclude_special: bool = True) -> Prediction:
+        """As ``Stream.complete``: the most likely words that begin with ``prefix``; applies nothing."""
+        return await self._exchange(self._request("", **completion(prefix, top_k, exclude_special)))
+
+    async def _exchange(self, request: pb.StreamRequest) -> Prediction:
         try:
-            await self._call.write(self._request(data, top_k, token_logprobs))
+            await self._call.write(request)
             reply = await self._call.read()
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -150,8 +173,16 @@ class AsyncSession(BaseSession[AsyncClient]):
     """Like ``Session``: exactly-once feeds, recovery from a server that lost the session or went
     back to an older snapshot (``recoveries``, ``exact``), deleted on ``async with`` exit."""
 
-    async def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
-        return await self.client._run(self._feed(data, top_k, token_logprobs))
+    async def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False, *, word_prefix: str = "",
+                   tokens: bool = False, exclude_special: bool = False) -> Prediction:  # fmt: skip
+        """As ``Session.feed``."""
+        return await self.client._run(self._feed(data, top_k=top_k, token_logprobs=token_logprobs,
+                                                 word_prefix=word_prefix, tokens=tokens,
+                                                 exclude_special=exclude_special))  # fmt: skip
+
+    async def complete(self, prefix: str, top_k: int = 0, exclude_special: bool = True) -> Prediction:
+        """As ``Session.complete``: a prefix-only feed that completes ``prefix``; the position stays."""
+        return await self.client._run(self._feed("", **completion(prefix, top_k, exclude_special)))
 
     async def generate(self, prompt: str = "", **options: Unpack[SamplingOptions]) -> AsyncIterator[GeneratedToken]:
         """As ``Session.generate``: a prompt is fed first; a generation cut off is not resumed."""

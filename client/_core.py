@@ -192,14 +192,22 @@ class BaseClient:
 C = TypeVar("C", bound=BaseClient)
 
 
+def completion(prefix: str, top_k: int, exclude_special: bool) -> FeedOptions:
+    """The options of ``complete(prefix)``: a prefix-only feed, which completes ``prefix``."""
+    if not prefix:
+        raise ValueError("complete() takes the typed start of a word; feed() gives the next words")
+    return FeedOptions(top_k=top_k, word_prefix=prefix, exclude_special=exclude_special)
+
+
 class BaseStream:
     """What ``Stream`` and ``AsyncStream`` send: the session and model go with the first message only."""
 
     def __init__(self, session_id: str, model: str, top_k: int):
         self._session_id, self._model, self._top_k = session_id, model, top_k
 
-    def _request(self, data: Input, top_k: int, token_logprobs: bool) -> pb.StreamRequest:
-        request = stream_request(data, top_k or self._top_k, token_logprobs, self._session_id, self._model)
+    def _request(self, data: Input, **options: Unpack[FeedOptions]) -> pb.StreamRequest:
+        options["top_k"] = options.get("top_k") or self._top_k
+        request = stream_request(data, self._session_id, self._model, **options)
         self._session_id = self._model = ""  # the server reads them from the first message only
         return request
 
@@ -221,17 +229,21 @@ class BaseSession(Generic[C]):
         """False once a recovery had to be approximate (the tail was shorter than what was lost)."""
         return all(r.exact for r in self.recoveries)
 
-    def _feed(self, data: Input, top_k: int, token_logprobs: bool) -> Flow[Prediction]:
-        """A feed at the session's position, recovering the session as often as it must."""
+    def _feed(self, data: Input, **options: Unpack[FeedOptions]) -> Flow[Prediction]:
+        """A feed at the session's position, recovering the session as often as it must. A
+        prefix-only feed (no input, a ``word_prefix``) applies nothing, so the tail records nothing;
+        it carries ``expected_position`` all the same, so a lost session is recovered before it."""
+        prefix_only = not data and bool(options.get("word_prefix"))
         for attempt in range(MAX_RECOVERIES + 1):
+            options["expected_position"] = self.position
             try:
-                prediction = yield from self.client._feed(self.id, data, expected_position=self.position,
-                                                          top_k=top_k, token_logprobs=token_logprobs)  # fmt: skip
+                prediction = yield from self.client._feed(self.id, data, **options)
             except (NotFound, PositionMismatch) as error:
                 if not (yield from self._recover(error, attempt)):
                     raise
                 continue
-            self._fed([t.id for t in prediction.tokens], prediction.position)
+            if not prefix_only:
+                self._fed([t.id for t in prediction.tokens], prediction.position)
             return prediction
         raise AssertionError("unreachable")
 
@@ -253,7 +265,9 @@ class BaseSession(Generic[C]):
             self.info, self.id = info, info.session_id
         position = plan.start
         for chunk in plan.chunks:
-            position = (yield from self.client._feed(self.id, chunk, expected_position=position, top_k=1)).position
+            # token candidates: a re-feed wants no prediction, and no word search for one
+            position = (yield from self.client._feed(self.id, chunk, expected_position=position, top_k=1,
+                                                     tokens=True)).position  # fmt: skip
         self._recovered(plan, old, position)
         return True
 

@@ -11,7 +11,17 @@ from typing import Unpack
 
 import grpc
 
-from lstmd.client._core import CHANNEL_OPTIONS, BaseClient, BaseSession, BaseStream, Flow, Sleep, Steps, T
+from lstmd.client._core import (
+    CHANNEL_OPTIONS,
+    BaseClient,
+    BaseSession,
+    BaseStream,
+    Flow,
+    Sleep,
+    Steps,
+    T,
+    completion,
+)
 from lstmd.client._errors import NotFound, PositionMismatch, from_rpc_error
 from lstmd.client._recovery import MAX_RECOVERIES
 from lstmd.client._types import (
@@ -118,15 +128,20 @@ class Client(BaseClient):
         return Session(self, self._run(self._fork(session_id)))
 
     def feed(self, session_id: str, data: Input, **options: Unpack[FeedOptions]) -> Prediction:
-        """Append text (or token ids) to a session; the prediction after its last token. Retried
-        only with ``expected_position``, which makes a retry unable to apply twice (``FeedOptions``)."""
+        """Append text (or token ids) to a session; the prediction after its last token: the most
+        likely next words, or tokens, or completions of a ``word_prefix`` (with an empty input, a
+        prefix-only feed, which applies nothing). Retried only with ``expected_position``, which
+        makes a retry unable to apply twice (``FeedOptions``)."""
         return self._run(self._feed(session_id, data, **options))
 
     def stream(self, inputs: Iterable[Input], *, session_id: str = "", model: str = "", top_k: int = 0,
-               token_logprobs: bool = False) -> Iterator[Prediction]:  # fmt: skip
-        """Feed each input in turn on one stream; yields one prediction per input. Without a
-        ``session_id`` the stream uses an ephemeral session, freed when it ends."""
-        requests = (stream_request(data, top_k, token_logprobs, session_id, model) for data in inputs)
+               token_logprobs: bool = False, tokens: bool = False,
+               exclude_special: bool = False) -> Iterator[Prediction]:  # fmt: skip
+        """Feed each input in turn on one stream; yields one prediction per input (its candidates
+        the model's tokens with ``tokens``, leaving special tokens out with ``exclude_special``).
+        Without a ``session_id`` the stream uses an ephemeral session, freed when it ends."""
+        requests = (stream_request(data, session_id, model, top_k=top_k, token_logprobs=token_logprobs, tokens=tokens,
+                                   exclude_special=exclude_special) for data in inputs)  # fmt: skip
         try:
             for reply in self._stub.Stream(requests, timeout=None, metadata=self.metadata):
                 yield Prediction.from_pb(reply)
@@ -156,8 +171,18 @@ class Stream(BaseStream):
         self._requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
         self._replies = client._stub.Stream(iter(self._requests.get, None), metadata=client.metadata)
 
-    def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
-        self._requests.put(self._request(data, top_k, token_logprobs))
+    def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False, *, word_prefix: str = "",
+             tokens: bool = False, exclude_special: bool = False) -> Prediction:  # fmt: skip
+        """Append ``data`` to the stream's session; as ``Session.feed``."""
+        return self._exchange(self._request(data, top_k=top_k, token_logprobs=token_logprobs, word_prefix=word_prefix,
+                                            tokens=tokens, exclude_special=exclude_special))  # fmt: skip
+
+    def complete(self, prefix: str, top_k: int = 0, exclude_special: bool = True) -> Prediction:
+        """The most likely words that begin with ``prefix``; as ``Session.complete``."""
+        return self._exchange(self._request("", **completion(prefix, top_k, exclude_special)))
+
+    def _exchange(self, request: pb.StreamRequest) -> Prediction:
+        self._requests.put(request)
         try:
             return Prediction.from_pb(next(self._replies))
         except grpc.RpcError as e:
@@ -184,8 +209,23 @@ class Session(BaseSession[Client]):
     recovery it is where the re-fed tail ends). ``recoveries`` lists every recovery; ``exact``
     stays True while every recovery was exact."""
 
-    def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False) -> Prediction:
-        return self.client._run(self._feed(data, top_k, token_logprobs))
+    def feed(self, data: Input, top_k: int = 0, token_logprobs: bool = False, *, word_prefix: str = "",
+             tokens: bool = False, exclude_special: bool = False) -> Prediction:  # fmt: skip
+        """Append text (or token ids) to the session; the prediction after its last token: its
+        ``top_k`` candidates (0: the session's default), whole next words, or the model's tokens
+        with ``tokens``, without the special tokens with ``exclude_special``; the log-probability of
+        each token fed with ``token_logprobs``. With ``word_prefix`` (the typed start of the word
+        after ``data``, not fed) the candidates are the most likely words that begin with it."""
+        return self.client._run(self._feed(data, top_k=top_k, token_logprobs=token_logprobs, word_prefix=word_prefix,
+                                           tokens=tokens, exclude_special=exclude_special))  # fmt: skip
+
+    def complete(self, prefix: str, top_k: int = 0, exclude_special: bool = True) -> Prediction:
+        """The most likely words that begin with ``prefix``, the typed start of the next word
+        after the session's text (a new word, after whitespace unless the text already ends with
+        whitespace or punctuation), special tokens left out unless ``exclude_special=False``: a
+        prefix-only feed, which applies nothing, so ``position`` stays where it is. Feed the word
+        when it is finished, with the whitespace before it (" clouds"), not the whitespace alone."""
+        return self.client._run(self._feed("", **completion(prefix, top_k, exclude_special)))
 
     def generate(self, prompt: str = "", **options: Unpack[SamplingOptions]) -> Iterator[GeneratedToken]:
         """Sample words after the session's text (after ``prompt``, fed first as an ordinary feed,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypedDict, TypeVar
+from typing import TypedDict, TypeVar, Unpack
 
 from lstmd.v1 import lstmd_pb2 as pb
 
@@ -64,9 +64,23 @@ class Tokenization:
 
 @dataclass(frozen=True)
 class Candidate:
+    """A likely next word (``kind`` "word") or next token of the model ("token"; "" from servers
+    before the field). ``text`` is what it adds to the session's text, spacing included (" sky"),
+    for a completion the whole word; ``token_ids`` its tokens (a word's most likely spelling)."""
+
     word: str
     token_id: int
     probability: float
+    kind: str = ""
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_pb(cls, c: pb.Candidate) -> Candidate:
+        return cls(c.word, c.token_id, c.probability, _KINDS.get(c.kind, ""), c.text, tuple(c.token_ids))
+
+
+_KINDS = {pb.CANDIDATE_KIND_WORD: "word", pb.CANDIDATE_KIND_TOKEN: "token"}  # UNSPECIFIED: ""
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,7 @@ class Prediction:
             p.session_id,
             p.position,
             [Token(t.id, t.word, t.unknown) for t in p.tokens],
-            [Candidate(c.word, c.token_id, c.probability) for c in p.candidates],
+            [Candidate.from_pb(c) for c in p.candidates],
             list(p.token_logprobs),
             p.replayed,
         )
@@ -110,25 +124,43 @@ class GeneratedToken:
 Input = str | list[int]  # text, or token ids of the session's model
 
 
-def _with_input(request: R, data: Input) -> R:
-    if isinstance(data, str):
-        request.text = data
-    else:
-        request.tokens.ids.extend(data)
-    return request
+class FeedOptions(TypedDict, total=False):
+    """A feed's options. ``expected_position``: apply only at this position (None: wherever the
+    session is), which also makes the feed safe to retry; ``top_k``: candidates to return (0: the
+    session's default); ``token_logprobs``: the log-probability of each token fed; ``word_prefix``:
+    the typed start of the next word, which the candidates then complete (it is not fed: with an
+    empty input the feed applies nothing and only completes it); ``tokens``: the candidates are
+    the model's tokens, not whole words (cheaper on subword and character models: no word search);
+    ``exclude_special``: leave the unknown token, end-of-line and other special tokens out."""
+
+    expected_position: int | None
+    top_k: int
+    token_logprobs: bool
+    word_prefix: str
+    tokens: bool
+    exclude_special: bool
 
 
 R = TypeVar("R", pb.FeedRequest, pb.StreamRequest)
 
 
-class FeedOptions(TypedDict, total=False):
-    """A feed's options. ``expected_position``: apply only at this position (None: wherever the
-    session is), which also makes the feed safe to retry; ``top_k``: candidates to return (0: the
-    session's default); ``token_logprobs``: the log-probability of each token fed."""
-
-    expected_position: int | None
-    top_k: int
-    token_logprobs: bool
+def _with_options(request: R, data: Input, options: FeedOptions) -> R:
+    """``request`` with the input and the options; an empty input with a ``word_prefix`` is no
+    input at all (a prefix-only feed)."""
+    request.top_k = options.get("top_k", 0)
+    request.return_token_logprobs = options.get("token_logprobs", False)
+    request.word_prefix = options.get("word_prefix", "")
+    request.candidates = pb.CANDIDATE_KIND_TOKEN if options.get("tokens") else pb.CANDIDATE_KIND_UNSPECIFIED
+    request.exclude_special = options.get("exclude_special", False)
+    expected_position = options.get("expected_position")
+    if expected_position is not None:
+        request.expected_position = expected_position
+    if data or not request.word_prefix:
+        if isinstance(data, str):
+            request.text = data
+        else:
+            request.tokens.ids.extend(data)
+    return request
 
 
 class SamplingOptions(TypedDict, total=False):
@@ -152,20 +184,15 @@ class GenerateOptions(SamplingOptions, total=False):
     expected_position: int | None
 
 
-def feed_request(
-    session_id: str, data: Input, expected_position: int | None = None, top_k: int = 0, token_logprobs: bool = False
-) -> pb.FeedRequest:
-    request = pb.FeedRequest(session_id=session_id, expected_position=expected_position, top_k=top_k,
-                             return_token_logprobs=token_logprobs)  # fmt: skip
-    return _with_input(request, data)
+def feed_request(session_id: str, data: Input, **options: Unpack[FeedOptions]) -> pb.FeedRequest:
+    return _with_options(pb.FeedRequest(session_id=session_id), data, options)
 
 
 def stream_request(
-    data: Input, top_k: int, token_logprobs: bool, session_id: str = "", model: str = ""
+    data: Input, session_id: str = "", model: str = "", **options: Unpack[FeedOptions]
 ) -> pb.StreamRequest:
     """A stream message; ``session_id`` and ``model`` only count on a stream's first message."""
-    request = pb.StreamRequest(session_id=session_id, model=model, top_k=top_k, return_token_logprobs=token_logprobs)
-    return _with_input(request, data)
+    return _with_options(pb.StreamRequest(session_id=session_id, model=model), data, options)
 
 
 def generate_request(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -38,7 +39,7 @@ def _prediction_json(p: Prediction) -> dict[str, object]:
     return {
         "position": p.position,
         "tokens": [{"id": t.id, "word": t.word, "unknown": t.unknown} for t in p.tokens],
-        "candidates": [{"word": c.word, "token_id": c.token_id, "probability": c.probability} for c in p.candidates],
+        "candidates": [dataclasses.asdict(c) for c in p.candidates],  # word, kind, text, token_ids, ...
     }
 
 
@@ -52,9 +53,9 @@ def _token_id(value: str) -> int:
     return token_id
 
 
-def _add_input(p: argparse.ArgumentParser, name: str, help: str) -> None:
+def _add_input(p: argparse.ArgumentParser, name: str, help: str, required: bool = True) -> None:
     """The command's input: ``name`` (text), or ``--ids`` (token ids of the model's vocabulary)."""
-    group = p.add_mutually_exclusive_group(required=True)
+    group = p.add_mutually_exclusive_group(required=required)
     group.add_argument(name, nargs="?", help=help)
     group.add_argument("--ids", nargs="+", type=_token_id, metavar="ID",
                        help=f"token ids instead of {name}, separated by spaces (e.g. --ids 3 227 179 6); "
@@ -62,8 +63,12 @@ def _add_input(p: argparse.ArgumentParser, name: str, help: str) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    data: Input = args.ids if args.ids is not None else (args.text or "")
+    if not data and not args.prefix:
+        print("lstmd predict: one of the arguments text --ids --prefix is required", file=sys.stderr)
+        return 2
     with _client(args) as client, client.open_stream(args.session, args.model, args.top_k) as stream:
-        prediction = stream.feed(args.ids if args.ids is not None else args.text)
+        prediction = stream.feed(data, word_prefix=args.prefix, tokens=args.tokens, exclude_special=not args.special)
     if args.json:
         print(json.dumps(_prediction_json(prediction)))
         return 0
@@ -71,7 +76,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if unknown:
         print(f"(not in the vocabulary, read as <unk>: {', '.join(unknown)})")
     rows = [(i, c.word, f"{c.probability:.1%}") for i, c in enumerate(prediction.candidates, start=1)]
-    print(table(["rank", "next word", "probability"], rows))
+    print(table(["rank", "next token" if args.tokens else "next word", "probability"], rows))
     return 0
 
 
@@ -136,7 +141,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         inputs = list(_whole_lines(Path(args.file).read_text(encoding="utf-8", errors="replace")))
     total, count, unknown, fed = 0.0, 0, 0, 0
     with _client(args) as client:
-        for prediction in client.stream(inputs, model=args.model, top_k=1, token_logprobs=True):
+        # token candidates, one: scoring reads the log-probabilities and pays for no word search
+        for prediction in client.stream(inputs, model=args.model, top_k=1, token_logprobs=True, tokens=True):
             total += sum(prediction.token_logprobs)
             count += len(prediction.token_logprobs)
             fed += len(prediction.tokens)
@@ -204,7 +210,7 @@ def cmd_type(args: argparse.Namespace) -> int:
     from lstmd.client._interactive import run_interactive
 
     with _client(args) as client:
-        return run_interactive(client, args.model, args.top_k)
+        return run_interactive(client, args.model, args.top_k, exclude_special=not args.special)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,16 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("predict", cmd_predict, "the most likely next words after a text")
-    _add_input(p, "text", "the text")
+    p = command("predict", cmd_predict, "the most likely next words after a text (or words that begin with --prefix)")
+    _add_input(p, "text", "the text (may be left out with --prefix: then nothing is fed)", required=False)
+    p.add_argument("--prefix", default="", metavar="WORD",
+                   help="the typed start of the next word: the words that begin with it (it is not fed)")  # fmt: skip
     p.add_argument("--session", default="", help="continue this session (default: a new, temporary one)")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=5, help="how many words")
+    p.add_argument("--tokens", action="store_true",
+                   help="the model's next tokens instead of whole words (subword models: pieces of words)")  # fmt: skip
+    p.add_argument("--special", action="store_true", help="include special tokens (<unk>, <eos>, ...)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command("type", cmd_type, "interactive: next-word suggestions update as you type")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=5, help="how many suggestions")
+    p.add_argument("--special", action="store_true", help="include special tokens (<unk>, <eos>, ...)")
 
     p = command("generate", cmd_generate, "continue a text by sampling, word by word "
                 "(with --ids: the ids are fed first and only the continuation is printed)")  # fmt: skip

@@ -45,6 +45,17 @@ IN_WORD, NEEDS_SEPARATOR, AFTER_SEPARATOR = range(3)
 LOST, EXTEND, FINISH, FINISH_INSIDE, SEPARATOR = range(5)
 
 
+_NOT_SPACE = "\x1c\x1d\x1e\x1f"  # str.isspace() calls these separators; they are control characters
+
+
+def _strip_space(text: str) -> str:
+    """``text`` without its leading whitespace."""
+    n = 0
+    while n < len(text) and text[n].isspace() and text[n] not in _NOT_SPACE:
+        n += 1
+    return text[n:]
+
+
 def _is_word_char(ch: str) -> bool:
     return ch.isalnum() or ch in JOINERS
 
@@ -62,7 +73,7 @@ def _outcome(where: int, text: str, special: bool) -> tuple[int, str]:
     it contributes. The one definition of a word boundary; ``WordTable`` tabulates it."""
     if "\ufffd" in text or (not text and not special):  # a piece of a character, or of nothing
         return LOST, ""
-    core = text.lstrip()
+    core = _strip_space(text)
     spaced = len(core) < len(text)
     run = _leading_run(core)
     if where == IN_WORD:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -175,11 +176,17 @@ def test_type_interactively_in_a_pseudo_terminal(server_target: str) -> None:
     try:
         child.expect("Ctrl-D or Esc quits")
         child.send("the ")
-        child.expect(r"the\s*\x1b\[2m  \[(\S+) \d+%")  # suggestions after the first word
-        child.send("cat sat")
-        child.expect(r"cat sat\x1b\[2m")  # filtered by the word being typed, or none
-        child.send(" \t")
-        child.expect(r"sat \w+ ")  # Tab took the first suggestion
+        child.expect(r"the \x1b\[2m  \[(\S+) \d+%")  # suggestions after the first word
+        child.send("cat s")
+        child.expect(r"cat s\x1b\[2m  \[([^\]]*)\]")  # the server's completions of "s"
+        assert isinstance(child.match, re.Match)
+        words = [pair.rsplit(" ", 1)[0] for pair in child.match.group(1).split("  ")]
+        assert len(words) == 3 and all(w.startswith("s") for w in words)
+        assert not {"<unk>", "<eos>"} & set(words)
+        child.send("x\x7f\x7f\x7f")  # backspace deletes what was not fed yet, never "cat"
+        child.expect(r"the cat \x1b\[2m")
+        child.send("s\t")
+        child.expect(rf"the cat {words[0]} \x1b\[2m")  # Tab took the first suggestion, and a space
         child.send("\x04")
         child.expect(pexpect.EOF)
     finally:

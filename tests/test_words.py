@@ -119,7 +119,7 @@ def _reference_word(before: str, added: str, ended: bool) -> str | None:
     right after ``before`` when that ends with neither a letter nor a digit nor ' or -."""
     if "\ufffd" in added:
         return None
-    body = added.lstrip()
+    body = added.lstrip(" \t\n\r\v\f")  # the whitespace of these vocabularies
     run = ""
     for ch in body:
         if not (ch.isalnum() or ch in "'-"):
