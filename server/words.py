@@ -257,9 +257,9 @@ def _expand(
                 finish(word, lp, lp, [*h.ids, i])
         return heapq.nlargest(beam, out)
     if h.where == IN_WORD:
-        ends = dist[table.ids[h.where, FINISH]]
-        if ends.size:
-            finish(h.word, h.logprob + float(np.logaddexp.reduce(ends)), h.logprob, h.ids)
+        ending = float(np.exp(dist[table.ids[h.where, FINISH]]).sum())  # (np.logaddexp.reduce: 10x slower)
+        if ending > 0:
+            finish(h.word, h.logprob + math.log(ending), h.logprob, h.ids)
     for i in table.ids[h.where, FINISH_INSIDE].tolist():
         lp = h.logprob + float(dist[i])
         finish(h.word + table.runs[i], lp, lp, [*h.ids, i])
