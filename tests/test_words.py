@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,9 @@ from lstmd.model import graph
 from lstmd.model.tokenizer import TokenizerSpec
 from lstmd.server import metrics
 from lstmd.v1 import lstmd_pb2 as pb
-from tests.conftest import HIDDEN, LAYERS, Reference, serve
+from lstmd.v1 import lstmd_pb2_grpc
+from tests.conftest import HIDDEN, LAYERS, Reference, serve, start_process
+from tests.test_client_words import shown, typed
 
 LETTERS = "abc"
 CHARACTERS = ["<unk>", "<eos>", "a", "b", "c", " ", ".", "'"]
@@ -332,3 +334,25 @@ async def test_a_prefix_only_feed_checks_the_expected_position_and_streams(
         assert all(c.word.startswith("a") for c in first.candidates)
         assert second.position > fed.position and second.candidates
         assert all(c.word.startswith("c") for c in second.candidates)
+
+
+@pytest.fixture(scope="module")
+def word_models_target(word_models: tuple[Path, dict[str, Kind]]) -> Iterator[str]:
+    process, port = start_process(word_models[0], "--default-model", "chars")
+    yield f"127.0.0.1:{port}"
+    process.terminate()
+    process.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("name", ["chars", "bpe", "spm"])
+def test_lstmd_type_completes_the_word_being_typed_from_the_server(word_models_target: str, name: str) -> None:
+    """``printf 'ab c a' | lstmd type``: the words beginning with "a" after "ab c", as the server's
+    own completion through the raw stubs (the word model's case is in tests/test_client_words.py)."""
+    with grpc.insecure_channel(word_models_target) as channel:
+        stub = lstmd_pb2_grpc.LstmdStub(channel)
+        session = stub.CreateSession(pb.CreateSessionRequest(model=name))
+        stub.Feed(pb.FeedRequest(session_id=session.session_id, text="ab c"))
+        expected = stub.Feed(pb.FeedRequest(session_id=session.session_id, word_prefix="a", top_k=5,
+                                            exclude_special=True))  # fmt: skip
+    assert expected.candidates and all(c.word.startswith("a") for c in expected.candidates)
+    assert typed("ab c a", word_models_target, "--model", name) == [shown(expected)]
