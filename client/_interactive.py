@@ -59,8 +59,9 @@ class Typist:
     """What has been typed (``text``), how much of it the session was fed (``fed``), and the
     suggestions: the next words after the text fed, or the completions of the word being typed."""
 
-    def __init__(self, stream: Stream, top_k: int, exclude_special: bool = True):
+    def __init__(self, stream: Stream, top_k: int, exclude_special: bool = True, starts_from_zeros: bool = False):
         self.stream, self.top_k, self.exclude_special = stream, top_k, exclude_special
+        self.can_complete = not starts_from_zeros  # a zero-start session has nothing to complete from until fed
         self.text, self.fed = "", 0
         self.next_words: list[Candidate] = []  # the prediction of the last feed
         self.suggestions: list[Candidate] = []
@@ -82,12 +83,12 @@ class Typist:
 
     def refresh(self) -> None:
         """The suggestions for the text as it is: the server's completions of the word being typed
-        (none before anything was fed: a session of a model that starts from zeros has nothing to
+        (none before anything was fed on a model that starts from zeros: its session has nothing to
         complete from, and refuses), or the next words."""
         word = self.word
         if not word:
             self.suggestions = self.next_words
-        elif self.fed and len(word) <= _MAX_PREFIX:
+        elif (self.fed or self.can_complete) and len(word) <= _MAX_PREFIX:
             self.suggestions = self.stream.complete(word, self.top_k, self.exclude_special).candidates
         else:
             self.suggestions = []
@@ -140,8 +141,9 @@ class Typist:
 
 
 def run_interactive(client: Client, model: str, top_k: int, exclude_special: bool = True) -> int:
+    info = next((m for m in client.list_models() if m.name == model or (not model and m.is_default)), None)
     with client.open_stream(model=model) as stream:
-        typist = Typist(stream, top_k, exclude_special)
+        typist = Typist(stream, top_k, exclude_special, starts_from_zeros=info is not None and info.starts_from_zeros)
         if not sys.stdin.isatty():  # piped input: the suggestions at the end of each line
             line_end = ""  # fed with the next line's text, as whitespace typed is
             for line in sys.stdin:

@@ -22,11 +22,12 @@ class ModelInfo:
     tokenizer: (
         str  # the tokenizer's kind: "words", "whitespace", "characters", "hf", "sentencepiece"; "" from older servers
     )
+    starts_from_zeros: bool = False  # a new session has no prediction before its first token
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
         return cls(m.name, m.version, m.vocab_size, m.num_layers, m.hidden_size, m.state_bytes, m.is_default,
-                   m.precision, m.test_perplexity, m.tokenizer)  # fmt: skip
+                   m.precision, m.test_perplexity, m.tokenizer, m.starts_from_zeros)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ def model_info(card: ModelCard, is_default: bool) -> pb.ModelInfo:
         precision=card.precision,
         test_perplexity=card.perplexity.get("test", 0.0),
         tokenizer=card.tokenizer_spec.kind,
+        starts_from_zeros=card.tokenizer_spec.initial == "zeros",
     )
 
 

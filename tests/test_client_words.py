@@ -95,6 +95,14 @@ def test_type_completes_the_last_word_with_the_servers_completion(bundled_target
     assert line == shown(server_answer(bundled_target, feeds))
 
 
+def test_type_completes_a_first_word_typed_before_anything_was_fed(bundled_target: str) -> None:
+    """A new session of the bundled model starts after <eos>, so it has a completion to give."""
+    [line] = typed("clo", bundled_target)
+    assert line == shown(server_answer(bundled_target, [pb.FeedRequest(word_prefix="clo", top_k=5,
+                                                                       exclude_special=True)]))  # fmt: skip
+    assert line.startswith("clo")
+
+
 def test_type_prints_a_line_per_input_line(bundled_target: str) -> None:
     """A line ending inside a word: its completion, and the word is fed before the next line; a
     line ending with whitespace or punctuation: the next words."""

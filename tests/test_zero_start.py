@@ -32,8 +32,10 @@ from lstmd.server import snapshot_format
 from lstmd.server.snapshot_format import SessionRecord
 from lstmd.server.snapshot_policy import FILE_NAME
 from lstmd.v1 import lstmd_pb2 as pb
-from tests.conftest import HIDDEN, LAYERS, WORDS, memory_sessions, serve
+from lstmd.v1 import lstmd_pb2_grpc
+from tests.conftest import HIDDEN, LAYERS, WORDS, memory_sessions, serve, start_process
 from tests.test_cli import lstmd
+from tests.test_client_words import shown, typed
 
 VOCAB = Vocab([UNK, EOS, *WORDS])
 IDS = [VOCAB.ids[w] for w in ("the", "cat", "sat", "on", "the", "mat")]
@@ -241,3 +243,27 @@ def test_training_evaluation_from_zeros_scores_all_tokens_but_the_first() -> Non
         scored = targets[targets >= 0].tolist()
         assert sorted(scored) == sorted(ids[first_target:]) and len(scored) == scored_tokens(ids, initial)
         assert inputs[0, 0].item() == (ids[0] if initial is None else initial)
+
+
+def test_models_say_they_start_from_zeros_and_lstmd_type_completes_only_after_a_feed(zero_models: Path) -> None:
+    """ModelInfo.starts_from_zeros tells a client that a new session has nothing to complete from:
+    ``lstmd type`` shows nothing for a first word typed alone on such a model (where a prefix-only
+    feed would be refused and end its stream), and completes it once text was fed."""
+    process, port = start_process(zero_models, "--default-model", "zero")
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = lstmd_pb2_grpc.LstmdStub(channel)
+            models = {m.name: m.starts_from_zeros for m in stub.ListModels(pb.ListModelsRequest()).models}
+            session = stub.CreateSession(pb.CreateSessionRequest(model="zero"))
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Feed(pb.FeedRequest(session_id=session.session_id, word_prefix="th"))
+            stub.Feed(pb.FeedRequest(session_id=session.session_id, text="th\nthe cat"))  # as lstmd type feeds it
+            expected = stub.Feed(pb.FeedRequest(session_id=session.session_id, word_prefix="s", top_k=5,
+                                                exclude_special=True))  # fmt: skip
+        assert models == {"zero": True, "eos": False}
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert typed("th\nthe cat s", target, "--model", "zero") == ["", shown(expected)]
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)

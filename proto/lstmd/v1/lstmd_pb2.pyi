@@ -122,6 +122,7 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     TEST_PERPLEXITY_FIELD_NUMBER: _builtins.int
     TOKENIZER_FIELD_NUMBER: _builtins.int
+    STARTS_FROM_ZEROS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     vocab_size: _builtins.int
@@ -139,6 +140,11 @@ class ModelInfo(_message.Message):
     """The model's tokenizer kind: "words" (lstmd's word tokenizer), "whitespace" (already-tokenized
     words), "characters", "hf" (a Hugging Face tokenizer.json) or "sentencepiece".
     """
+    starts_from_zeros: _builtins.bool
+    """True for a model whose new sessions start from the zero state with no token before their first
+    (card `initial: "zeros"`): such a session has no prediction, and no completion of a
+    word_prefix, until something is fed.
+    """
     def __init__(
         self,
         *,
@@ -152,10 +158,11 @@ class ModelInfo(_message.Message):
         precision: _builtins.str = ...,
         test_perplexity: _builtins.float = ...,
         tokenizer: _builtins.str = ...,
+        starts_from_zeros: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_size", b"hidden_size", "is_default", b"is_default", "name", b"name", "num_layers", b"num_layers", "precision", b"precision", "state_bytes", b"state_bytes", "test_perplexity", b"test_perplexity", "tokenizer", b"tokenizer", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_size", b"hidden_size", "is_default", b"is_default", "name", b"name", "num_layers", b"num_layers", "precision", b"precision", "starts_from_zeros", b"starts_from_zeros", "state_bytes", b"state_bytes", "test_perplexity", b"test_perplexity", "tokenizer", b"tokenizer", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
