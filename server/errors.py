@@ -26,8 +26,9 @@ class NotFound(LstmdError):
 class PositionMismatch(LstmdError):
     def __init__(self, expected: int, actual: int):
         super().__init__(
-            f"expected_position {expected} does not match the session's position {actual}: "
-            f"re-read the session and retry with expected_position={actual}"
+            f"expected_position {expected} does not match the session's position {actual}: the session "
+            "moved since (another feed, or this input applied with other options); re-read it and decide "
+            "what to feed from there"
         )
         self.actual = actual
         self.metadata = ((POSITION_KEY, str(actual)),)

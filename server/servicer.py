@@ -18,7 +18,7 @@ import grpc
 
 from lstmd.server import convert
 from lstmd.server.engine import Engine
-from lstmd.server.errors import LstmdError, status_of
+from lstmd.server.errors import InvalidInput, LstmdError, status_of
 from lstmd.server.security import caller
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
@@ -103,6 +103,8 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
         async with self.engine.stream_session(first.session_id, first.model, caller.get()) as session:
             request: pb.StreamRequest | None = first
             while request is not None:
+                if request is not first:
+                    _check_later(request, first)
                 yield convert.prediction(await self.engine.feed(session, convert.feed_args(request)))
                 request = await anext(aiter(request_iterator), None)
 
@@ -115,3 +117,12 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
         return convert.tokenization(self.engine.tokenize(request.model, request.text))
+
+
+def _check_later(request: pb.StreamRequest, first: pb.StreamRequest) -> None:
+    """A stream's session and model come from its first message; a later one may only repeat them."""
+    for field in ("session_id", "model"):
+        value = getattr(request, field)
+        if value and value != getattr(first, field):
+            raise InvalidInput(f"{field} is read from a stream's first message only; a later message leaves "
+                               f"it empty (this one has {value[:40]!r}): open a stream per session")  # fmt: skip
