@@ -112,7 +112,8 @@ def open_store(settings: Settings, registry: ModelRegistry) -> tuple[SessionStor
         return memory, Snapshots(settings, memory, registry) if settings.snapshot_dir else None
     from lstmd.server.redis_store import RedisSessionStore  # the redis extra: only needed when configured
 
-    return RedisSessionStore(settings.session_store, registry, settings.session_ttl_s), None
+    return RedisSessionStore(settings.session_store, registry, settings.session_ttl_s, settings.max_sessions,
+                             settings.max_sessions_per_key, settings.sweep_interval_s), None  # fmt: skip
 
 
 async def run(settings: Settings, registry: ModelRegistry) -> None:

@@ -29,7 +29,7 @@ inference_seconds = Histogram(
     "lstmd_inference_seconds", "Duration of one ONNX Runtime call.", ("model", "phase"), buckets=LATENCY_BUCKETS
 )
 tokens = Counter("lstmd_tokens_total", "Tokens run through a model, by phase (prompt or step).", ("model", "phase"))
-sessions_active = Gauge("lstmd_sessions_active", "Sessions held in memory.")
+sessions_active = Gauge("lstmd_sessions_active", "Sessions held (with Redis: by all replicas together).")
 sessions_created = Counter("lstmd_sessions_created_total", "Sessions created (forks and stream sessions included).")
 sessions_deleted = Counter("lstmd_sessions_deleted_total", "Sessions deleted by clients or freed at stream end.")
 sessions_expired = Counter("lstmd_sessions_expired_total", "Sessions removed after their idle time-to-live.")

@@ -12,6 +12,16 @@ every step)::
 
 No pickle: a replica reads nothing but numbers, strings and JSON.
 
+The session limits hold across replicas: ``lstmd:index`` (every session) and ``lstmd:index:<owner>``
+(an API key's sessions) are sorted sets of session ids scored by when each expires (Unix ms),
+renewed with its TTL. A session is created by a Lua script that first drops the expired ids, then
+refuses when the index holds ``max_sessions`` (or the key's index ``max_sessions_per_key``), and
+otherwise writes the hash and both index entries, so concurrent creates on any number of replicas
+can never overshoot. At the limit the shared store refuses new sessions whatever
+``--at-capacity`` says: it cannot tell which sessions other replicas are streaming, so it evicts
+none. ``lstmd_sessions_active`` is the index's size, refreshed on every create and delete and
+every ``sweep_interval_s``, so every replica reports the shared count.
+
 A step is written by one Lua script that compares ``pos`` with the position the step was computed
 from and writes the new state only if they are equal, so two replicas can never both apply a step
 to one session: the loser's result is discarded, it re-reads the session and retries (or, for a
@@ -42,7 +52,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from lstmd.server import metrics
-from lstmd.server.errors import NotFound, StoreUnavailable
+from lstmd.server.errors import CapacityExceeded, NotFound, StoreUnavailable
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore, check_id, not_found
@@ -52,8 +62,13 @@ PREFIX = "lstmd:session:"
 FORMAT = 1
 _HEADER = struct.Struct("<BiIdd")  # format, last token (signed: -1 is NO_TOKEN), top_k, created, last used
 
-# KEYS[1] the session; ARGV: position read, new position, hdr, st, req ("" keeps it), TTL in ms.
-# Returns -2 when written, -1 when the session is gone, else the position another replica left.
+INDEX = "lstmd:index"  # every session id, scored by when it expires (Unix ms); INDEX:<owner> per API key
+# The scripts name the owner's index themselves (INDEX .. ':' .. owner): lstmd's Redis is one instance,
+# not a cluster, so keys computed in a script are fine.
+
+# KEYS[1] the session, KEYS[2] INDEX; ARGV: position read, new position, hdr, st, req ("" keeps it),
+# TTL in ms, expiry (Unix ms). Returns -2 when written, -1 when the session is gone, else the position
+# another replica left.
 _CAS = """
 local pos = redis.call('HGET', KEYS[1], 'pos')
 if not pos then return -1 end
@@ -64,40 +79,91 @@ else
   redis.call('HSET', KEYS[1], 'pos', ARGV[2], 'hdr', ARGV[3], 'st', ARGV[4])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
+local id = string.sub(KEYS[1], #KEYS[1] - 31)
+redis.call('ZADD', KEYS[2], 'XX', ARGV[7], id)
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner ~= '' then redis.call('ZADD', KEYS[2] .. ':' .. owner, 'XX', ARGV[7], id) end
 return -2
 """
-# KEYS[1] the session; ARGV[1] the caller's owner id. Deletes it only for its owner.
+# KEYS[1] the session, KEYS[2] INDEX; ARGV: now (Unix ms), expiry (Unix ms), TTL in ms, max sessions,
+# max per owner (0: none), the session id, owner, then the hash's fields and values. Returns the number
+# of sessions after it, -3 when the owner holds its maximum, -4 when the store holds its maximum.
+_CREATE = """
+local owned = KEYS[2] .. ':' .. ARGV[7]
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+if ARGV[7] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', owned, '-inf', ARGV[1])
+  if tonumber(ARGV[5]) > 0 and redis.call('ZCARD', owned) >= tonumber(ARGV[5]) then return -3 end
+end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return -4 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
+if ARGV[7] ~= '' then redis.call('ZADD', owned, ARGV[2], ARGV[6]) end
+return redis.call('ZCARD', KEYS[2])
+"""
+# KEYS[1] the session, KEYS[2] INDEX; ARGV[1] the caller's owner id, ARGV[2] the session id. Deletes it
+# only for its owner. Returns the number of sessions left, or -1 when it was not the owner's (or gone).
 _DELETE = """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2] .. ':' .. ARGV[1], ARGV[2]) end
+return redis.call('ZCARD', KEYS[2])
+"""
+# KEYS[1] INDEX; ARGV[1] now (Unix ms). The number of sessions that have not expired.
+_COUNT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+return redis.call('ZCARD', KEYS[1])
 """
 _WRITTEN, _GONE = -2, -1
+_OWNER_FULL, _STORE_FULL = -3, -4
 
 
 class RedisSessionStore(SessionStore):
     """The shared store. Calls raise StoreUnavailable while Redis cannot be reached; the client
     reconnects by itself, so the server serves again as soon as Redis is back."""
 
-    def __init__(self, url: str, registry: ModelRegistry, ttl_s: float, timeout_s: float = 2.0):
+    def __init__(
+        self, url: str, registry: ModelRegistry, ttl_s: float, max_sessions: int = 100_000, max_per_owner: int = 0,
+        count_interval_s: float = 10.0, timeout_s: float = 2.0,
+    ):  # fmt: skip
         self.url = url
         self._registry = registry
         self.ttl_s = ttl_s
         self._ttl_ms = str(int(ttl_s * 1000))
+        self.max_sessions, self.max_per_owner, self._count_interval_s = max_sessions, max_per_owner, count_interval_s
         # One immediate retry on a fresh connection (pooled ones die when Redis restarts); no backoff,
         # so an unreachable Redis answers UNAVAILABLE within ``timeout_s``, not after a minute.
         self._redis = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1)
         )
         self._cas = self._redis.register_script(_CAS)
+        self._create = self._redis.register_script(_CREATE)
         self._delete = self._redis.register_script(_DELETE)
+        self._count = self._redis.register_script(_COUNT)
+        self._counter: asyncio.Task[None] | None = None
         self._pending: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def start(self) -> None:
-        pass  # connections open on first use
+        self._counter = asyncio.get_running_loop().create_task(self._count_forever())  # connections open on first use
 
     async def close(self) -> None:
+        if self._counter:
+            self._counter.cancel()
+            await asyncio.gather(self._counter, return_exceptions=True)
         await self._redis.aclose()
+
+    async def _count_forever(self) -> None:
+        """Keep ``lstmd_sessions_active`` at the shared count (sessions other replicas created, or that expired)."""
+        while True:
+            try:
+                count = await self._submit("count", lambda pipe: _script(pipe, self._count, INDEX, (_now_ms(),)))
+                metrics.sessions_active.set(count)
+            except StoreUnavailable:
+                pass  # counted in lstmd_store_errors_total; the next round tries again
+            await asyncio.sleep(self._count_interval_s)
 
     def touch(self, session: Session) -> None:
         pass  # every commit renews the session's time-to-live in Redis
@@ -204,8 +270,8 @@ class RedisSessionStore(SessionStore):
         header = _HEADER.pack(FORMAT, session.last_token, session.top_k, session.created, session.last_used)
         state = np.stack((session.state, session.prev_state)).tobytes()  # (2, 2, layers, hidden) float32
         request = json.dumps(record_to_json(session.last_request)) if with_request else ""
-        args = (str(read_position), str(session.position), header, state, request, self._ttl_ms)
-        outcome = await self._submit("write", lambda pipe: _script(pipe, self._cas, PREFIX + session.id, args))
+        args = (str(read_position), str(session.position), header, state, request, self._ttl_ms, self._expiry_ms())
+        outcome = await self._submit("write", lambda pipe: _script(pipe, self._cas, (PREFIX + session.id, INDEX), args))
         if outcome == _GONE:
             raise not_found(session.id, self.ttl_s)
         if outcome != _WRITTEN:
@@ -215,10 +281,12 @@ class RedisSessionStore(SessionStore):
 
     async def delete(self, session_id: str, owner: str) -> None:
         check_id(session_id)
-        deleted = await self._submit("delete", lambda pipe: _script(pipe, self._delete, PREFIX + session_id, (owner,)))
-        if not deleted:
+        keys, args = (PREFIX + session_id, INDEX), (owner, session_id)
+        left = await self._submit("delete", lambda pipe: _script(pipe, self._delete, keys, args))
+        if left < 0:
             raise not_found(session_id, self.ttl_s)
         metrics.sessions_deleted.inc()
+        metrics.sessions_active.set(left)
 
     async def discard(self, session: Session) -> None:
         try:
@@ -237,11 +305,27 @@ class RedisSessionStore(SessionStore):
             "hdr": _HEADER.pack(FORMAT, session.last_token, session.top_k, session.created, session.last_used),
             "st": np.stack((session.state, session.prev_state)).astype(np.float32).tobytes(),
         }
-        key = PREFIX + session.id
-        written = self._submit("create", lambda pipe: pipe.hset(key, mapping=mapping))
-        await self._submit("create", lambda pipe: pipe.pexpire(key, self._ttl_ms))
-        await written
+        args = (_now_ms(), self._expiry_ms(), self._ttl_ms, self.max_sessions, self.max_per_owner, session.id,
+                session.owner, *(item for pair in mapping.items() for item in pair))  # fmt: skip
+        count = await self._submit(
+            "create", lambda pipe: _script(pipe, self._create, (PREFIX + session.id, INDEX), args)
+        )
+        if count == _OWNER_FULL:
+            raise CapacityExceeded(
+                f"API key {session.owner!r} holds its maximum of {self.max_per_owner} sessions on all replicas: "
+                "delete sessions it no longer needs (DeleteSession), or ask the operator to raise "
+                "--max-sessions-per-key"
+            )
+        if count == _STORE_FULL:
+            raise CapacityExceeded(
+                f"the shared session store holds its maximum of {self.max_sessions} sessions (on all replicas): "
+                "delete sessions you no longer need, or retry later"
+            )
         metrics.sessions_created.inc()
+        metrics.sessions_active.set(count)
+
+    def _expiry_ms(self) -> int:
+        return _now_ms() + int(self._ttl_ms)
 
     def _decode(self, session_id: str, fields: dict[bytes, bytes]) -> Session:
         name, version = fields[b"model"].decode(), fields[b"ver"].decode()
@@ -261,7 +345,12 @@ class RedisSessionStore(SessionStore):
                        last_used, last_request, owner=fields[b"owner"].decode())  # fmt: skip
 
 
-def _script(pipe: Any, script: Any, key: str, args: tuple[Any, ...]) -> None:
+def _script(pipe: Any, script: Any, keys: str | tuple[str, ...], args: tuple[Any, ...]) -> None:
     """Queue a Lua script on a pipeline by its hash; the pipeline loads it first if Redis lacks it."""
+    keys = (keys,) if isinstance(keys, str) else keys
     pipe.scripts.add(script)
-    pipe.evalsha(script.sha, 1, key, *args)
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
