@@ -20,7 +20,7 @@ def binary(name: str) -> str:
     for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
         if candidate and Path(candidate).exists():
             return candidate
-    raise AssertionError(f"{name} is not installed: apt-get install -y redis-server nginx (CI does, in .ci/run)")
+    raise AssertionError(f"{name} is not installed: .ci/run shows how CI installs it (redis-server, nginx, kubectl)")
 
 
 def free_port() -> int:

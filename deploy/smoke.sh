@@ -2,14 +2,17 @@
 # Smoke test of the real deployment: build the image, bring up lstmd and Prometheus with
 # docker-compose, wait for health, predict and run a short load through the published port,
 # then ask Prometheus that it scrapes lstmd and counted the tokens, and check that a session
-# survives `docker-compose restart lstmd` (the snapshot volume). Tears down on any exit.
+# survives `docker-compose restart lstmd` (the snapshot volume). Then the scale-out variant
+# (deploy/docker-compose.scale.yml): nginx in front of two replicas sharing Redis; a session fed
+# through nginx survives restarting a replica and then Redis, and answers as a fresh session fed
+# the same text does, bit for bit. Tears down on any exit.
 # Needs root (docker) and the project's virtual environment (for the lstmd CLI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lstmd=${LSTMD_CLI:-.venv/bin/lstmd}
 python=${LSTMD_PYTHON:-.venv/bin/python}
 project=lstmd-smoke
-images=(python:3.11-slim prom/prometheus:v2.53.0)
+images=(python:3.11-slim prom/prometheus:v2.53.0 nginx:1.27 redis:7)
 
 say() { printf '\n== smoke: %s ==\n' "$*"; }
 
@@ -19,7 +22,9 @@ if ! command -v docker-compose >/dev/null || ! docker info >/dev/null 2>&1 \
   bash ../shared/docker/offline-images.sh "${images[@]}"
 fi
 compose=(docker-compose -p "$project" -f docker-compose.yml)
-trap '"${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true' EXIT
+scale=(docker-compose -p "$project-scale" -f deploy/docker-compose.scale.yml)
+down() { "$@" down -v --remove-orphans >/dev/null 2>&1 || true; }
+trap 'down "${compose[@]}"; down "${scale[@]}"' EXIT
 
 say "build"
 "${compose[@]}" build lstmd
@@ -27,14 +32,15 @@ docker image ls lstmd:latest --format 'image lstmd:latest: {{.Size}}'
 docker run --rm --entrypoint sh lstmd:latest -c \
   '! python -c "import torch" 2>/dev/null && ! command -v gcc && ! test -e /opt/lstmd/tests && echo "runtime image: no torch, no compiler, no tests; runs as uid $(id -u)"'
 
-wait_healthy() {
+wait_healthy() {  # [container id] (default: $container)
+  local id=${1:-$container}
   for _ in $(seq 90); do
-    status=$(docker inspect -f '{{.State.Health.Status}}' "$container")
+    status=$(docker inspect -f '{{.State.Health.Status}}' "$id")
     [ "$status" = healthy ] && break
     sleep 1
   done
-  echo "lstmd container health: $status"
-  [ "$status" = healthy ] || { "${compose[@]}" logs lstmd; exit 1; }
+  echo "container $(docker inspect -f '{{.Name}}' "$id") health: $status"
+  [ "$status" = healthy ] || { docker logs "$id" 2>&1 | tail -50; exit 1; }
 }
 
 say "up: lstmd and prometheus"
@@ -82,4 +88,22 @@ say "graceful stop"
 "${compose[@]}" stop -t 20 lstmd
 echo "lstmd exit code: $(docker inspect -f '{{.State.ExitCode}}' "$container")"
 [ "$(docker inspect -f '{{.State.ExitCode}}' "$container")" = 0 ]
+down "${compose[@]}"
+
+say "scale-out: nginx in front of two replicas sharing Redis"
+"${scale[@]}" up -d
+for replica in lstmd-1 lstmd-2; do wait_healthy "$("${scale[@]}" ps -q "$replica")"; done
+session=$("$python" -c 'from lstmd.client import Client
+with Client("localhost:50051") as lstmd:
+    session = lstmd.create_session()
+    session.feed("the clouds are in the")
+    print(session.id)')
+feeds=1
+for service in lstmd-1 redis; do
+  "${scale[@]}" restart "$service"
+  [ "$service" = redis ] || wait_healthy "$("${scale[@]}" ps -q "$service")"
+  "$python" deploy/smoke_session.py "$session" "$service" "$feeds"
+  feeds=$((feeds + 1))
+done
+down "${scale[@]}"
 say "passed"

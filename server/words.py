@@ -102,7 +102,7 @@ def piece_texts(tokenizer: Tokenizer) -> list[str]:
     texts = []
     for i in range(len(tokenizer)):
         text = "" if i in special else tokenizer.decode([anchor, i])
-        texts.append(text[len(before) :] if text.startswith(before) else "" if i in special else "\ufffd")
+        texts.append(text[len(before) :] if text.startswith(before) or i in special else "\ufffd")
     return texts
 
 
@@ -147,7 +147,7 @@ class WordTable:
         self.runs = [run for _, run in table[AFTER_SEPARATOR]]  # a token's word characters (the same wherever)
         self.ids = {(where, o): np.flatnonzero(self.outcomes[where] == o) for where in range(3) for o in range(5)}
         self.index = PrefixIndex(self.runs)
-        self.joiner_first = np.array([i for i, run in enumerate(self.runs) if run[:1] in tuple(JOINERS)], np.int64)
+        self.joiner_first = np.array([i for i, run in enumerate(self.runs) if run.startswith(tuple(JOINERS))], np.int64)
 
     def needs_separator(self, last_token: int) -> bool:
         """Whether a new word after ``last_token`` must begin with whitespace (-1: nothing before it)."""

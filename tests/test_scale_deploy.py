@@ -1,5 +1,6 @@
 """The scale-out deployment's files, checked without docker or a cluster: the compose variant,
-the nginx config (``nginx -t``) and the kustomize directory parse and agree with each other."""
+the nginx config (``nginx -t``) and the kustomize directory parse and agree with each other, and
+the manifests kustomize renders pass the Kubernetes API's schemas."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
+import pytest
 import yaml
 
 from bench.cluster import NGINX_CONF, binary, nginx_config
@@ -69,3 +72,27 @@ def test_kustomize_directory_parses_and_agrees() -> None:
     redis = statefulset["spec"]["template"]["spec"]["containers"][0]
     assert "--appendonly" in redis["args"] and redis["volumeMounts"][0]["mountPath"] == "/data"
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == redis["volumeMounts"][0]["name"]
+
+
+def test_kustomize_renders_manifests_that_the_kubernetes_api_schemas_accept() -> None:
+    """``kubectl kustomize deploy/k8s`` (what ``kubectl apply -k`` sends), every object validated
+    strictly (no unknown fields) against the Kubernetes API's OpenAPI schemas of the newest
+    version kubernetes-validate ships."""
+    rendered = subprocess.run([binary("kubectl"), "kustomize", str(K8S)], capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    documents = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    assert {(d["kind"], d["metadata"]["name"]) for d in documents} == {
+        ("Deployment", "lstmd"), ("Service", "lstmd"), ("Service", "lstmd-headless"),
+        ("StatefulSet", "lstmd-redis"), ("Service", "lstmd-redis")}  # fmt: skip
+    version = kubernetes_validate.latest_version()
+    for document in documents:
+        kubernetes_validate.validate(document, version, strict=True)  # raises ValidationError
+        assert document["metadata"]["labels"]["app.kubernetes.io/part-of"] == "lstmd"
+
+
+def test_the_schema_check_catches_a_misspelt_field() -> None:
+    """So the test above can fail: a field the API does not know is refused."""
+    deployment = next(d for d in yaml.safe_load_all((K8S / "lstmd.yaml").read_text()) if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpc": {"port": 50051}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
