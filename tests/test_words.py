@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,3 +359,26 @@ def test_lstmd_type_completes_the_word_being_typed_from_the_server(word_models_t
                                             exclude_special=True))  # fmt: skip
     assert expected.candidates and all(c.word.startswith("a") for c in expected.candidates)
     assert typed("ab c a", word_models_target, "--model", name) == [shown(expected)]
+
+
+@pytest.mark.timeout(300)
+def test_bench_words_runs_end_to_end(
+    word_models: tuple[Path, dict[str, Kind]], models_dir: Path, tmp_path: Path
+) -> None:
+    """``python -m bench.words``, CI-sized, so it cannot rot; its figures are measurements, not checked."""
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "chars").symlink_to(word_models[0] / "chars")
+    (root / "tiny").symlink_to(models_dir / "tiny")
+    report_file = tmp_path / "words.json"
+    done = subprocess.run([sys.executable, "-m", "bench.words", "--models", str(root), "--sample", "3", "--rounds",
+                           "2", "--feeds", "3", "--seconds", "0.5", "--json", str(report_file)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    assert sorted(report["models"]) == ["chars", "tiny"]
+    for model in report["models"].values():
+        assert model["cost"]["words_ms"] > 0 and model["cost"]["tokens_ms"] > 0
+        assert 0 <= model["recall"]["next_word"]["recall_at_5"] <= 1
+        assert [row["sessions"] for row in model["latency"]] == [1, 64]
+    assert "| chars | characters |" in done.stdout
