@@ -5,13 +5,17 @@ Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input without a word_prefix, token id outside the
   vocabulary, top_k / temperature / top_p / max_tokens out of range, a word_prefix with
   whitespace or over 64 characters, or one with token candidates of a subword or character
-  model, malformed session id; Generate without a prompt, or a prefix-only feed, on a session
-  with nothing fed yet of a model that starts from zeros).
+  model, malformed session id; text over the server's character limit, a feed over its token
+  limit, too many or too long stop words; a later StreamRequest naming another session or
+  model; Generate without a prompt, or a prefix-only feed, on a session with nothing fed yet of
+  a model that starts from zeros).
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
   trailing metadata `lstmd-position` holds the actual position (decimal), and the message
-  says it too.
+  says it too. A retry of the feed applied last with the same input and options is replayed,
+  not refused; this answer means the session moved otherwise (another feed, or this input
+  applied with other options), so re-read the session before deciding to feed again.
 - RESOURCE_EXHAUSTED: the server holds its maximum number of sessions, the caller's API key
   holds its maximum (per-key quota), or a message is too large.
 - UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)
@@ -129,7 +133,11 @@ class ModelInfo(_message.Message):
     num_layers: _builtins.int
     hidden_size: _builtins.int
     state_bytes: _builtins.int
-    """Bytes of LSTM state (h and c) the server keeps per session."""
+    """Bytes of LSTM state the server keeps per session: h and c after the session's last token and
+    h and c before it (2 x 2 x layers x hidden x 4 bytes), the second so that the distribution
+    before the last token can be recomputed (a feed's first log-probability, Generate without a
+    prompt) without keeping a vocabulary-sized vector.
+    """
     is_default: _builtins.bool
     """True for the model used when a request names none."""
     precision: _builtins.str
@@ -609,7 +617,9 @@ class GenerateRequest(_message.Message):
     temperature: _builtins.float
     """Softmax temperature, > 0; 0 means the default of 1.0."""
     top_k: _builtins.int
-    """Sample only among the k most likely words; 0 = no limit."""
+    """Sample only among the k most likely tokens, at most the vocabulary size (not the server's
+    limit on candidates, which Generate returns none of); 0 = no limit.
+    """
     top_p: _builtins.float
     """Nucleus sampling: smallest set of words whose probability reaches p; 0 or 1 = no limit."""
     seed: _builtins.int

@@ -87,7 +87,8 @@ class LstmdServicer:
     """
 
     def ListModels(self, request, context):
-        """The models this server serves. Never fails.
+        """The models this server serves. Fails only as every call may: UNAUTHENTICATED when the server
+        requires an API key and the call has none or a wrong one; UNAVAILABLE while it shuts down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,7 +141,10 @@ class LstmdServicer:
     def Stream(self, request_iterator, context):
         """Many feeds on one stream: one Prediction per StreamRequest, in order. The first message
         names an existing session (`session_id`) or, when that is empty, the stream gets an
-        ephemeral session on `model` that is freed when the stream ends or is cancelled.
+        ephemeral session on `model` that is freed when the stream ends or is cancelled. Later
+        messages leave `session_id` and `model` empty (or repeat the first message's values); another
+        value is INVALID_ARGUMENT. An ephemeral session's id is in its predictions, and other calls
+        (Feed, GetSession, ForkSession...) may use it by that id while the stream lasts, as any session.
         An error ends the stream with its status; feeds answered before it were applied.
         Errors: as Feed, plus RESOURCE_EXHAUSTED for the ephemeral session.
         """

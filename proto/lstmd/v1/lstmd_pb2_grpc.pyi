@@ -5,13 +5,17 @@ Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input without a word_prefix, token id outside the
   vocabulary, top_k / temperature / top_p / max_tokens out of range, a word_prefix with
   whitespace or over 64 characters, or one with token candidates of a subword or character
-  model, malformed session id; Generate without a prompt, or a prefix-only feed, on a session
-  with nothing fed yet of a model that starts from zeros).
+  model, malformed session id; text over the server's character limit, a feed over its token
+  limit, too many or too long stop words; a later StreamRequest naming another session or
+  model; Generate without a prompt, or a prefix-only feed, on a session with nothing fed yet of
+  a model that starts from zeros).
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
   trailing metadata `lstmd-position` holds the actual position (decimal), and the message
-  says it too.
+  says it too. A retry of the feed applied last with the same input and options is replayed,
+  not refused; this answer means the session moved otherwise (another feed, or this input
+  applied with other options), so re-read the session before deciding to feed again.
 - RESOURCE_EXHAUSTED: the server holds its maximum number of sessions, the caller's API key
   holds its maximum (per-key quota), or a message is too large.
 - UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)
@@ -53,7 +57,9 @@ class LstmdStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LstmdAsyncStub: ...
     ListModels: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.ListModelsRequest, _lstmd_pb2.ListModelsResponse]
-    """The models this server serves. Never fails."""
+    """The models this server serves. Fails only as every call may: UNAUTHENTICATED when the server
+    requires an API key and the call has none or a wrong one; UNAVAILABLE while it shuts down.
+    """
     CreateSession: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.CreateSessionRequest, _lstmd_pb2.Session]
     """A new session at position 0 on `model` (the default model when empty).
     Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (top_k), RESOURCE_EXHAUSTED (session limit).
@@ -79,7 +85,10 @@ class LstmdStub:
     Stream: _grpc.StreamStreamMultiCallable[_lstmd_pb2.StreamRequest, _lstmd_pb2.Prediction]
     """Many feeds on one stream: one Prediction per StreamRequest, in order. The first message
     names an existing session (`session_id`) or, when that is empty, the stream gets an
-    ephemeral session on `model` that is freed when the stream ends or is cancelled.
+    ephemeral session on `model` that is freed when the stream ends or is cancelled. Later
+    messages leave `session_id` and `model` empty (or repeat the first message's values); another
+    value is INVALID_ARGUMENT. An ephemeral session's id is in its predictions, and other calls
+    (Feed, GetSession, ForkSession...) may use it by that id while the stream lasts, as any session.
     An error ends the stream with its status; feeds answered before it were applied.
     Errors: as Feed, plus RESOURCE_EXHAUSTED for the ephemeral session.
     """
@@ -105,7 +114,9 @@ class LstmdAsyncStub(LstmdStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.ListModelsRequest, _lstmd_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """The models this server serves. Never fails."""
+    """The models this server serves. Fails only as every call may: UNAUTHENTICATED when the server
+    requires an API key and the call has none or a wrong one; UNAVAILABLE while it shuts down.
+    """
     CreateSession: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.CreateSessionRequest, _lstmd_pb2.Session]  # type: ignore[assignment]
     """A new session at position 0 on `model` (the default model when empty).
     Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (top_k), RESOURCE_EXHAUSTED (session limit).
@@ -131,7 +142,10 @@ class LstmdAsyncStub(LstmdStub):
     Stream: _aio.StreamStreamMultiCallable[_lstmd_pb2.StreamRequest, _lstmd_pb2.Prediction]  # type: ignore[assignment]
     """Many feeds on one stream: one Prediction per StreamRequest, in order. The first message
     names an existing session (`session_id`) or, when that is empty, the stream gets an
-    ephemeral session on `model` that is freed when the stream ends or is cancelled.
+    ephemeral session on `model` that is freed when the stream ends or is cancelled. Later
+    messages leave `session_id` and `model` empty (or repeat the first message's values); another
+    value is INVALID_ARGUMENT. An ephemeral session's id is in its predictions, and other calls
+    (Feed, GetSession, ForkSession...) may use it by that id while the stream lasts, as any session.
     An error ends the stream with its status; feeds answered before it were applied.
     Errors: as Feed, plus RESOURCE_EXHAUSTED for the ephemeral session.
     """
@@ -160,7 +174,9 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
         request: _lstmd_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lstmd_pb2.ListModelsResponse, _abc.Awaitable[_lstmd_pb2.ListModelsResponse]]:
-        """The models this server serves. Never fails."""
+        """The models this server serves. Fails only as every call may: UNAUTHENTICATED when the server
+        requires an API key and the call has none or a wrong one; UNAVAILABLE while it shuts down.
+        """
 
     @_abc_1.abstractmethod
     def CreateSession(
@@ -222,7 +238,10 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_lstmd_pb2.Prediction], _abc.AsyncIterator[_lstmd_pb2.Prediction]]:
         """Many feeds on one stream: one Prediction per StreamRequest, in order. The first message
         names an existing session (`session_id`) or, when that is empty, the stream gets an
-        ephemeral session on `model` that is freed when the stream ends or is cancelled.
+        ephemeral session on `model` that is freed when the stream ends or is cancelled. Later
+        messages leave `session_id` and `model` empty (or repeat the first message's values); another
+        value is INVALID_ARGUMENT. An ephemeral session's id is in its predictions, and other calls
+        (Feed, GetSession, ForkSession...) may use it by that id while the stream lasts, as any session.
         An error ends the stream with its status; feeds answered before it were applied.
         Errors: as Feed, plus RESOURCE_EXHAUSTED for the ephemeral session.
         """
