@@ -21,10 +21,13 @@ COPY server/models /models
 ENV PATH=/opt/lstmd/bin:$PATH \
     LSTMD_HOST=0.0.0.0 \
     LSTMD_MODELS_DIR=/models \
+    LSTMD_HEALTH_PORT=50052 \
     PYTHONUNBUFFERED=1
 USER lstmd
 EXPOSE 50051 9464
+# the plaintext health-only port on loopback: the probe works whatever TLS or client certificates
+# the main port asks for (LSTMD_HEALTH_HOST=0.0.0.0 exposes it to outside probers such as a kubelet)
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["lstmd", "health", "--target", "localhost:50051", "--timeout", "3"]
+  CMD ["lstmd", "health", "--target", "localhost:50052", "--timeout", "3"]
 # exec form: lstmd-server is PID 1 and receives SIGTERM itself (graceful shutdown)
 ENTRYPOINT ["lstmd-server"]

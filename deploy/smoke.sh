@@ -48,6 +48,17 @@ say "up: lstmd and prometheus"
 container=$("${compose[@]}" ps -q lstmd)
 wait_healthy
 
+say "a TLS-only container (mutual TLS) reports healthy: its HEALTHCHECK uses the health port"
+certs=$(mktemp -d)
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$certs/server.key" \
+  -out "$certs/server.pem" -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2>/dev/null
+chmod 644 "$certs/server.key"  # read by the image's user
+tls=$(docker run -d -v "$certs:/certs:ro" -e LSTMD_TLS_CERT_FILE=/certs/server.pem \
+  -e LSTMD_TLS_KEY_FILE=/certs/server.key -e LSTMD_TLS_CLIENT_CA_FILE=/certs/server.pem lstmd:latest)
+wait_healthy "$tls"
+docker rm -f "$tls" >/dev/null
+rm -rf "$certs"
+
 say "predict through the published port"
 "$lstmd" predict "the clouds are in the" --target localhost:50051
 say "bench: 8 streams x 50 tokens"

@@ -41,6 +41,7 @@ class RunningServer:
     port: int
     metrics_http: WSGIServer | None
     snapshots: Snapshots | None = None
+    health_only: tuple[grpc.aio.Server, int] | None = None  # --health-port: the server and its port
 
     @property
     def metrics_port(self) -> int:
@@ -51,6 +52,8 @@ class RunningServer:
         write the session snapshot (when configured)."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_only:
+            await self.health_only[0].stop(0)
         if self.snapshots:
             await self.snapshots.stop()
         await self.engine.stop()
@@ -94,13 +97,28 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
         await snapshots.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, engine, health_servicer, port, metrics_http, snapshots)
+    health_only = await _serve_health_only(settings, health_servicer) if settings.health_port >= 0 else None
+    running = RunningServer(server, engine, health_servicer, port, metrics_http, snapshots, health_only)
     names = ", ".join(registry.models)
     log.info("serving %s on %s:%d, metrics on :%d/metrics", names, settings.host, port, running.metrics_port)
     tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"
     log.info("sessions in %s", store.describe())
     log.info("TLS %s; API keys %s", tls, f"on: {len(keys)} ({', '.join(k.id for k in keys.keys)})" if keys else "off")
     return running
+
+
+async def _serve_health_only(settings: Settings, servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
+    """The health service (the same servicer: it turns NOT_SERVING at shutdown too) alone, in plaintext,
+    on --health-host:--health-port, for probes that cannot speak the main port's TLS or present a
+    client certificate. It serves nothing else, so it needs no API key either."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{settings.health_host}:{settings.health_port}")
+    if port == 0:
+        raise OSError(f"cannot bind --health-port {settings.health_host}:{settings.health_port}")
+    await server.start()
+    log.info("health service alone, in plaintext, on %s:%d", settings.health_host, port)
+    return server, port
 
 
 def open_store(settings: Settings, registry: ModelRegistry) -> tuple[SessionStore, Snapshots | None]:

@@ -30,6 +30,12 @@ def _setting(default: T, help: str, choices: Sequence[str] | None = None, secret
 class Settings:
     host: str = _setting("[::]", "address to bind the gRPC server to")
     port: int = _setting(50051, "gRPC port (0 picks a free one)")
+    health_port: int = _setting(
+        -1,
+        "also serve the gRPC health service alone, in plaintext, on this port of --health-host (-1: off; 0: a "
+        "free one): for container and kubelet probes, which speak neither TLS nor client certificates",
+    )
+    health_host: str = _setting("127.0.0.1", "address of --health-port (127.0.0.1: probes from inside the host)")
     metrics_port: int = _setting(9464, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
     models_dir: str = _setting(str(BUNDLED_MODELS), "folder holding one sub-folder per model")
     default_model: str = _setting("", "model used when a request names none (empty: the only or first model)")
@@ -129,6 +135,8 @@ class Settings:
 
     def problems(self) -> list[str]:
         out = []
+        if self.health_port > 0 and self.health_port == self.port:
+            out.append("--health-port must differ from --port")
         if self.max_sessions < 1:
             out.append("--max-sessions must be at least 1")
         if self.max_batch_size < 1:

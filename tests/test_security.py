@@ -425,3 +425,26 @@ def test_cli_takes_tls_files_and_the_key_from_flag_or_environment(secure_target:
 
 def _lstmd_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([LSTMD, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+async def test_the_health_port_answers_plaintext_probes_of_a_mutual_tls_server_and_nothing_else(
+    make_server: ServerFactory, pki: Pki
+) -> None:
+    """A container or kubelet probe speaks neither TLS nor client certificates: --health-port serves
+    the health service alone, in plaintext, with the main server's status (NOT_SERVING at shutdown)."""
+    async with make_server(**tls_settings(pki, mutual=True), api_keys=KEYS, health_port=0) as (running, _):
+        assert running.health_only is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.health_only[1]}") as channel:
+            probe = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "lstmd.v1.Lstmd"):
+                reply = await probe.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await lstmd_pb2_grpc.LstmdStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as main:  # the main port: TLS only
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await health_pb2_grpc.HealthStub(main).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            await running.health.enter_graceful_shutdown()
+            reply = await probe.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
