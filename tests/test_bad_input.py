@@ -5,12 +5,14 @@ Covered: random and adversarial unicode, empty, huge and oversized texts and pro
 and out-of-range token ids, zero and huge top_k / max_tokens / temperature / top_p, unknown
 models and sessions, malformed session ids (Feed, Stream, Generate, Get/Delete/ForkSession,
 CreateSession, Tokenize), too many tokens, messages over the server's size limit, and clients cancelling
-streams, generations and feeds midway. Every input tried is counted; the last test reports the
-counts (pytest's "reliability figures" section)."""
+streams, generations and feeds midway; denormal and huge temperatures (greedy with probability 1,
+never NaN). Every input tried is counted; the last test reports the counts (pytest's "reliability
+figures" section)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
-from tests.conftest import Reference, memory_sessions
+from tests.conftest import WORDS, Reference, memory_sessions
 
 DOCUMENTED = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -37,6 +39,8 @@ texts = st.one_of(st.text(max_size=300), st.sampled_from(["", " ", "\n", "<unk>"
 ids = st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=20)
 session_ids = st.one_of(st.text(max_size=40), st.just("0" * 32), st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
 counts = st.integers(min_value=0, max_value=2**32 - 1)
+VOCAB_SIZE = 2 + len(WORDS)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 TRIED: Counter[tuple[str, str]] = Counter()  # (RPC, status code) of every input tried
 
 
@@ -122,8 +126,9 @@ async def test_fuzzed_generate_and_sessions(
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, model=model)  # fmt: skip
 
     async def generate() -> None:
-        async for _ in stub.Generate(request):
-            pass
+        async for token in stub.Generate(request):
+            assert 0 <= token.probability <= 1, token  # never NaN
+            assert 0 <= token.token_id < VOCAB_SIZE
 
     await outcome(generate(), "Generate")
     await outcome(stub.CreateSession(pb.CreateSessionRequest(model=model, top_k=top_k)), "CreateSession")
@@ -247,6 +252,46 @@ async def test_clients_cancelling_midway_leave_sessions_whole(
         assert after.position == position + 1
         await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
     assert len(memory_sessions(running)) == held, "ephemeral sessions of cancelled calls were freed"
+
+
+# sampling: every accepted temperature gives numbers, never NaN
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-40, 1e-38, 1e-30, 1e-6])
+async def test_tiny_temperatures_give_the_greedy_words_with_probability_one(
+    shared: tuple[RunningServer, Any], canary: Canary, reference: Reference, temperature: float
+) -> None:
+    """A temperature near 0 (down to the smallest float32, a denormal) is greedy decoding: each
+    word is the most likely one by ONNX Runtime's own distribution, with probability 1."""
+    _, stub = shared
+    ids = reference.ids("the king")
+    request = pb.GenerateRequest(prompt="the king", max_tokens=8, temperature=temperature, seed=0)
+    async for token in stub.Generate(request):
+        expected = reference.logprobs(ids)
+        expected[[reference.vocab.unk_id, reference.vocab.eos_id]] = -np.inf  # never drawn without allow_eos
+        assert (token.token_id, token.probability) == (int(np.argmax(expected)), 1.0), temperature
+        ids.append(token.token_id)
+    TRIED["Generate", "OK"] += 1
+
+
+@FUZZ
+@given(temperature=st.floats(min_value=0.0, max_value=FLOAT32_MAX, width=32), top_k=st.integers(0, 20),
+       top_p=st.floats(min_value=0.0, max_value=1.0, width=32))  # fmt: skip
+async def test_no_accepted_setting_gives_nan(
+    shared: tuple[RunningServer, Any], canary: Canary, temperature: float, top_k: int, top_p: float
+) -> None:
+    """Any temperature, top_k and top_p the server accepts (denormals and the largest float32
+    included): probabilities of generated words, candidates and fed tokens are numbers."""
+    _, stub = shared
+    session = await stub.CreateSession(pb.CreateSessionRequest())
+    request = pb.GenerateRequest(session_id=session.session_id, prompt="the", max_tokens=4, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=1)  # fmt: skip
+    async for token in stub.Generate(request):
+        assert 0 <= token.probability <= 1, (temperature, top_k, top_p, token)
+    fed = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the sea", return_token_logprobs=True))
+    assert all(0 <= c.probability <= 1 for c in fed.candidates)
+    assert all(lp <= 0 for lp in fed.token_logprobs) and not any(math.isnan(lp) for lp in fed.token_logprobs)
+    TRIED["Generate", "OK"] += 1
 
 
 async def test_the_canary_is_untouched_and_the_server_healthy(

@@ -600,7 +600,10 @@ class GenerateRequest(_message.Message):
     max_tokens: _builtins.int
     """Words to produce, 1 to the server's limit."""
     temperature: _builtins.float
-    """Softmax temperature, > 0; 0 means the default of 1.0."""
+    """Softmax temperature, > 0; 0 means the default of 1.0. Any positive value works: near 0
+    (down to the smallest float, a denormal) sampling is greedy, the most likely word with
+    probability 1.
+    """
     top_k: _builtins.int
     """Sample only among the k most likely words; 0 = no limit."""
     top_p: _builtins.float
