@@ -18,7 +18,7 @@ import numpy as np
 
 from lstmd.model.tokenizer import Tokenizer
 from lstmd.server.batcher import Batcher, Sampling, StepResult
-from lstmd.server.errors import InvalidInput, PositionMismatch, StoreUnavailable
+from lstmd.server.errors import InvalidInput, PositionMismatch, StoreUnavailable, echo
 from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
@@ -419,7 +419,7 @@ class Engine:
         prefix = args.word_prefix
         if prefix:
             if len(prefix) > MAX_WORD_PREFIX or any(ch.isspace() for ch in prefix):
-                raise InvalidInput(f"word_prefix {prefix[:80]!r} is not the start of one word: at most "
+                raise InvalidInput(f"word_prefix {echo(prefix)} is not the start of one word: at most "
                                    f"{MAX_WORD_PREFIX} characters, no whitespace")  # fmt: skip
             if args.token_candidates and not table.word_level:
                 raise InvalidInput(f"word_prefix completes words, and {model.name}'s tokens are pieces of words "

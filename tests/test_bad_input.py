@@ -6,12 +6,13 @@ and out-of-range token ids, zero and huge top_k / max_tokens / temperature / top
 models and sessions, malformed session ids (Feed, Stream, Generate, Get/Delete/ForkSession,
 CreateSession, Tokenize), too many tokens, messages over the server's size limit, and clients cancelling
 streams, generations and feeds midway; denormal and huge temperatures (greedy with probability 1,
-never NaN). Every input tried is counted; the last test reports the counts (pytest's "reliability
-figures" section)."""
+never NaN), and huge values that error messages and log lines would echo (cut). Every input
+tried is counted; the last test reports the counts (pytest's "reliability figures" section)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -292,6 +293,50 @@ async def test_no_accepted_setting_gives_nan(
     assert all(0 <= c.probability <= 1 for c in fed.candidates)
     assert all(lp <= 0 for lp in fed.token_logprobs) and not any(math.isnan(lp) for lp in fed.token_logprobs)
     TRIED["Generate", "OK"] += 1
+
+
+# what the server echoes of a request is cut
+
+LONG = 100_000  # characters: under the message size limit, far over anything worth repeating
+
+
+async def test_long_values_are_cut_in_error_messages_and_log_lines(
+    shared: tuple[RunningServer, Any], canary: Canary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 100,000-character model name, session id or word prefix: the error names the
+    start of it and its length, never all of it (all of it would overflow the client's metadata
+    limit, so the caller saw RESOURCE_EXHAUSTED, and the log got a 100 KB line per call)."""
+    _, stub = shared
+    long = "m" * LONG
+    sid = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+
+    async def generate(request: pb.GenerateRequest) -> None:
+        async for _ in stub.Generate(request):
+            pass
+
+    async def stream(request: pb.StreamRequest) -> None:
+        async for _ in stub.Stream(iter([request])):
+            pass
+
+    calls = [
+        ("CreateSession", stub.CreateSession(pb.CreateSessionRequest(model=long))),
+        ("Tokenize", stub.Tokenize(pb.TokenizeRequest(model=long, text="the"))),
+        ("GetSession", stub.GetSession(pb.GetSessionRequest(session_id=long))),
+        ("Feed", stub.Feed(pb.FeedRequest(session_id=sid, text="the", word_prefix=long))),
+        ("Stream", stream(pb.StreamRequest(model=long, text="the"))),
+        ("Generate", generate(pb.GenerateRequest(model=long, max_tokens=1))),
+    ]
+    with caplog.at_level(logging.INFO, logger="lstmd"):
+        for rpc, call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call
+            code, details = error.value.code(), error.value.details() or ""
+            assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (rpc, code, details[:200])
+            assert "m" * 20 in details and f"{LONG:,}" in details and len(details) < 400, (rpc, details)
+            TRIED[rpc, code.name] += 1
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("lstmd")]
+    assert lines, "each refusal is logged"
+    assert max(map(len, lines)) < 500, max(lines, key=len)[:200]
 
 
 async def test_the_canary_is_untouched_and_the_server_healthy(
