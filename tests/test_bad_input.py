@@ -6,8 +6,9 @@ and out-of-range token ids, zero and huge top_k / max_tokens / temperature / top
 models and sessions, malformed session ids (Feed, Stream, Generate, Get/Delete/ForkSession,
 CreateSession, Tokenize), too many tokens, messages over the server's size limit, and clients cancelling
 streams, generations and feeds midway; denormal and huge temperatures (greedy with probability 1,
-never NaN), and huge values that error messages and log lines would echo (cut). Every input
-tried is counted; the last test reports the counts (pytest's "reliability figures" section)."""
+never NaN), huge values that error messages and log lines would echo (cut), and invisible format
+characters (dropped, never ``<unk>``). Every input tried is counted; the last test reports the
+counts (pytest's "reliability figures" section)."""
 
 from __future__ import annotations
 
@@ -337,6 +338,27 @@ async def test_long_values_are_cut_in_error_messages_and_log_lines(
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("lstmd")]
     assert lines, "each refusal is logged"
     assert max(map(len, lines)) < 500, max(lines, key=len)[:200]
+
+
+# invisible characters
+
+
+async def test_format_characters_never_become_tokens(shared: tuple[RunningServer, Any], canary: Canary) -> None:
+    """Zero-width spaces and joiners, byte-order marks, bidirectional controls and soft hyphens
+    (Unicode format characters) are dropped by the words tokenizer: no ``<unk>`` for them, and a
+    text of only them is empty input."""
+    _, stub = shared
+    text = "\ufeffthe\u200b ki\u00adng\u200d \u202ethe\u202c \u2066qu\u200ceen\u2069\u200e\u200f\u2060"
+    tokens = (await stub.Tokenize(pb.TokenizeRequest(text=text))).tokens
+    assert [(t.word, t.unknown) for t in tokens] == [("the", False), ("king", False), ("the", False),
+                                                     ("queen", False)]  # fmt: skip
+    sid = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Feed(pb.FeedRequest(session_id=sid, text="\u200b\ufeff\u202e\u2069"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in (error.value.details() or "")
+    assert (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).position == 0
+    TRIED["Tokenize", "OK"] += 1
+    TRIED["Feed", "INVALID_ARGUMENT"] += 1
 
 
 async def test_the_canary_is_untouched_and_the_server_healthy(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lstmd.model.tokenizer import EOS, UNK, TokenizerSpec, Vocab, WordsTokenizer, detokenize, tokenize
+from lstmd.model.tokenizer import _FORMAT, EOS, UNK, TokenizerSpec, Vocab, WordsTokenizer, detokenize, tokenize
 
 
 @pytest.mark.parametrize(
@@ -24,10 +26,23 @@ from lstmd.model.tokenizer import EOS, UNK, TokenizerSpec, Vocab, WordsTokenizer
         ("Café Ünïcode naïve", ["café", "ünïcode", "naïve"]),
         ("\u201cHi,\u201d she said \u2018so\u2019", ['"', "hi", ",", '"', "she", "said", "'", "so", "'"]),
         ("_italic_ text", ["italic", "text"]),
+        ("\ufeffthe ki\u00adng\u200b \u202eand\u202c qu\u200deen\u2069", ["the", "king", "and", "queen"]),
+        ("\u200b\u200c\u200d\u2060\ufeff \u200e\u200f\u202a\u202b\u202d\u2066\u2067\u2068", []),
+        ("cafe\u200b\u0301", ["café"]),  # dropped before NFKC: the accent joins its letter
     ],
 )
 def test_tokenize(text: str, words: list[str]) -> None:
     assert tokenize(text) == words
+
+
+def test_the_format_characters_dropped_are_unicodes_category_cf() -> None:
+    """``_FORMAT`` is written out; it must be exactly Python's format characters (Cf)."""
+    listed = {c for c in range(sys.maxunicode + 1) if _FORMAT.fullmatch(chr(c))}
+    format_characters = {c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"}
+    assert listed == format_characters, (
+        f"update _FORMAT in lstmd/model/tokenizer.py to Unicode {unicodedata.unidata_version}: add "
+        f"{sorted(map(hex, format_characters - listed))}, remove {sorted(map(hex, listed - format_characters))}"
+    )
 
 
 def test_very_long_word_stays_one_token() -> None:

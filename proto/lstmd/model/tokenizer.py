@@ -12,7 +12,10 @@ Pure Python (no torch, no numpy, no tokenizer library) so the server and the cli
 The ``words`` kind's decisions (documented in README):
 
 - Text is NFKC-normalised, curly quotes become straight ones, and everything is lowercased
-  (unless the spec says ``keep_case``: then ``The`` and ``the`` are different words).
+  (unless the spec says ``keep_case``: then ``The`` and ``the`` are different words). Format
+  characters (Unicode category Cf: zero-width spaces and joiners, the byte-order mark,
+  bidirectional controls, soft hyphens, ...) are dropped first: invisible, they never become
+  tokens (each was an ``<unk>``), and a word they are inside stays one word.
 - A word is a run of letters, optionally joined by apostrophes or hyphens inside it
   ("don't", "twenty-one"). Numbers are kept as written ("1945", "3.5"): frequent ones earn a
   vocabulary entry, rare ones become ``<unk>``. Every other visible character is its own
@@ -21,9 +24,9 @@ The ``words`` kind's decisions (documented in README):
   of a paragraph, so in training ``<eos>`` marks paragraph and verse-line ends.
 
 Why the ``words`` kind is hand-written rather than a ``tokenizers`` pipeline (measured by
-``python -m bench.tokenizer_speed``, which builds one: NFKC, final-sigma, quote and lowercase
-normalizers; ``Split`` pre-tokenizers with ``_TOKEN`` in Unicode properties; a ``WordLevel`` model
-over ``vocab.txt``). The pipeline gives the same ids, pieces and unknown flags on the whole bundled
+``python -m bench.tokenizer_speed``, which builds one: format-character removal, NFKC, final-sigma,
+quote and lowercase normalizers; ``Split`` pre-tokenizers with ``_TOKEN`` in Unicode properties; a
+``WordLevel`` model over ``vocab.txt``). The pipeline gives the same ids, pieces and unknown flags on the whole bundled
 corpus (174 documents, 1,854,709 tokens; the test split's 19 documents, 197,905 tokens), but:
 
 - it is slower, also where the server uses it, one short feed at a time: 10-word feeds
@@ -58,13 +61,23 @@ _TOKEN = re.compile(
     r"|\d+(?:[.,]\d+)*"  # numbers: 1945, 3.5, 1,000
     r"|[^\w\s]"  # any other visible character: punctuation
 )
+# Format characters (category Cf) in Python's Unicode (unicodedata), written out: built from
+# unicodedata at import it would cost every client a scan of all code points. A test checks it
+# against unicodedata, so a Python with a newer Unicode says what to add.
+_FORMAT = re.compile(
+    r"[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    r"\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+    r"\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "_": " "})
 _NO_SPACE_BEFORE = {".", ",", ";", ":", "!", "?", ")", "]", "}", "%", "'"}
 _NO_SPACE_AFTER = {"(", "[", "{", "$"}
 
 
 def normalize(text: str, lowercase: bool = True) -> str:
-    text = unicodedata.normalize("NFKC", text).translate(_QUOTES)
+    if not text.isascii():  # ASCII has no format characters and is NFKC already
+        text = unicodedata.normalize("NFKC", _FORMAT.sub("", text))
+    text = text.translate(_QUOTES)
     return text.lower() if lowercase else text
 
 
