@@ -114,4 +114,4 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
 
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
-        return convert.tokenization(self.engine.tokenize(request.model, request.text))
+        return convert.tokenization(await self.engine.tokenize(request.model, request.text))
