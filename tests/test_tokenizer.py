@@ -10,7 +10,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lstmd.model.tokenizer import _FORMAT, EOS, UNK, TokenizerSpec, Vocab, WordsTokenizer, detokenize, tokenize
+from lstmd.model.tokenizer import (
+    _FORMAT,
+    EOS,
+    UNK,
+    TextTooLong,
+    TokenizerSpec,
+    Vocab,
+    WordsTokenizer,
+    detokenize,
+    tokenize,
+)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +58,26 @@ def test_the_format_characters_dropped_are_unicodes_category_cf() -> None:
 def test_very_long_word_stays_one_token() -> None:
     word = "a" * 10_000
     assert tokenize(word) == [word]
+
+
+def test_a_long_line_gives_the_same_tokens_matched_one_at_a_time() -> None:
+    line = "it's 3.5, twenty-one (x) " * 1000  # 25,000 characters: over _LONG_LINE
+    assert tokenize(line) == tokenize(line[:25]) * 1000
+
+
+def test_the_character_limit_holds_once_normalised() -> None:
+    """NFKC spells U+FDFA out in 18 characters, ﬁ in 2; combining accents shrink a text. Text over
+    the limit once normalised is refused, text within it is not, wherever the pieces it is measured
+    in are cut (here between letters and their accents)."""
+    assert len(tokenize("\ufdfa" * 5000, max_chars=90_000)) == 15_001  # its last word joins the next one's first
+    for text, limit in (("\ufdfa" * 5001, 90_000), ("\ufb01" * 50_001, 100_000), ("\ufdfa" * 100_000, 100_000)):
+        with pytest.raises(TextTooLong):
+            tokenize(text, max_chars=limit)
+    accented = "x " + "e\u0301" * 49_998  # 99,998 characters, 50,000 once composed
+    assert len(tokenize(accented, max_chars=50_000)) == 2
+    with pytest.raises(TextTooLong) as refused:
+        tokenize(accented + "e", max_chars=50_000)
+    assert (refused.value.length, refused.value.at_least) == (50_001, False)
 
 
 def test_detokenize_reads_naturally() -> None:
