@@ -11,8 +11,9 @@ Prints, for the bundled model's vocabulary:
   the test split's documents and on feed-sized texts of 10 words (the server tokenizes one short
   feed at a time, so the cost of a call matters as much as the cost of a token).
 
-The pipeline: normalizers NFKC, a final capital sigma to ``ς`` (Python's ``str.lower`` does that,
-the library's ``Lowercase`` maps each character alone), curly quotes to straight ones, lowercase;
+The pipeline: normalizers removing format characters (``\\p{Cf}``), NFKC, a final capital sigma to
+``ς`` (Python's ``str.lower`` does that, the library's ``Lowercase`` maps each character alone),
+curly quotes to straight ones, lowercase;
 pre-tokenizers splitting off whitespace and underscores (removed), then ``_TOKEN``'s alternatives
 written with Unicode properties (isolated), with each line end (``\\r\\n``, ``\\r``, ``\\n``) its own
 piece; a ``WordLevel`` model over ``vocab.txt`` in which the line ends are ``<eos>``'s id.
@@ -71,6 +72,7 @@ AWKWARD = [
     " \n ",
     "<unk> <eos>",
     "\u200bzero\u200dwidth\ufeff",
+    "\u202eright\u202c \u2066isolated\u2069 soft\u00adhyphen \u061c\u200e\u200f \U000e0041",
     "xylograph Zyzzyva",
 ]
 
@@ -79,7 +81,7 @@ def pipeline(vocab: Vocab, lowercase: bool = True) -> Tokenizer:
     """lstmd's ``words`` tokenizer (``tokenize`` then ``Vocab.encode``) as a ``tokenizers`` pipeline."""
     ids = {**vocab.ids, **dict.fromkeys(_LINE_ENDS, vocab.eos_id)}
     library = Tokenizer(models.WordLevel(vocab=ids, unk_token=UNK))
-    steps: list[normalizers.Normalizer] = [normalizers.NFKC()]
+    steps: list[normalizers.Normalizer] = [normalizers.Replace(Regex(r"\p{Cf}"), ""), normalizers.NFKC()]
     if lowercase:
         steps.append(normalizers.Replace(Regex(r"(?<=\p{Cased})Σ(?!\p{Case_Ignorable}*\p{Cased})"), "ς"))
     steps += [normalizers.Replace(Regex("[\u2018\u2019]"), "'"), normalizers.Replace(Regex("[\u201c\u201d]"), '"')]

@@ -172,14 +172,21 @@ def sample(logprobs: np.ndarray, params: list[Sampling]) -> tuple[np.ndarray, np
     Temperature, top-k, top-p and banned words are applied to all rows at once; only the
     uniform draw comes from each row's own generator (so a seed reproduces a row's words
     whatever else shares its batch). Returns the words and their sampling probabilities.
+
+    Numerically safe for every temperature > 0, down to the smallest float32 (a denormal): each
+    row's most likely word is moved to 0 before dividing, in float64, so the scaled values are 0
+    for it and finite or -inf below it, never NaN; a temperature near 0 is greedy decoding, the
+    most likely word with probability 1.
     """
     rows, vocab = logprobs.shape
-    scaled = logprobs / np.array([p.temperature for p in params], np.float32)[:, None]
+    scaled = logprobs.astype(np.float64)  # (rows, vocab)
     for i, p in enumerate(params):
         scaled[i, list(p.banned)] = -np.inf
+    scaled -= scaled.max(axis=1, keepdims=True)  # <= 0: dividing can no longer overflow (x / 1e-45 < 1e84)
+    scaled /= np.array([p.temperature for p in params], np.float64)[:, None]
     order = np.argsort(-scaled, axis=1, kind="stable")  # (rows, vocab) most likely first
     ranked = np.take_along_axis(scaled, order, axis=1)
-    probs = np.exp(ranked - ranked[:, :1])
+    probs = np.exp(ranked)  # ranked[:, 0] is 0: the most likely word's weight is 1
     probs /= probs.sum(axis=1, keepdims=True)
     top_k = np.array([p.top_k or vocab for p in params])[:, None]
     top_p = np.array([p.top_p if 0 < p.top_p < 1 else 1.0 for p in params])[:, None]

@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lstmd.model.tokenizer import Tokenizer
+from lstmd.model.tokenizer import Encoding, TextTooLong, Tokenizer
 from lstmd.server.batcher import Batcher, Sampling, StepResult
-from lstmd.server.errors import InvalidInput, PositionMismatch, StoreUnavailable
+from lstmd.server.errors import InvalidInput, PositionMismatch, StoreUnavailable, echo
 from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
@@ -27,6 +27,13 @@ from lstmd.server.words import search
 log = logging.getLogger(__name__)
 MAX_CONFLICTS = 16  # a step whose compare-and-set other replicas win this often in a row is refused
 MAX_WORD_PREFIX = 64  # characters of a typed word prefix
+MAX_STOP_WORDS = 32  # stop words of one Generate
+MAX_STOP_CHARS = 64  # characters of one stop word, also once normalised: it is compared with one token
+# Texts tokenized on the event loop, where that costs less than the hop to a thread and back:
+# ASCII up to INLINE_CHARS, other text up to INLINE_OTHER_CHARS (NFKC spells some characters out
+# in up to 18). Longer ones go to a worker thread, so that a long text holds up no other call.
+INLINE_CHARS = 2048
+INLINE_OTHER_CHARS = 128
 
 
 # The types below are created for every token streamed: plain slotted dataclasses, which
@@ -129,6 +136,9 @@ class Engine:
         self.registry = registry
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=len(registry.models), thread_name_prefix="onnxruntime")
+        # one thread: tokenizing is Python, serialised by the GIL anyway, and one thread bounds what
+        # long texts being tokenized hold at once; ONNX Runtime's threads never wait behind it
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._batchers = {
             name: Batcher(model, self._executor, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
             for name, model in registry.models.items()
@@ -143,6 +153,7 @@ class Engine:
         for batcher in self._batchers.values():
             await batcher.stop()
         self._executor.shutdown(wait=True)
+        self._tokenizer_thread.shutdown(wait=True)
         await self.store.close()
 
     # sessions: ``owner`` is the caller's API key id ("" when keys are off); a caller sees only its own
@@ -177,10 +188,10 @@ class Engine:
 
     # tokenizing
 
-    def tokenize(self, model_name: str, text: str) -> Tokenization:
+    async def tokenize(self, model_name: str, text: str) -> Tokenization:
         """The tokens ``text`` becomes on ``model_name``, checked as a feed's text; no session is stepped."""
         model = self.registry.get(model_name)
-        return Tokenization(model.name, model.tokenizer.kind, self._tokens(model, text, None))
+        return Tokenization(model.name, model.tokenizer.kind, await self._tokens(model, text, None))
 
     # feeding
 
@@ -195,13 +206,13 @@ class Engine:
         wanted = self._wanted(session.model, args, session.top_k)
         if args.word_prefix and args.text in (None, "") and not args.token_ids:
             return await self._complete(session, args, wanted)
-        tokens = self._tokens(session.model, args.text, args.token_ids)
-        ids = [t.id for t in tokens]
-        key = (args.expected_position, tuple(ids), wanted.k, args.want_logprobs, wanted.prefix, wanted.token_kind,
-               wanted.exclude_special)  # fmt: skip  # server.exactly_once
         session.users += 1
         try:
-            async with session.lock:
+            async with session.lock:  # tokenized under the lock, so feeds are applied in arrival order
+                tokens = await self._tokens(session.model, args.text, args.token_ids)
+                ids = [t.id for t in tokens]
+                key = (args.expected_position, tuple(ids), wanted.k, args.want_logprobs, wanted.prefix,
+                       wanted.token_kind, wanted.exclude_special)  # fmt: skip  # server.exactly_once
                 for _ in range(MAX_CONFLICTS):
                     if args.expected_position is not None and args.expected_position != session.position:
                         await self.store.load(session)  # a copy may be stale: decide on the stored session
@@ -337,12 +348,12 @@ class Engine:
         sampling = Sampling(
             args.temperature or 1.0, args.top_k, args.top_p, tuple(banned), np.random.default_rng(args.seed)
         )
-        stop = {tokenizer.stop_key(w) for w in args.stop}
-        prompt = self._tokens(model, args.prompt, None) if args.prompt else []
+        stop = self._stop_keys(tokenizer, args.stop)
         batcher = self._batchers[model.name]
         session.users += 1
         try:
             async with session.lock:
+                prompt = await self._tokens(model, args.prompt, None) if args.prompt else []
                 await self.store.load(session)
                 if args.expected_position is not None and args.expected_position != session.position:
                     raise PositionMismatch(args.expected_position, session.position)
@@ -385,12 +396,16 @@ class Engine:
 
     # validation
 
-    def _tokens(self, model: Model, text: str | None, token_ids: list[int] | None) -> list[Token]:
+    async def _tokens(self, model: Model, text: str | None, token_ids: list[int] | None) -> list[Token]:
         limit = self.settings.max_feed_tokens
         if text is not None:
             if len(text) > self.settings.max_text_chars:
                 raise InvalidInput(f"text is {len(text)} characters, the limit is {self.settings.max_text_chars}")
-            encoded = model.tokenizer.encode(text)
+            if len(text) <= (INLINE_CHARS if text.isascii() else INLINE_OTHER_CHARS):
+                encoded = self._encode(model, text)
+            else:
+                loop = asyncio.get_running_loop()
+                encoded = await loop.run_in_executor(self._tokenizer_thread, self._encode, model, text)
             if len(encoded.ids) > limit:
                 raise InvalidInput(f"text is {len(encoded.ids)} tokens, the limit per feed is {limit}; split it")
             tokens = list(map(Token, encoded.ids, encoded.pieces, encoded.unknown))
@@ -412,6 +427,34 @@ class Engine:
             )
         return tokens
 
+    def _encode(self, model: Model, text: str) -> Encoding:
+        """``text`` as ``model``'s tokens, refused if longer than the limit once normalised. Blocking."""
+        try:
+            return model.tokenizer.encode(text, self.settings.max_text_chars)
+        except TextTooLong as e:
+            raise InvalidInput(
+                f"text is {'more than ' if e.at_least else ''}{e.length} characters after Unicode normalisation "
+                f"(NFKC writes ligatures and other compatibility characters out in full), the limit is {e.limit}; "
+                "split it"
+            ) from None
+
+    @staticmethod
+    def _stop_keys(tokenizer: Tokenizer, words: tuple[str, ...]) -> set[str]:
+        """The stop words as the tokenizer compares them, checked against the limits."""
+        if len(words) > MAX_STOP_WORDS:
+            raise InvalidInput(f"{len(words):,} stop words, the limit is {MAX_STOP_WORDS}")
+        keys = set()
+        for word in words:
+            if len(word) > MAX_STOP_CHARS:
+                raise InvalidInput(f"stop word {echo(word)} is over {MAX_STOP_CHARS} characters: a stop word is "
+                                   "compared with one token")  # fmt: skip
+            try:
+                keys.add(tokenizer.stop_key(word, MAX_STOP_CHARS))
+            except TextTooLong:
+                raise InvalidInput(f"stop word {echo(word)} is over {MAX_STOP_CHARS} characters after Unicode "
+                                   "normalisation (NFKC writes some characters out in full)") from None  # fmt: skip
+        return keys
+
     def _wanted(self, model: Model, args: FeedArgs, default_top_k: int) -> _Wanted:
         table = model.words
         search = not (table.word_level or args.token_candidates)
@@ -419,7 +462,7 @@ class Engine:
         prefix = args.word_prefix
         if prefix:
             if len(prefix) > MAX_WORD_PREFIX or any(ch.isspace() for ch in prefix):
-                raise InvalidInput(f"word_prefix {prefix[:80]!r} is not the start of one word: at most "
+                raise InvalidInput(f"word_prefix {echo(prefix)} is not the start of one word: at most "
                                    f"{MAX_WORD_PREFIX} characters, no whitespace")  # fmt: skip
             if args.token_candidates and not table.word_level:
                 raise InvalidInput(f"word_prefix completes words, and {model.name}'s tokens are pieces of words "

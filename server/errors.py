@@ -5,6 +5,18 @@ from __future__ import annotations
 import grpc
 
 POSITION_KEY = "lstmd-position"  # trailing metadata of FAILED_PRECONDITION: the session's actual position
+ECHO_CHARS = 40  # characters of a request's value that an error message or a log line repeats
+
+
+def echo(value: str) -> str:
+    """A value from a request (a model name, session id, word prefix, stop word, ...) as an error
+    message or a log line shows it: quoted, and past ``ECHO_CHARS`` characters cut, with its length.
+    A request's strings are as long as its message allows (1 MiB): repeated whole, one would put
+    that much into the log per call, and into the status message, whose size the client's
+    metadata limit caps (the caller would see RESOURCE_EXHAUSTED instead of the error)."""
+    if len(value) <= ECHO_CHARS:
+        return repr(value)
+    return f"{value[:ECHO_CHARS]!r}… ({len(value):,} characters)"
 
 
 class LstmdError(Exception):

@@ -15,7 +15,7 @@ import numpy as np
 from lstmd.model import graph
 from lstmd.model.folder import ONNX_FILE, ModelCard, ModelFormatError, read_model_dir
 from lstmd.model.tokenizer import Vocab, WordsTokenizer
-from lstmd.server.errors import NotFound
+from lstmd.server.errors import NotFound, echo
 from lstmd.server.settings import Settings
 from lstmd.server.words import WordTable
 
@@ -94,7 +94,7 @@ class ModelRegistry:
     def get(self, name: str) -> Model:
         model = self.models.get(name or self.default)
         if model is None:
-            raise NotFound(f"no model named {name!r}; this server serves: {', '.join(sorted(self.models))}")
+            raise NotFound(f"no model named {echo(name)}; this server serves: {', '.join(sorted(self.models))}")
         return model
 
     def cards(self) -> list[tuple[ModelCard, bool]]:

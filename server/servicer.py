@@ -18,7 +18,7 @@ import grpc
 
 from lstmd.server import convert
 from lstmd.server.engine import Engine
-from lstmd.server.errors import InvalidInput, LstmdError, status_of
+from lstmd.server.errors import InvalidInput, LstmdError, echo, status_of
 from lstmd.server.security import caller
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
@@ -116,7 +116,7 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
 
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
-        return convert.tokenization(self.engine.tokenize(request.model, request.text))
+        return convert.tokenization(await self.engine.tokenize(request.model, request.text))
 
 
 def _check_later(request: pb.StreamRequest, first: pb.StreamRequest) -> None:
@@ -125,4 +125,4 @@ def _check_later(request: pb.StreamRequest, first: pb.StreamRequest) -> None:
         value = getattr(request, field)
         if value and value != getattr(first, field):
             raise InvalidInput(f"{field} is read from a stream's first message only; a later message leaves "
-                               f"it empty (this one has {value[:40]!r}): open a stream per session")  # fmt: skip
+                               f"it empty (this one has {echo(value)}): open a stream per session")  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lstmd.server.errors import InvalidInput, NotFound
+from lstmd.server.errors import InvalidInput, NotFound, echo
 from lstmd.server.registry import Model
 
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -64,7 +64,7 @@ class Session:
 
 def check_id(session_id: str) -> None:
     if not _ID.fullmatch(session_id):
-        raise InvalidInput(f"malformed session id {session_id[:40]!r}: expected 32 lowercase hex characters")
+        raise InvalidInput(f"malformed session id {echo(session_id)}: expected 32 lowercase hex characters")
 
 
 def not_found(session_id: str, ttl_s: float) -> NotFound:

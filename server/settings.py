@@ -61,7 +61,9 @@ class Settings:
     word_beam: int = _setting(8, "hypotheses the word search keeps per step (subword and character models)")
     word_max_tokens: int = _setting(24, "most tokens of one word the word search follows")
     max_feed_tokens: int = _setting(4096, "most tokens in one feed")
-    max_text_chars: int = _setting(100_000, "longest text in one feed or prompt, in characters")
+    max_text_chars: int = _setting(
+        100_000, "longest text in one feed or prompt, in characters (words tokenizer: also once Unicode-normalised)"
+    )
     max_message_bytes: int = _setting(1 << 20, "largest gRPC message the server accepts, in bytes")
     max_generate_tokens: int = _setting(1024, "largest max_tokens a Generate may ask for")
     intra_op_threads: int = _setting(

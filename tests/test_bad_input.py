@@ -5,25 +5,36 @@ Covered: random and adversarial unicode, empty, huge and oversized texts and pro
 and out-of-range token ids, zero and huge top_k / max_tokens / temperature / top_p, unknown
 models and sessions, malformed session ids (Feed, Stream, Generate, Get/Delete/ForkSession,
 CreateSession, Tokenize), too many tokens, messages over the server's size limit, and clients cancelling
-streams, generations and feeds midway. Every input tried is counted; the last test reports the
-counts (pytest's "reliability figures" section)."""
+streams, generations and feeds midway; denormal and huge temperatures (greedy with probability 1,
+never NaN), huge values that error messages and log lines would echo (cut), texts that Unicode
+normalisation expands past the limits (refused early, off the event loop: other calls keep
+answering), too many or too long stop words, and invisible format characters (dropped, never
+``<unk>``). Every input tried is counted; the last test reports the counts (pytest's "reliability
+figures" section)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
+import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
-from tests.conftest import Reference, memory_sessions
+from lstmd.v1.lstmd_pb2_grpc import LstmdStub
+from tests.conftest import WORDS, Reference, ServerProcess, memory_sessions
 
 DOCUMENTED = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -37,7 +48,10 @@ texts = st.one_of(st.text(max_size=300), st.sampled_from(["", " ", "\n", "<unk>"
 ids = st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=20)
 session_ids = st.one_of(st.text(max_size=40), st.just("0" * 32), st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
 counts = st.integers(min_value=0, max_value=2**32 - 1)
+VOCAB_SIZE = 2 + len(WORDS)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 TRIED: Counter[tuple[str, str]] = Counter()  # (RPC, status code) of every input tried
+LINES: list[str] = []  # further summary lines of this suite, reported with the counts
 
 
 async def outcome(call: Any, rpc: str) -> grpc.StatusCode:
@@ -122,8 +136,9 @@ async def test_fuzzed_generate_and_sessions(
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, model=model)  # fmt: skip
 
     async def generate() -> None:
-        async for _ in stub.Generate(request):
-            pass
+        async for token in stub.Generate(request):
+            assert 0 <= token.probability <= 1, token  # never NaN
+            assert 0 <= token.token_id < VOCAB_SIZE
 
     await outcome(generate(), "Generate")
     await outcome(stub.CreateSession(pb.CreateSessionRequest(model=model, top_k=top_k)), "CreateSession")
@@ -249,6 +264,211 @@ async def test_clients_cancelling_midway_leave_sessions_whole(
     assert len(memory_sessions(running)) == held, "ephemeral sessions of cancelled calls were freed"
 
 
+# sampling: every accepted temperature gives numbers, never NaN
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-40, 1e-38, 1e-30, 1e-6])
+async def test_tiny_temperatures_give_the_greedy_words_with_probability_one(
+    shared: tuple[RunningServer, Any], canary: Canary, reference: Reference, temperature: float
+) -> None:
+    """A temperature near 0 (down to the smallest float32, a denormal) is greedy decoding: each
+    word is the most likely one by ONNX Runtime's own distribution, with probability 1."""
+    _, stub = shared
+    ids = reference.ids("the king")
+    request = pb.GenerateRequest(prompt="the king", max_tokens=8, temperature=temperature, seed=0)
+    async for token in stub.Generate(request):
+        expected = reference.logprobs(ids)
+        expected[[reference.vocab.unk_id, reference.vocab.eos_id]] = -np.inf  # never drawn without allow_eos
+        assert (token.token_id, token.probability) == (int(np.argmax(expected)), 1.0), temperature
+        ids.append(token.token_id)
+    TRIED["Generate", "OK"] += 1
+
+
+@FUZZ
+@given(temperature=st.floats(min_value=0.0, max_value=FLOAT32_MAX, width=32), top_k=st.integers(0, 20),
+       top_p=st.floats(min_value=0.0, max_value=1.0, width=32))  # fmt: skip
+async def test_no_accepted_setting_gives_nan(
+    shared: tuple[RunningServer, Any], canary: Canary, temperature: float, top_k: int, top_p: float
+) -> None:
+    """Any temperature, top_k and top_p the server accepts (denormals and the largest float32
+    included): probabilities of generated words, candidates and fed tokens are numbers."""
+    _, stub = shared
+    session = await stub.CreateSession(pb.CreateSessionRequest())
+    request = pb.GenerateRequest(session_id=session.session_id, prompt="the", max_tokens=4, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=1)  # fmt: skip
+    async for token in stub.Generate(request):
+        assert 0 <= token.probability <= 1, (temperature, top_k, top_p, token)
+    fed = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the sea", return_token_logprobs=True))
+    assert all(0 <= c.probability <= 1 for c in fed.candidates)
+    assert all(lp <= 0 for lp in fed.token_logprobs) and not any(math.isnan(lp) for lp in fed.token_logprobs)
+    TRIED["Generate", "OK"] += 1
+
+
+# what the server echoes of a request is cut
+
+LONG = 100_000  # characters: under the message size limit, far over anything worth repeating
+
+
+async def test_long_values_are_cut_in_error_messages_and_log_lines(
+    shared: tuple[RunningServer, Any], canary: Canary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 100,000-character model name, session id, word prefix or stop word: the error names the
+    start of it and its length, never all of it (all of it would overflow the client's metadata
+    limit, so the caller saw RESOURCE_EXHAUSTED, and the log got a 100 KB line per call)."""
+    _, stub = shared
+    long = "m" * LONG
+    sid = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+
+    async def generate(request: pb.GenerateRequest) -> None:
+        async for _ in stub.Generate(request):
+            pass
+
+    async def stream(request: pb.StreamRequest) -> None:
+        async for _ in stub.Stream(iter([request])):
+            pass
+
+    calls = [
+        ("CreateSession", stub.CreateSession(pb.CreateSessionRequest(model=long))),
+        ("Tokenize", stub.Tokenize(pb.TokenizeRequest(model=long, text="the"))),
+        ("GetSession", stub.GetSession(pb.GetSessionRequest(session_id=long))),
+        ("Feed", stub.Feed(pb.FeedRequest(session_id=sid, text="the", word_prefix=long))),
+        ("Stream", stream(pb.StreamRequest(model=long, text="the"))),
+        ("Generate", generate(pb.GenerateRequest(model=long, max_tokens=1))),
+        ("Generate", generate(pb.GenerateRequest(session_id=sid, prompt="the", max_tokens=1, stop=[long]))),
+    ]
+    with caplog.at_level(logging.INFO, logger="lstmd"):
+        for rpc, call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call
+            code, details = error.value.code(), error.value.details() or ""
+            assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (rpc, code, details[:200])
+            assert "m" * 20 in details and f"{LONG:,}" in details and len(details) < 400, (rpc, details)
+            TRIED[rpc, code.name] += 1
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("lstmd")]
+    assert lines, "each refusal is logged"
+    assert max(map(len, lines)) < 500, max(lines, key=len)[:200]
+
+
+# texts that Unicode normalisation expands, and stop words: bounded, and off the event loop
+
+LIGATURE = "\ufdfa"  # ARABIC LIGATURE SALLALLAHOU ALAYHE WASALLAM: 18 characters after NFKC
+
+
+@pytest.mark.parametrize("copies", [100_000, 6_000])
+async def test_text_that_normalisation_expands_past_the_limit_is_refused_by_its_length(
+    shared: tuple[RunningServer, Any], canary: Canary, copies: int
+) -> None:
+    """The character limit holds after normalisation too: 6,000 ligatures are 108,000 characters,
+    and 100,000 of them (1.8 million) are refused before most of the work of spelling them out."""
+    _, stub = shared
+    started = time.perf_counter()
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Tokenize(pb.TokenizeRequest(text=LIGATURE * copies))
+    seconds = time.perf_counter() - started
+    details = error.value.details() or ""
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "characters after Unicode normalisation" in details and "100000" in details, details
+    assert seconds < 0.15, f"{seconds:.3f} s: the expansion was measured whole before refusing it"
+    TRIED["Tokenize", "INVALID_ARGUMENT"] += 1
+
+
+@pytest.mark.parametrize(
+    ("stop", "words"),
+    [(["x"] * 100_000, "stop words"), (["x" * 65], "stop word 'xxx"), (["ok", "\ufdfa" * 10], "characters")],
+    ids=["too-many", "too-long", "expands"],
+)
+async def test_stop_words_are_bounded(
+    shared: tuple[RunningServer, Any], canary: Canary, stop: list[str], words: str
+) -> None:
+    _, stub = shared
+    request = pb.GenerateRequest(prompt="the", max_tokens=1, stop=stop)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        async for _ in stub.Generate(request):
+            pass
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in (error.value.details() or ""), error.value.details()
+    TRIED["Generate", "INVALID_ARGUMENT"] += 1
+
+
+RESPONSIVE_S = 0.1  # the slowest health check or one-word feed allowed while expanding texts arrive
+
+
+async def test_expanding_texts_do_not_hold_up_other_calls(servers: list[ServerProcess], models_dir: Path) -> None:
+    """Three clients send texts that NFKC spells out 18 times longer, as fast as the server answers
+    them; meanwhile health checks and one-word feeds of another session each answer within tens of
+    ms. (Normalising 100,000 ligatures on the event loop held every call for a third of a second or
+    more.) The server runs in its own process, as in production: only its own work is measured."""
+    servers.append(server := ServerProcess(models_dir))
+    async with grpc.aio.insecure_channel(server.target) as channel, grpc.aio.insecure_channel(server.target) as own:
+        stub, health, feeder = LstmdStub(channel), health_pb2_grpc.HealthStub(own), LstmdStub(own)
+        victim = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+        attacker = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+        await health.Check(health_pb2.HealthCheckRequest())  # connected before anything is timed
+        sent: Counter[str] = Counter()
+        done = asyncio.Event()
+
+        async def attack(name: str, call: Any) -> None:
+            while not done.is_set():
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call()
+                sent[name] += 1
+
+        attacks = [
+            attack("Tokenize calls of 100,000", lambda: stub.Tokenize(pb.TokenizeRequest(text=LIGATURE * 100_000))),
+            attack("feeds of 5,500", lambda: stub.Feed(pb.FeedRequest(session_id=attacker, text=LIGATURE * 5_500))),
+            attack("feeds of 900", lambda: stub.Feed(pb.FeedRequest(session_id=attacker, text=LIGATURE * 900))),
+        ]
+        tasks = [asyncio.create_task(a) for a in attacks]
+        checks: list[float] = []
+        feeds: list[float] = []
+        try:
+            await asyncio.sleep(0.2)
+            started = time.perf_counter()
+            while len(feeds) < 100 and time.perf_counter() - started < 10:
+                t0 = time.perf_counter()
+                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+                t1 = time.perf_counter()
+                await feeder.Feed(pb.FeedRequest(session_id=victim, text="the"), timeout=30)
+                t2 = time.perf_counter()
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                checks.append(t1 - t0)
+                feeds.append(t2 - t1)
+                await asyncio.sleep(0.01)
+        finally:
+            done.set()
+            await asyncio.gather(*tasks)
+        position = (await stub.GetSession(pb.GetSessionRequest(session_id=victim))).position
+    assert position == len(feeds), "every one-word feed applied, nothing else"
+    attacked = ", ".join(f"{n} {name}" for name, n in sent.items())
+    LINES.append(f"bad input/event loop: while 3 clients sent U+FDFA ligatures ({attacked}), {len(checks)} health "
+                 f"checks and {len(feeds)} one-word feeds of another session answered in at most "
+                 f"{max(checks) * 1000:.0f} and {max(feeds) * 1000:.0f} ms (median {np.median(checks) * 1000:.1f} "
+                 f"and {np.median(feeds) * 1000:.1f} ms; bound {RESPONSIVE_S * 1000:.0f} ms)")  # fmt: skip
+    assert min(sent.values()) >= 3, sent
+    assert max(checks) < RESPONSIVE_S and max(feeds) < RESPONSIVE_S, LINES[-1]
+
+
+# invisible characters
+
+
+async def test_format_characters_never_become_tokens(shared: tuple[RunningServer, Any], canary: Canary) -> None:
+    """Zero-width spaces and joiners, byte-order marks, bidirectional controls and soft hyphens
+    (Unicode format characters) are dropped by the words tokenizer: no ``<unk>`` for them, and a
+    text of only them is empty input."""
+    _, stub = shared
+    text = "\ufeffthe\u200b ki\u00adng\u200d \u202ethe\u202c \u2066qu\u200ceen\u2069\u200e\u200f\u2060"
+    tokens = (await stub.Tokenize(pb.TokenizeRequest(text=text))).tokens
+    assert [(t.word, t.unknown) for t in tokens] == [("the", False), ("king", False), ("the", False),
+                                                     ("queen", False)]  # fmt: skip
+    sid = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Feed(pb.FeedRequest(session_id=sid, text="\u200b\ufeff\u202e\u2069"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in (error.value.details() or "")
+    assert (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).position == 0
+    TRIED["Tokenize", "OK"] += 1
+    TRIED["Feed", "INVALID_ARGUMENT"] += 1
+
+
 async def test_the_canary_is_untouched_and_the_server_healthy(
     canary: Canary, reference: Reference, figures: Callable[[str], None]
 ) -> None:
@@ -264,3 +484,5 @@ async def test_the_canary_is_untouched_and_the_server_healthy(
     codes = ", ".join(f"{c} {n}" for c, n in by_code.most_common())
     figures(f"bad input: {sum(TRIED.values())} inputs tried ({rpcs}); answers: {codes}; no undocumented code, "
             "server healthy, canary bit-for-bit unaffected")  # fmt: skip
+    for line in LINES:
+        figures(line)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lstmd.model.tokenizer import EOS, UNK, TokenizerSpec, Vocab, WordsTokenizer, detokenize, tokenize
+from lstmd.model.tokenizer import (
+    _FORMAT,
+    EOS,
+    UNK,
+    TextTooLong,
+    TokenizerSpec,
+    Vocab,
+    WordsTokenizer,
+    detokenize,
+    tokenize,
+)
 
 
 @pytest.mark.parametrize(
@@ -24,15 +36,48 @@ from lstmd.model.tokenizer import EOS, UNK, TokenizerSpec, Vocab, WordsTokenizer
         ("Café Ünïcode naïve", ["café", "ünïcode", "naïve"]),
         ("\u201cHi,\u201d she said \u2018so\u2019", ['"', "hi", ",", '"', "she", "said", "'", "so", "'"]),
         ("_italic_ text", ["italic", "text"]),
+        ("\ufeffthe ki\u00adng\u200b \u202eand\u202c qu\u200deen\u2069", ["the", "king", "and", "queen"]),
+        ("\u200b\u200c\u200d\u2060\ufeff \u200e\u200f\u202a\u202b\u202d\u2066\u2067\u2068", []),
+        ("cafe\u200b\u0301", ["café"]),  # dropped before NFKC: the accent joins its letter
     ],
 )
 def test_tokenize(text: str, words: list[str]) -> None:
     assert tokenize(text) == words
 
 
+def test_the_format_characters_dropped_are_unicodes_category_cf() -> None:
+    """``_FORMAT`` is written out; it must be exactly Python's format characters (Cf)."""
+    listed = {c for c in range(sys.maxunicode + 1) if _FORMAT.fullmatch(chr(c))}
+    format_characters = {c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"}
+    assert listed == format_characters, (
+        f"update _FORMAT in lstmd/model/tokenizer.py to Unicode {unicodedata.unidata_version}: add "
+        f"{sorted(map(hex, format_characters - listed))}, remove {sorted(map(hex, listed - format_characters))}"
+    )
+
+
 def test_very_long_word_stays_one_token() -> None:
     word = "a" * 10_000
     assert tokenize(word) == [word]
+
+
+def test_a_long_line_gives_the_same_tokens_matched_one_at_a_time() -> None:
+    line = "it's 3.5, twenty-one (x) " * 1000  # 25,000 characters: over _LONG_LINE
+    assert tokenize(line) == tokenize(line[:25]) * 1000
+
+
+def test_the_character_limit_holds_once_normalised() -> None:
+    """NFKC spells U+FDFA out in 18 characters, ﬁ in 2; combining accents shrink a text. Text over
+    the limit once normalised is refused, text within it is not, wherever the pieces it is measured
+    in are cut (here between letters and their accents)."""
+    assert len(tokenize("\ufdfa" * 5000, max_chars=90_000)) == 15_001  # its last word joins the next one's first
+    for text, limit in (("\ufdfa" * 5001, 90_000), ("\ufb01" * 50_001, 100_000), ("\ufdfa" * 100_000, 100_000)):
+        with pytest.raises(TextTooLong):
+            tokenize(text, max_chars=limit)
+    accented = "x " + "e\u0301" * 49_998  # 99,998 characters, 50,000 once composed
+    assert len(tokenize(accented, max_chars=50_000)) == 2
+    with pytest.raises(TextTooLong) as refused:
+        tokenize(accented + "e", max_chars=50_000)
+    assert (refused.value.length, refused.value.at_least) == (50_001, False)
 
 
 def test_detokenize_reads_naturally() -> None:

@@ -12,7 +12,10 @@ Pure Python (no torch, no numpy, no tokenizer library) so the server and the cli
 The ``words`` kind's decisions (documented in README):
 
 - Text is NFKC-normalised, curly quotes become straight ones, and everything is lowercased
-  (unless the spec says ``keep_case``: then ``The`` and ``the`` are different words).
+  (unless the spec says ``keep_case``: then ``The`` and ``the`` are different words). Format
+  characters (Unicode category Cf: zero-width spaces and joiners, the byte-order mark,
+  bidirectional controls, soft hyphens, ...) are dropped first: invisible, they never become
+  tokens (each was an ``<unk>``), and a word they are inside stays one word.
 - A word is a run of letters, optionally joined by apostrophes or hyphens inside it
   ("don't", "twenty-one"). Numbers are kept as written ("1945", "3.5"): frequent ones earn a
   vocabulary entry, rare ones become ``<unk>``. Every other visible character is its own
@@ -21,9 +24,9 @@ The ``words`` kind's decisions (documented in README):
   of a paragraph, so in training ``<eos>`` marks paragraph and verse-line ends.
 
 Why the ``words`` kind is hand-written rather than a ``tokenizers`` pipeline (measured by
-``python -m bench.tokenizer_speed``, which builds one: NFKC, final-sigma, quote and lowercase
-normalizers; ``Split`` pre-tokenizers with ``_TOKEN`` in Unicode properties; a ``WordLevel`` model
-over ``vocab.txt``). The pipeline gives the same ids, pieces and unknown flags on the whole bundled
+``python -m bench.tokenizer_speed``, which builds one: format-character removal, NFKC, final-sigma,
+quote and lowercase normalizers; ``Split`` pre-tokenizers with ``_TOKEN`` in Unicode properties; a
+``WordLevel`` model over ``vocab.txt``). The pipeline gives the same ids, pieces and unknown flags on the whole bundled
 corpus (174 documents, 1,854,709 tokens; the test split's 19 documents, 197,905 tokens), but:
 
 - it is slower, also where the server uses it, one short feed at a time: 10-word feeds
@@ -58,22 +61,70 @@ _TOKEN = re.compile(
     r"|\d+(?:[.,]\d+)*"  # numbers: 1945, 3.5, 1,000
     r"|[^\w\s]"  # any other visible character: punctuation
 )
-_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "_": " "})
+# Format characters (category Cf) in Python's Unicode (unicodedata), written out: built from
+# unicodedata at import it would cost every client a scan of all code points. A test checks it
+# against unicodedata, so a Python with a newer Unicode says what to add.
+_FORMAT = re.compile(
+    r"[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    r"\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+    r"\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
+_QUOTES = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "_": " "}  # str.replace: 100x translate's speed
+_PIECE = 1024  # characters normalised at a time while measuring an expansion: 18,432 at most after NFKC
+_LONG_LINE = 4096  # characters: a longer line is matched a token at a time (see tokenize)
 _NO_SPACE_BEFORE = {".", ",", ";", ":", "!", "?", ")", "]", "}", "%", "'"}
 _NO_SPACE_AFTER = {"(", "[", "{", "$"}
 
 
-def normalize(text: str, lowercase: bool = True) -> str:
-    text = unicodedata.normalize("NFKC", text).translate(_QUOTES)
-    return text.lower() if lowercase else text
+class TextTooLong(ValueError):
+    """Text longer than ``limit`` characters once normalised, found before the work of tokenizing
+    it. ``length`` is its normalised length, or with ``at_least`` less than that: the text was
+    refused part way through normalising it."""
+
+    def __init__(self, length: int, limit: int, at_least: bool = False):
+        self.length, self.limit, self.at_least = length, limit, at_least
+        super().__init__(f"{'more than ' if at_least else ''}{length} characters once normalised, the limit is {limit}")
 
 
-def tokenize(text: str, lowercase: bool = True) -> list[str]:
-    """Split text into word tokens; each line end becomes ``<eos>``."""
-    lines = normalize(text, lowercase).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+def normalize(text: str, lowercase: bool = True, max_chars: int | None = None) -> str:
+    """The ``words`` kind's normalisation (module docstring). With ``max_chars``, a result longer
+    than that raises TextTooLong; of a text that NFKC expands (U+FDFA becomes 18 characters, so
+    100,000 of them 1.8 million), no more than about ``max_chars`` characters are spelt out first."""
+    if not text.isascii():  # ASCII has no format characters and is NFKC already
+        text = _FORMAT.sub("", text)
+        if max_chars is not None and not unicodedata.is_normalized("NFKC", text):
+            _refuse_expansion(text, max_chars)
+        text = unicodedata.normalize("NFKC", text)
+    for old, new in _QUOTES.items():
+        text = text.replace(old, new)
+    if lowercase:
+        text = text.lower()
+    if max_chars is not None and len(text) > max_chars:
+        raise TextTooLong(len(text), max_chars)
+    return text
+
+
+def _refuse_expansion(text: str, max_chars: int) -> None:
+    """Raises TextTooLong as soon as NFKC of ``text``, normalised a piece at a time, is surely longer
+    than ``max_chars``. Normalised whole, an accent starting a piece could join the letter ending the
+    one before: a character absorbs at most 3 (the longest canonical decomposition is 4 code
+    points), so the whole is longer than the pieces' sum less 4 a cut."""
+    total = 0
+    for cuts, start in enumerate(range(0, len(text), _PIECE)):
+        total += len(unicodedata.normalize("NFKC", text[start : start + _PIECE]))
+        if total - 4 * cuts > max_chars:
+            raise TextTooLong(max_chars, max_chars, at_least=True)
+
+
+def tokenize(text: str, lowercase: bool = True, max_chars: int | None = None) -> list[str]:
+    """Split text into word tokens; each line end becomes ``<eos>``. ``max_chars``: see normalize."""
+    lines = normalize(text, lowercase, max_chars).replace("\r\n", "\n").replace("\r", "\n").split("\n")
     words: list[str] = []
     for i, line in enumerate(lines):
-        words.extend(_TOKEN.findall(line))
+        if len(line) > _LONG_LINE:  # one C call for the whole line would hold the GIL for up to 30 ms
+            words.extend(match.group() for match in _TOKEN.finditer(line))
+        else:
+            words.extend(_TOKEN.findall(line))
         if i < len(lines) - 1:
             words.append(EOS)
     return words
@@ -268,11 +319,17 @@ class Tokenizer(ABC):
     def decode(self, ids: Sequence[int]) -> str:
         """Ids back to text, as the tokenizer writes it."""
 
-    def encode(self, text: str) -> Encoding:
+    def encode(self, text: str, max_chars: int | None = None) -> Encoding:
         """Text to tokens. With a newline token (or "" for none), each line is encoded on its own and
-        lines are joined by that token; without one, newlines are left to the tokenizer."""
+        lines are joined by that token; without one, newlines are left to the tokenizer.
+
+        With ``max_chars``, text longer than that once normalised raises TextTooLong before it is
+        tokenized: the ``words`` kind measures its own normalisation (``normalize``), the others the
+        text as lowercased by the spec (the libraries normalise inside their encode calls)."""
         if self.spec.lowercase:
             text = text.lower()
+        if max_chars is not None and len(text) > max_chars:
+            raise TextTooLong(len(text), max_chars)
         if self.newline_id is None and self.spec.newline is None and self.kind in ("hf", "sentencepiece"):
             return self._encode_line(text)
         lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
@@ -307,9 +364,12 @@ class Tokenizer(ABC):
                 lines[-1].append(i)
         return "\n".join(decode(line) for line in lines)
 
-    def stop_key(self, word: str) -> str:
-        """How a stop word given by a caller compares with generated pieces."""
-        return word.strip().lower() if self.spec.lowercase else word.strip()
+    def stop_key(self, word: str, max_chars: int | None = None) -> str:
+        """How a stop word given by a caller compares with generated pieces; ``max_chars`` as for encode."""
+        key = word.strip().lower() if self.spec.lowercase else word.strip()
+        if max_chars is not None and len(key) > max_chars:
+            raise TextTooLong(len(key), max_chars)
+        return key
 
     def _special(self, name: str, role: str) -> int:
         found = self.token_id(name)
@@ -349,8 +409,8 @@ class WordsTokenizer(Tokenizer):
         whole context is read once and no window can lose an open quote."""
         return _WordsTextStream(self.pieces, context)
 
-    def encode(self, text: str) -> Encoding:
-        words = tokenize(text, not self.spec.keep_case)
+    def encode(self, text: str, max_chars: int | None = None) -> Encoding:
+        words = tokenize(text, not self.spec.keep_case, max_chars)
         ids = self.vocab.encode(words)
         unk = self.vocab.unk_id
         return Encoding(ids, words, [i == unk and w != UNK for i, w in zip(ids, words, strict=True)])
@@ -361,8 +421,8 @@ class WordsTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return detokenize(self.pieces[i] for i in ids)
 
-    def stop_key(self, word: str) -> str:
-        return normalize(word, not self.spec.keep_case).strip()
+    def stop_key(self, word: str, max_chars: int | None = None) -> str:
+        return normalize(word, not self.spec.keep_case, max_chars).strip()
 
 
 class _VocabFileTokenizer(Tokenizer):

@@ -5,10 +5,11 @@ Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input without a word_prefix, token id outside the
   vocabulary, top_k / temperature / top_p / max_tokens out of range, a word_prefix with
   whitespace or over 64 characters, or one with token candidates of a subword or character
-  model, malformed session id; text over the server's character limit, a feed over its token
-  limit, too many or too long stop words; a later StreamRequest naming another session or
-  model; Generate without a prompt, or a prefix-only feed, on a session with nothing fed yet of
-  a model that starts from zeros).
+  model, malformed session id, text over the server's character limit (for lstmd's word
+  models also once Unicode-normalised: NFKC writes some characters out in up to 18) or token
+  limit, more than 32 stop words or one over 64 characters; a later StreamRequest naming
+  another session or model; Generate without a prompt, or a prefix-only feed, on a session
+  with nothing fed yet of a model that starts from zeros).
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
@@ -615,7 +616,10 @@ class GenerateRequest(_message.Message):
     max_tokens: _builtins.int
     """Words to produce, 1 to the server's limit."""
     temperature: _builtins.float
-    """Softmax temperature, > 0; 0 means the default of 1.0."""
+    """Softmax temperature, > 0; 0 means the default of 1.0. Any positive value works: near 0
+    (down to the smallest float, a denormal) sampling is greedy, the most likely word with
+    probability 1.
+    """
     top_k: _builtins.int
     """Sample only among the k most likely tokens, at most the vocabulary size (not the server's
     limit on candidates, which Generate returns none of); 0 = no limit.
@@ -636,7 +640,8 @@ class GenerateRequest(_message.Message):
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generation stops after producing any of these tokens (the stop token is returned); each is
-        compared with the tokenizer's pieces (for word models, after lowercasing).
+        compared with the tokenizer's pieces (for word models, after lowercasing). At most 32, each
+        at most 64 characters (also once normalised, for word models); else INVALID_ARGUMENT.
         """
 
     def __init__(

@@ -5,10 +5,11 @@ Errors (standard gRPC status codes; the message says what to change):
 - INVALID_ARGUMENT: malformed request (empty input without a word_prefix, token id outside the
   vocabulary, top_k / temperature / top_p / max_tokens out of range, a word_prefix with
   whitespace or over 64 characters, or one with token candidates of a subword or character
-  model, malformed session id; text over the server's character limit, a feed over its token
-  limit, too many or too long stop words; a later StreamRequest naming another session or
-  model; Generate without a prompt, or a prefix-only feed, on a session with nothing fed yet of
-  a model that starts from zeros).
+  model, malformed session id, text over the server's character limit (for lstmd's word
+  models also once Unicode-normalised: NFKC writes some characters out in up to 18) or token
+  limit, more than 32 stop words or one over 64 characters; a later StreamRequest naming
+  another session or model; Generate without a prompt, or a prefix-only feed, on a session
+  with nothing fed yet of a model that starts from zeros).
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
