@@ -49,7 +49,7 @@ container=$("${compose[@]}" ps -q lstmd)
 wait_healthy
 
 say "a TLS-only container (mutual TLS) reports healthy: its HEALTHCHECK uses the health port"
-certs=$(mktemp -d)
+certs=$(mktemp -d) && chmod 755 "$certs"  # the image's user reads it
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$certs/server.key" \
   -out "$certs/server.pem" -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2>/dev/null
 chmod 644 "$certs/server.key"  # read by the image's user
