@@ -158,7 +158,14 @@ class Engine:
         await self.store.delete(session_id, owner)
 
     async def fork_session(self, session_id: str, owner: str) -> Session:
-        return await self.store.fork(await self.store.get(session_id, owner))
+        """A copy of the session. The source is in use while it is copied, so making room for the copy
+        at the session limit never evicts the session being copied."""
+        source = await self.store.get(session_id, owner)
+        source.users += 1
+        try:
+            return await self.store.fork(source)
+        finally:
+            source.users -= 1
 
     @contextlib.asynccontextmanager
     async def stream_session(self, session_id: str, model_name: str, owner: str) -> AsyncIterator[Session]:

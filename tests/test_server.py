@@ -464,6 +464,22 @@ async def test_at_capacity_evict_drops_the_least_recently_used_idle_session(make
         assert (await stub.GetSession(pb.GetSessionRequest(session_id=old.session_id))).position == 1
 
 
+async def test_at_capacity_evict_never_evicts_the_session_being_forked(make_server: ServerFactory) -> None:
+    """The least recently used session is the fork's source: the fork copies it and evicts another."""
+    async with make_server(max_sessions=2, at_capacity="evict") as (_, stub):
+        source = await stub.CreateSession(pb.CreateSessionRequest())
+        await stub.Feed(pb.FeedRequest(session_id=source.session_id, text="the cat"))
+        other = await stub.CreateSession(pb.CreateSessionRequest())  # now source is the least recently used
+        evicted_before = sample("lstmd_sessions_evicted_total")
+        fork = await stub.ForkSession(pb.ForkSessionRequest(session_id=source.session_id))
+        assert sample("lstmd_sessions_evicted_total") == evicted_before + 1
+        assert (await stub.GetSession(pb.GetSessionRequest(session_id=source.session_id))).position == 2
+        assert fork.position == 2
+        assert (await code_of(stub.GetSession(pb.GetSessionRequest(session_id=other.session_id))))[0] == (
+            grpc.StatusCode.NOT_FOUND
+        )
+
+
 # failures stay contained
 
 

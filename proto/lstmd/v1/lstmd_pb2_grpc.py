@@ -117,7 +117,10 @@ class LstmdServicer:
 
     def ForkSession(self, request, context):
         """A new session holding a copy of another session's state, model and position; the two
-        then evolve independently. Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
+        then evolve independently. At the session limit the copy needs room like a new session
+        (RESOURCE_EXHAUSTED, or the least recently used idle session is evicted), and the source is
+        in use while it is copied: it is never the session evicted.
+        Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -64,7 +64,10 @@ class LstmdStub:
     """Frees a session. Errors: NOT_FOUND, INVALID_ARGUMENT (malformed id)."""
     ForkSession: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.ForkSessionRequest, _lstmd_pb2.Session]
     """A new session holding a copy of another session's state, model and position; the two
-    then evolve independently. Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
+    then evolve independently. At the session limit the copy needs room like a new session
+    (RESOURCE_EXHAUSTED, or the least recently used idle session is evicted), and the source is
+    in use while it is copied: it is never the session evicted.
+    Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
     """
     Feed: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.FeedRequest, _lstmd_pb2.Prediction]
     """Appends input to a session and returns the prediction after its last token: the next word
@@ -116,7 +119,10 @@ class LstmdAsyncStub(LstmdStub):
     """Frees a session. Errors: NOT_FOUND, INVALID_ARGUMENT (malformed id)."""
     ForkSession: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.ForkSessionRequest, _lstmd_pb2.Session]  # type: ignore[assignment]
     """A new session holding a copy of another session's state, model and position; the two
-    then evolve independently. Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
+    then evolve independently. At the session limit the copy needs room like a new session
+    (RESOURCE_EXHAUSTED, or the least recently used idle session is evicted), and the source is
+    in use while it is copied: it is never the session evicted.
+    Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
     """
     Feed: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.FeedRequest, _lstmd_pb2.Prediction]  # type: ignore[assignment]
     """Appends input to a session and returns the prediction after its last token: the next word
@@ -195,7 +201,10 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lstmd_pb2.Session, _abc.Awaitable[_lstmd_pb2.Session]]:
         """A new session holding a copy of another session's state, model and position; the two
-        then evolve independently. Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
+        then evolve independently. At the session limit the copy needs room like a new session
+        (RESOURCE_EXHAUSTED, or the least recently used idle session is evicted), and the source is
+        in use while it is copied: it is never the session evicted.
+        Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
         """
 
     @_abc_1.abstractmethod
