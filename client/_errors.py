@@ -47,7 +47,8 @@ class Unavailable(LstmdError):
 
 
 class DeadlineExceeded(LstmdError):
-    """The call took longer than its deadline (DEADLINE_EXCEEDED)."""
+    """The call took longer than its deadline, or a generation was left unread for longer than the
+    server's write timeout (DEADLINE_EXCEEDED)."""
 
 
 class Unauthenticated(LstmdError):

@@ -10,7 +10,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from lstmd.model.tokenizer import Encoding, TextTooLong, Tokenizer
 from lstmd.server.batcher import Batcher, Sampling, StepResult
-from lstmd.server.errors import InvalidInput, PositionMismatch, StoreUnavailable, echo
+from lstmd.server.errors import InvalidInput, NotFound, PositionMismatch, StoreUnavailable, echo
 from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
@@ -169,7 +169,14 @@ class Engine:
         await self.store.delete(session_id, owner)
 
     async def fork_session(self, session_id: str, owner: str) -> Session:
-        return await self.store.fork(await self.store.get(session_id, owner))
+        """A copy of the session. The source is in use while it is copied, so making room for the copy
+        at the session limit never evicts the session being copied."""
+        source = await self.store.get(session_id, owner)
+        source.users += 1
+        try:
+            return await self.store.fork(source)
+        finally:
+            source.users -= 1
 
     @contextlib.asynccontextmanager
     async def stream_session(self, session_id: str, model_name: str, owner: str) -> AsyncIterator[Session]:
@@ -333,7 +340,17 @@ class Engine:
 
     # generation
 
-    async def generate(self, session: Session, args: GenerateArgs) -> AsyncIterator[GeneratedWord]:
+    async def generate(self, session: Session, args: GenerateArgs) -> AsyncGenerator[GeneratedWord, None]:
+        """Sample words after the session's text (and ``args.prompt``), all or nothing like a feed.
+
+        The words are computed on a copy of the session and stored only when the caller has taken
+        the last one and asks for the next (the iteration ends): until then every other call sees
+        the session as it was before, and a generation that ends any other way (an error, the
+        caller closing the iterator early: a cancelled call, a client that stopped reading) leaves
+        it exactly as it was, prompt included, so the same seed gives the same words again. After
+        each word the store is asked whether it still holds the session at its starting position:
+        deleted (NotFound) or, in a shared store, stepped by another replica (PositionMismatch),
+        the generation ends there."""
         model = session.model
         if not 1 <= args.max_tokens <= self.settings.max_generate_tokens:
             raise InvalidInput(f"max_tokens must be between 1 and {self.settings.max_generate_tokens}")
@@ -357,14 +374,13 @@ class Engine:
                 await self.store.load(session)
                 if args.expected_position is not None and args.expected_position != session.position:
                     raise PositionMismatch(args.expected_position, session.position)
+                start, work = session.position, session.copy()
                 # the text each token adds follows the session's last token and the prompt (the
                 # stream keeps what it needs of them: see Tokenizer.text_stream)
                 last = [] if session.last_token == NO_TOKEN else [session.last_token]
                 text = tokenizer.text_stream([*last, *(t.id for t in prompt)])
                 if prompt:
-                    read = session.position
-                    result, _ = await self._apply(session, [t.id for t in prompt], 1, False, sampling)
-                    await self._commit_generated(session, read)
+                    result, _ = await self._apply(work, [t.id for t in prompt], 1, False, sampling)
                 elif session.last_token == NO_TOKEN:
                     raise InvalidInput(
                         f"give a prompt: {model.name} starts from a zero state, so a session has no next-word "
@@ -374,25 +390,33 @@ class Engine:
                     result = await batcher.run([session.last_token], session.prev_state, 1, sampling)
                 for i in range(args.max_tokens):
                     word_id, probability = result.sampled, result.sampled_prob
-                    read = session.position
-                    result, _ = await self._apply(session, [word_id], 1, False, sampling)
-                    await self._commit_generated(session, read)
+                    result, _ = await self._apply(work, [word_id], 1, False, sampling)
+                    await self._still_at(session, start)
                     self.store.touch(session)
                     word = tokenizer.pieces[word_id]
                     finish = "stop_word" if word in stop else "max_tokens" if i == args.max_tokens - 1 else ""
-                    yield GeneratedWord(session.id, word, word_id, probability, session.position,
+                    yield GeneratedWord(session.id, word, word_id, probability, work.position,
                                         text.add(word_id, last=bool(finish)), finish)  # fmt: skip
                     if finish:
-                        return
+                        break
+                await self._still_at(session, start)
+                session.take(work)
+                if not await self.store.commit(session, start, False):
+                    raise PositionMismatch(start, session.position)
         finally:
             session.users -= 1
             self.store.touch(session)
 
-    async def _commit_generated(self, session: Session, read: int) -> None:
-        """A generated word is committed like a fed one; if another replica fed the session meanwhile,
-        the generation stops (its words so far stand) rather than write over that feed."""
-        if not await self.store.commit(session, read, False):
-            raise PositionMismatch(read, session.position)
+    async def _still_at(self, session: Session, start: int) -> None:
+        """Whether the store still holds the session a generation started from, where it started."""
+        position = await self.store.position(session)
+        if position is None:
+            raise NotFound(
+                f"session {session.id} was deleted during the generation (or, in a shared store, "
+                "expired); nothing of the generation was applied"
+            )
+        if position != start:  # another replica fed it: the generation would write over that feed
+            raise PositionMismatch(start, position)
 
     # validation
 

@@ -62,6 +62,11 @@ class Unauthenticated(LstmdError):
     """No API key, or a wrong one. The message never holds the key."""
 
 
+class DeadlineExceeded(LstmdError):
+    """A deadline of the server's passed: a Generate's client left a token unread for longer than
+    the write timeout (DEADLINE_EXCEEDED)."""
+
+
 STATUS = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -69,6 +74,7 @@ STATUS = {
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

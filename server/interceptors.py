@@ -4,6 +4,7 @@ service on the server (lstmd, health, reflection), and API-key checks."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -64,13 +65,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             metrics.rpc_seconds.labels(*labels).observe(time.perf_counter() - started)
             metrics.rpc_handled.labels(*labels, _code(context, error)).inc()
 
-        if handler.response_streaming:
-            inner_stream: Any = handler.unary_stream or handler.stream_stream
+        inner: Any = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+        if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 started, error = begin(), None
                 try:
-                    async for item in inner_stream(request, context):
+                    async for item in inner(request, context):
                         yield item
                 except BaseException as e:
                     error = e
@@ -79,8 +80,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     end(started, context, error)
 
             behavior: Any = stream_behavior
-        else:
-            inner: Any = handler.unary_unary or handler.stream_unary
+        else:  # one response, or a stream the handler writes itself (context.write: Generate, health's Watch)
 
             async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 started, error = begin(), None

@@ -71,6 +71,9 @@ class MemorySessionStore(SessionStore):
     async def load(self, session: Session) -> None:
         self._check_held(session)
 
+    async def position(self, session: Session) -> int | None:
+        return session.position if self._sessions.get(session.id) is session else None
+
     async def commit(self, session: Session, read_position: int, with_request: bool) -> bool:
         self._check_held(session)
         return True

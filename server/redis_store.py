@@ -252,6 +252,10 @@ class RedisSessionStore(SessionStore):
         session.state, session.prev_state, session.last_token = fresh.state, fresh.prev_state, fresh.last_token
         session.position, session.last_used, session.last_request = fresh.position, fresh.last_used, fresh.last_request
 
+    async def position(self, session: Session) -> int | None:
+        stored = await self._submit("read", lambda pipe: pipe.hget(PREFIX + session.id, "pos"))
+        return None if stored is None else int(stored)
+
     async def commit(self, session: Session, read_position: int, with_request: bool) -> bool:
         """Write ``session``'s new state if Redis still holds ``read_position``: True when written,
         False when another replica advanced the session first (``session`` is then re-read). NotFound

@@ -9,6 +9,8 @@ session call, so the engine shows each caller its own sessions only.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +20,7 @@ import grpc
 
 from lstmd.server import convert
 from lstmd.server.engine import Engine
-from lstmd.server.errors import InvalidInput, LstmdError, echo, status_of
+from lstmd.server.errors import DeadlineExceeded, InvalidInput, LstmdError, echo, status_of
 from lstmd.server.security import caller
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
@@ -108,11 +110,30 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
                 yield convert.prediction(await self.engine.feed(session, convert.feed_args(request)))
                 request = await anext(aiter(request_iterator), None)
 
-    @streaming
-    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GeneratedToken]:
-        async with self.engine.stream_session(request.session_id, request.model, caller.get()) as session:
-            async for word in self.engine.generate(session, convert.generate_args(request)):
-                yield convert.generated(word)
+    @unary
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> None:  # type: ignore[override]
+        """Writes each token itself (``context.write``, so the method returns None rather than yield),
+        so that a client that stops reading cannot hold the session: see ``_write``. Closing the
+        engine's generation early applies none of it."""
+        async with (
+            self.engine.stream_session(request.session_id, request.model, caller.get()) as session,
+            contextlib.aclosing(self.engine.generate(session, convert.generate_args(request))) as words,
+        ):
+            async for word in words:
+                await self._write(context, convert.generated(word))
+
+    async def _write(self, context: Context, message: Any) -> None:
+        """Write one message of a stream, waiting at most ``generate_write_timeout_s`` for the client's
+        flow-control window to take it."""
+        timeout = self.engine.settings.generate_write_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                await context.write(message)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the client read nothing for {timeout:g} s (the server's generate write timeout): the generation "
+                "was stopped and none of it was applied; read the stream as it comes"
+            ) from None
 
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:

@@ -58,6 +58,19 @@ class Session:
         return Session(secrets.token_hex(16), self.model, self.top_k, self.state.copy(), self.prev_state.copy(),
                        self.last_token, self.position, owner=self.owner)  # fmt: skip
 
+    def copy(self) -> Session:
+        """A private copy with the same id, to step without changing this one (a generation's work,
+        stored with ``take`` only when it succeeds). The arrays are shared: a step replaces them,
+        never writes into them."""
+        return Session(self.id, self.model, self.top_k, self.state, self.prev_state, self.last_token, self.position,
+                       owner=self.owner)  # fmt: skip
+
+    def take(self, work: Session) -> None:
+        """Take the state and position of ``work``, a ``copy`` of this session that was stepped."""
+        self.state, self.prev_state, self.last_token, self.position = (
+            work.state, work.prev_state, work.last_token, work.position
+        )  # fmt: skip
+
     def busy(self) -> bool:
         return self.users > 0 or self.lock.locked()
 
@@ -106,6 +119,11 @@ class SessionStore(ABC):
     @abstractmethod
     async def load(self, session: Session) -> None:
         """Bring ``session`` up to date with the store; NotFound when it is gone."""
+
+    @abstractmethod
+    async def position(self, session: Session) -> int | None:
+        """The position the store holds for ``session`` now, or None when it is gone (deleted,
+        expired, evicted): a check cheaper than ``load``, for long calls that must notice."""
 
     @abstractmethod
     async def commit(self, session: Session, read_position: int, with_request: bool) -> bool:

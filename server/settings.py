@@ -66,6 +66,11 @@ class Settings:
     )
     max_message_bytes: int = _setting(1 << 20, "largest gRPC message the server accepts, in bytes")
     max_generate_tokens: int = _setting(1024, "largest max_tokens a Generate may ask for")
+    generate_write_timeout_s: float = _setting(
+        10.0,
+        "how long a generated token may wait for the client to read it; then the generation ends "
+        "DEADLINE_EXCEEDED, applying nothing, and frees its session",
+    )
     intra_op_threads: int = _setting(
         1, "ONNX Runtime intra-op threads (0: one per core); 1 leaves the other cores to gRPC and Python"
     )
@@ -149,6 +154,8 @@ class Settings:
             out.append("--default-top-k must be between 1 and --max-top-k")
         if self.word_beam < 1 or self.word_max_tokens < 1:
             out.append("--word-beam and --word-max-tokens must be at least 1")
+        if self.generate_write_timeout_s <= 0:
+            out.append("--generate-write-timeout-s must be positive")
         if self.session_ttl_s <= 0 or self.sweep_interval_s <= 0:
             out.append("--session-ttl-s and --sweep-interval-s must be positive")
         if self.snapshot_interval_s < 0:

@@ -18,11 +18,15 @@ Layout (all integers little-endian)::
 
 The header is checked before anything else (magic, version, then that the file holds exactly
 ``length`` payload bytes and that their SHA-256 matches), so a truncated, extended or
-corrupted file is refused as a whole. Nothing in a snapshot is executable: it is numbers and
+corrupted file is refused as a whole. ``read`` checks the header against the file's size before
+reading the rest, so a large file that is not a snapshot is refused without reading it, and it
+refuses a path that is not a regular file (a FIFO, a folder, a device) without opening it for
+long: it never waits for a FIFO's writer. Nothing in a snapshot is executable: it is numbers and
 JSON, never pickle, so loading one cannot run code.
 
-A snapshot is written atomically: to a temporary file in the same folder, flushed and fsynced,
-renamed over the old one, then the folder is fsynced. A crash at any moment leaves the
+A snapshot is written atomically: to a temporary file in the same folder (created anew: whatever
+was left under its name is removed first, so a FIFO there cannot block the write), flushed and
+fsynced, renamed over the old one, then the folder is fsynced. A crash at any moment leaves the
 previous snapshot or the new one, never a mix.
 """
 
@@ -33,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -63,6 +68,12 @@ class UnsupportedVersion(SnapshotError):
     kind = "unsupported"
 
 
+class NotRegularFile(SnapshotError):
+    """The path is a FIFO, a folder, a device or a socket: nothing a snapshot is ever written as."""
+
+    kind = "not-a-file"
+
+
 @dataclass
 class SessionRecord:
     """One session as the snapshot holds it."""
@@ -89,20 +100,31 @@ def encode(records: Sequence[SessionRecord]) -> bytes:
 
 def decode(data: bytes) -> list[SessionRecord]:
     """The records of a file's bytes. Raises SnapshotError (UnsupportedVersion for another format)."""
-    if len(data) < _PREFIX.size:
-        raise SnapshotError(f"truncated: {len(data)} bytes, shorter than the header")
-    magic, version = _PREFIX.unpack_from(data)
+    length, digest = _check_header(data[: _HEADER.size], len(data))
+    return _check_payload(memoryview(data)[_HEADER.size : _HEADER.size + length], digest)
+
+
+def _check_header(head: bytes, size: int) -> tuple[int, bytes]:
+    """The payload length and SHA-256 from ``head``, the first bytes of a file of ``size`` bytes,
+    checked against that size. Raises SnapshotError (UnsupportedVersion for another format)."""
+    if len(head) < _PREFIX.size:
+        raise SnapshotError(f"truncated: {size} bytes, shorter than the header")
+    magic, version = _PREFIX.unpack_from(head)
     if magic != MAGIC:
         raise SnapshotError(f"not an lstmd snapshot (starts with {magic!r}, expected {MAGIC!r})")
     if version != FORMAT_VERSION:
         raise UnsupportedVersion(f"format version {version}; this lstmd reads version {FORMAT_VERSION}")
-    if len(data) < _HEADER.size:
-        raise SnapshotError(f"truncated: {len(data)} bytes, shorter than the header")
-    _, _, length, digest = _HEADER.unpack_from(data)
-    payload = memoryview(data)[_HEADER.size :]
-    if len(payload) != length:
-        what = "truncated" if len(payload) < length else "extra bytes"
-        raise SnapshotError(f"{what}: the header announces {length} payload bytes, the file holds {len(payload)}")
+    if len(head) < _HEADER.size:
+        raise SnapshotError(f"truncated: {size} bytes, shorter than the header")
+    _, _, length, digest = _HEADER.unpack_from(head)
+    held = size - _HEADER.size
+    if held != length:
+        what = "truncated" if held < length else "extra bytes"
+        raise SnapshotError(f"{what}: the header announces {length} payload bytes, the file holds {held}")
+    return length, digest
+
+
+def _check_payload(payload: memoryview, digest: bytes) -> list[SessionRecord]:
     if hashlib.sha256(payload).digest() != digest:
         raise SnapshotError("checksum mismatch: the payload is not what was written")
     try:
@@ -116,8 +138,11 @@ def write(path: Path, records: Iterable[SessionRecord], count: int) -> int:
     Returns the file's size in bytes. Raises OSError and leaves the previous snapshot in place.
     ``records`` may be a generator: each record is encoded and dropped in turn."""
     temporary = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()  # a leftover, or a FIFO that would block the open below until a reader came
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        with open(temporary, "wb", buffering=1 << 20) as f:
+        with open(fd, "wb", buffering=1 << 20) as f:
             f.write(bytes(_HEADER.size))  # filled in once the payload's length and checksum are known
             digest, length = hashlib.sha256(), 0
             for chunk in _payload(records, count):
@@ -142,8 +167,34 @@ def write(path: Path, records: Iterable[SessionRecord], count: int) -> int:
 
 
 def read(path: Path) -> list[SessionRecord]:
-    """The records in ``path``. Raises FileNotFoundError, other OSErrors, or SnapshotError."""
-    return decode(path.read_bytes())
+    """The records in ``path``. Raises FileNotFoundError, other OSErrors, or SnapshotError:
+    NotRegularFile for a path that is not a regular file. The header is read and checked against
+    the file's size first, so a file that is not a snapshot is refused without reading the rest."""
+    _check_regular(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO put there since: open, never wait
+    try:
+        info = os.fstat(fd)
+        _check_regular(info.st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
+        length, digest = _check_header(f.read(_HEADER.size), info.st_size)
+        payload = f.read(length)
+        extra = len(f.read(1))  # the file changed since fstat: refused like any other size mismatch
+    if len(payload) != length or extra:
+        what = "truncated" if len(payload) < length else "extra bytes"
+        raise SnapshotError(f"{what}: the header announces {length} payload bytes, the file changed while read")
+    return _check_payload(memoryview(payload), digest)
+
+
+def _check_regular(mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    kind = next((name for test, name in kinds if test(mode)), "not a file")
+    raise NotRegularFile(f"not a regular file but {kind}")
 
 
 def set_aside(path: Path, kind: str) -> Path:

@@ -5,8 +5,9 @@ The file format and the atomic write are in server.snapshot_format; this module 
 and what may come back. A session snapshotted for a model this server does not serve, for
 another version of it, or with another state shape is refused, with a log line naming it,
 and the others load. No snapshot problem stops the server: a failed write is an ERROR log line
-and ``lstmd_snapshot_failures_total``, and a file that cannot be read is set aside
-(``<name>.corrupt-<time>``) and the server starts without sessions.
+and ``lstmd_snapshot_failures_total``, and a file that cannot be read, or a path that is not a
+regular file (a FIFO would block start-up), is set aside (``<name>.corrupt-<time>``,
+``.unsupported-<time>``, ``.not-a-file-<time>``) and the server starts without sessions.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Durable sessions with real server processes: SIGTERM under load and a restart restore every
-session exactly; periodic snapshots survive SIGKILL; a corrupt, truncated or newer-format file
-is set aside and the server serves; a session of another model version is refused alone; an
-unwritable folder leaves the server serving, with an ERROR line and a metric.
+session exactly; periodic snapshots survive SIGKILL; a corrupt, truncated or newer-format file,
+or a FIFO in the snapshot's place, is set aside and the server serves; a session of another
+model version is refused alone; an unwritable folder leaves the server serving, with an ERROR
+line and a metric.
 
 "Exactly" is checked against a reference session on another server that never restarted, fed
 the same tokens in the same feeds: after the restart both answer the same probe feed (with
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
 import struct
@@ -236,6 +238,26 @@ async def test_an_unreadable_snapshot_is_set_aside_and_the_server_serves(
     server.process.send_signal(signal.SIGTERM)
     assert server.wait() == 0
     assert [r.id for r in snapshot_format.read(path)] == [new.session_id] and aside[0].exists()
+
+
+@pytest.mark.timeout(60)
+async def test_a_snapshot_path_that_is_not_a_regular_file_is_set_aside_and_the_server_serves(
+    models_dir: Path, tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """A FIFO in place of the snapshot would block start-up for ever, waiting for a writer."""
+    path = tmp_path / FILE_NAME
+    os.mkfifo(path)
+    servers.append(server := ServerProcess(models_dir, "--snapshot-dir", str(tmp_path)))
+    line = next(line for line in server.lines if "refusing the session snapshot" in line)
+    assert " ERROR " in line and "not a regular file but a FIFO (named pipe)" in line
+    assert f"moved it to {FILE_NAME}.not-a-file-" in line and "starting without sessions" in line
+    async with channel(server) as ch:
+        stub = lstmd_pb2_grpc.LstmdStub(ch)
+        new = await stub.CreateSession(pb.CreateSessionRequest())
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert [r.id for r in snapshot_format.read(path)] == [new.session_id]
+    assert [p.name.startswith(f"{FILE_NAME}.not-a-file-") for p in tmp_path.iterdir() if p != path] == [True]
 
 
 async def test_a_session_of_another_model_version_is_refused_and_the_others_load(

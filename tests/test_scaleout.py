@@ -4,6 +4,7 @@ tokens one feed at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.cluster import Nginx, Redis, free_port
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-from tests.conftest import ServerProcess
+from tests.conftest import ServerFactory, ServerProcess
 from tests.test_metrics import scrape
 
 WORDS = [5, 9, 13, 2, 40, 7, 22, 31, 8, 17, 3, 50, 11, 26, 44, 6]  # token ids of the tiny vocabulary
@@ -183,6 +184,62 @@ def test_a_stream_survives_killing_its_replica(replicas: list[Replica], nginx: N
         assert all(same(got[p], want[p - 1]) for p in got)
     finally:
         victim.start()
+
+
+async def test_a_generation_in_redis_is_all_or_nothing(make_server: ServerFactory, redis: Redis) -> None:
+    """Generate on replica A, seen from replica B: a cancelled generation leaves the session in Redis
+    as it was; a feed through B during it wins and the generation ends FAILED_PRECONDITION having
+    applied nothing; a delete through B ends it NOT_FOUND."""
+    settings = {"session_store": redis.url, "max_generate_tokens": 100_000}
+    async with make_server(**settings) as (_, a), make_server(**settings) as (_, b):
+        sid = (await a.CreateSession(pb.CreateSessionRequest())).session_id
+        await a.Feed(pb.FeedRequest(session_id=sid, tokens=pb.TokenIds(ids=WORDS[:3])))
+        fork = (await b.ForkSession(pb.ForkSessionRequest(session_id=sid))).session_id
+        uncancelled = [t.word async for t in b.Generate(pb.GenerateRequest(session_id=fork, max_tokens=12, seed=5))]
+
+        async def three_tokens_then(action: Any, prompt: str = "") -> Any:
+            call = a.Generate(pb.GenerateRequest(session_id=sid, prompt=prompt, max_tokens=100_000, seed=5))
+            read = 0
+            async for _ in call:
+                read += 1
+                if read == 3:
+                    await action(call)
+                    break
+                await asyncio.sleep(0.02)
+            return call
+
+        async def cancel(call: Any) -> None:
+            call.cancel()
+
+        for prompt in ("", "the"):
+            await three_tokens_then(cancel, prompt)
+            assert (await b.GetSession(pb.GetSessionRequest(session_id=sid))).position == 3
+        again = pb.GenerateRequest(session_id=sid, max_tokens=12, seed=5, expected_position=3)
+        assert [t.word async for t in b.Generate(again)] == uncancelled
+
+        async def feed_through_b(call: Any) -> None:
+            reply = await b.Feed(pb.FeedRequest(session_id=sid, tokens=pb.TokenIds(ids=[4]), expected_position=15))
+            assert reply.position == 16
+            with pytest.raises(grpc.aio.AioRpcError) as lost:
+                async for _ in call:
+                    pass
+            assert lost.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+        await three_tokens_then(feed_through_b)
+        assert (await b.GetSession(pb.GetSessionRequest(session_id=sid))).position == 16
+
+        async def delete_through_b(call: Any) -> None:
+            await b.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                async for _ in call:
+                    pass
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "was deleted during the generation" in (gone.value.details() or "")
+
+        await three_tokens_then(delete_through_b)
+        with pytest.raises(grpc.aio.AioRpcError) as deleted:
+            await a.GetSession(pb.GetSessionRequest(session_id=sid))
+        assert deleted.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_sessions_survive_a_redis_restart(replicas: list[Replica], redis: Redis, server_target: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -16,8 +18,12 @@ from prometheus_client import REGISTRY
 from lstmd.model.tokenizer import detokenize
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
+from lstmd.v1 import lstmd_pb2_grpc
 from tests.conftest import HIDDEN, LAYERS, WORDS, Reference, ServerFactory, memory_sessions
 
+# A client whose receive window is small and never grows: a Generate it does not read fills the
+# window after a few tokens, and the server's next write waits.
+SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 TEXTS = [
     "the cat sat on the mat .",
     "a whale in the sea , the ship !",
@@ -416,6 +422,84 @@ async def test_generate_sends_the_text_each_token_adds(stub: Any) -> None:
     assert [t.text for t in tokens if t.word == ","] == [","] * sum(t.word == "," for t in tokens)
 
 
+async def test_a_cancelled_generation_applies_nothing_and_the_same_seed_gives_the_same_words(
+    make_server: ServerFactory,
+) -> None:
+    """A slow reader cancels after 3 tokens, while the server has run ahead of it: the session is
+    where it was (prompt included), and the same seeded Generate gives the words of an uncancelled run."""
+    async with make_server(max_generate_tokens=100_000) as (_, stub):
+        sid = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+        await stub.Feed(pb.FeedRequest(session_id=sid, text="the king and"))
+        fork = (await stub.ForkSession(pb.ForkSessionRequest(session_id=sid))).session_id
+
+        def seeded(**fields: Any) -> pb.GenerateRequest:
+            return pb.GenerateRequest(seed=7, temperature=0.9, **fields)
+
+        uncancelled = [t async for t in stub.Generate(seeded(session_id=fork, max_tokens=20))]
+        for prompt in ("", "the cat"):
+            call = stub.Generate(seeded(session_id=sid, prompt=prompt, max_tokens=100_000))
+            read = 0
+            async for _ in call:
+                read += 1
+                if read == 3:
+                    break
+                await asyncio.sleep(0.05)
+            call.cancel()
+            assert (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).position == 3
+        words = [t async for t in stub.Generate(seeded(session_id=sid, max_tokens=20, expected_position=3))]
+        assert [(t.word, t.position) for t in words] == [(t.word, t.position) for t in uncancelled]
+        assert (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).position == 23
+
+
+async def test_a_generation_whose_reader_stalls_frees_its_session_after_the_write_timeout(
+    make_server: ServerFactory, figures: Callable[[str], None]
+) -> None:
+    """A client that never reads a Generate (its flow-control window stays full) held the session
+    for ever: feeds from other clients waited. After the write timeout the generation ends
+    DEADLINE_EXCEEDED, applying nothing, and the feed goes through."""
+    async with make_server(max_generate_tokens=100_000, generate_write_timeout_s=0.5) as (running, stub):
+        sid = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+        await stub.Feed(pb.FeedRequest(session_id=sid, text="the cat"))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=SMALL_WINDOW) as channel:
+            call = lstmd_pb2_grpc.LstmdStub(channel).Generate(
+                pb.GenerateRequest(session_id=sid, max_tokens=100_000, seed=1)
+            )
+            await asyncio.sleep(0.2)  # the generation fills the window, then waits for the reader
+            started = time.monotonic()
+            reply = await stub.Feed(pb.FeedRequest(session_id=sid, text="sat", expected_position=2), timeout=5)
+            waited = time.monotonic() - started
+            assert reply.position == 3 and waited < 2.5
+            late = 0
+            with pytest.raises(grpc.aio.AioRpcError) as stopped:  # what a reader sees when it reads at last
+                async for _ in call:
+                    late += 1
+            assert stopped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "read nothing for 0.5 s" in (stopped.value.details() or "")
+    figures(
+        f"generate/stalled reader: a Generate never read (1 KB receive window) held its session {waited:.2f} s "
+        f"after another client's feed arrived (write timeout 0.5 s); read late: {late} tokens, then "
+        "DEADLINE_EXCEEDED, none applied"
+    )
+
+
+async def test_deleting_the_session_ends_its_generation_with_not_found(make_server: ServerFactory) -> None:
+    """The tokens the server had sent ahead of the reader arrive, then NOT_FOUND; the session stays deleted."""
+    async with make_server(max_generate_tokens=100_000) as (_, stub):
+        sid = (await stub.CreateSession(pb.CreateSessionRequest())).session_id
+        call = stub.Generate(pb.GenerateRequest(session_id=sid, prompt="the cat", max_tokens=100_000, seed=3))
+        read = 0
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for _ in call:
+                read += 1
+                if read == 3:
+                    await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+        assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "was deleted during the generation" in (ended.value.details() or "")
+        assert read < 10_000, "it ended soon after the delete, not at max_tokens"
+        code, _ = await code_of(stub.GetSession(pb.GetSessionRequest(session_id=sid)))
+        assert code == grpc.StatusCode.NOT_FOUND
+
+
 @pytest.mark.parametrize(
     ("request_", "words"),
     [
@@ -464,6 +548,22 @@ async def test_at_capacity_evict_drops_the_least_recently_used_idle_session(make
         assert (await stub.GetSession(pb.GetSessionRequest(session_id=old.session_id))).position == 1
 
 
+async def test_at_capacity_evict_never_evicts_the_session_being_forked(make_server: ServerFactory) -> None:
+    """The least recently used session is the fork's source: the fork copies it and evicts another."""
+    async with make_server(max_sessions=2, at_capacity="evict") as (_, stub):
+        source = await stub.CreateSession(pb.CreateSessionRequest())
+        await stub.Feed(pb.FeedRequest(session_id=source.session_id, text="the cat"))
+        other = await stub.CreateSession(pb.CreateSessionRequest())  # now source is the least recently used
+        evicted_before = sample("lstmd_sessions_evicted_total")
+        fork = await stub.ForkSession(pb.ForkSessionRequest(session_id=source.session_id))
+        assert sample("lstmd_sessions_evicted_total") == evicted_before + 1
+        assert (await stub.GetSession(pb.GetSessionRequest(session_id=source.session_id))).position == 2
+        assert fork.position == 2
+        assert (await code_of(stub.GetSession(pb.GetSessionRequest(session_id=other.session_id))))[0] == (
+            grpc.StatusCode.NOT_FOUND
+        )
+
+
 # failures stay contained
 
 
@@ -496,6 +596,9 @@ async def test_health_and_reflection(shared: tuple[RunningServer, Any]) -> None:
         for service in ("", "lstmd.v1.Lstmd"):
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING  # it writes with context.write
+        watch.cancel()
         call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])
         )

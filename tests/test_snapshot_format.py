@@ -7,13 +7,14 @@ import errno
 import hashlib
 import os
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lstmd.server import snapshot_format
-from lstmd.server.snapshot_format import SessionRecord, SnapshotError, UnsupportedVersion
+from lstmd.server.snapshot_format import NotRegularFile, SessionRecord, SnapshotError, UnsupportedVersion
 
 
 def records() -> list[SessionRecord]:
@@ -122,3 +123,45 @@ def test_set_aside_keeps_the_file_under_a_new_name(tmp_path: Path) -> None:
     aside = snapshot_format.set_aside(path, "corrupt")
     assert not path.exists() and aside.read_bytes() == b"junk"
     assert aside.name.startswith("sessions.snap.corrupt-")
+
+
+def test_a_large_file_is_refused_by_its_header_without_reading_the_rest(tmp_path: Path) -> None:
+    """1 GB (sparse) behind a foreign start, and behind a snapshot header announcing another length:
+    both refused from the header and the file's size, with almost nothing read into memory."""
+    header = snapshot_format.encode(records())[: 8 + 4 + 8 + 32]
+    for start, reason in ((b"PK\x03\x04", "not an lstmd snapshot"), (header, "extra bytes")):
+        path = tmp_path / "sessions.snap"
+        with open(path, "wb") as f:
+            f.write(start)
+            f.truncate(1 << 30)
+        tracemalloc.start()
+        try:
+            with pytest.raises(SnapshotError, match=reason):
+                snapshot_format.read(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, f"{peak} bytes allocated to refuse it"
+
+
+@pytest.mark.timeout(30)
+def test_a_path_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path: Path) -> None:
+    """A FIFO would block a reader until a writer opened it: refused at once, as are a folder and a device."""
+    fifo, folder, device = tmp_path / "fifo.snap", tmp_path / "folder.snap", tmp_path / "device.snap"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    device.symlink_to("/dev/zero")
+    for path, kind in ((fifo, "a FIFO"), (folder, "a folder"), (device, "a character device")):
+        with pytest.raises(NotRegularFile, match=f"not a regular file but {kind}") as refused:
+            snapshot_format.read(path)
+        assert refused.value.kind == "not-a-file"
+
+
+@pytest.mark.timeout(30)
+def test_write_replaces_whatever_is_left_under_the_temporary_name(tmp_path: Path) -> None:
+    """A FIFO under the temporary file's name would block the write until a reader came."""
+    path = tmp_path / "sessions.snap"
+    os.mkfifo(path.with_name("sessions.snap.tmp"))
+    snapshot_format.write(path, records(), 2)
+    assert_same(snapshot_format.read(path), records())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sessions.snap"]

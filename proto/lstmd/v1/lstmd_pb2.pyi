@@ -23,7 +23,9 @@ Errors (standard gRPC status codes; the message says what to change):
   and the call had none or a wrong one. Health and reflection need none unless configured.
 - UNAVAILABLE: the server is shutting down or overloaded; safe to retry a request that
   carries `expected_position`.
-- DEADLINE_EXCEEDED / CANCELLED: as usual; a feed is either applied whole or not at all.
+- DEADLINE_EXCEEDED / CANCELLED: as usual; a feed, and a Generate, is either applied whole or
+  not at all. DEADLINE_EXCEEDED also ends a Generate whose client left a token unread for
+  longer than the server's write timeout (see Generate).
 - INTERNAL: a bug; the server logs it with a traceback.
 """
 

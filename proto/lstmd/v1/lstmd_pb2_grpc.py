@@ -118,7 +118,10 @@ class LstmdServicer:
 
     def ForkSession(self, request, context):
         """A new session holding a copy of another session's state, model and position; the two
-        then evolve independently. Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
+        then evolve independently. At the session limit the copy needs room like a new session
+        (RESOURCE_EXHAUSTED, or the least recently used idle session is evicted), and the source is
+        in use while it is copied: it is never the session evicted.
+        Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,12 +156,32 @@ class LstmdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Continues a session by sampling, streaming each word as it is produced. Generated
-        tokens become part of the session (its position advances). When `session_id` is empty
-        an ephemeral session on `model` is used and freed at the end. A session of a model that
-        starts from zeros with nothing fed yet has no distribution to sample from: Generate without
-        a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
-        Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
+        """Continues a session by sampling, streaming each word as it is produced. When `session_id`
+        is empty an ephemeral session on `model` is used and freed at the end. A session of a model
+        that starts from zeros with nothing fed yet has no distribution to sample from: Generate
+        without a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
+
+        All or nothing, like a feed: the prompt and the generated tokens become part of the session
+        (its position advances by them) when the call ends OK. A Generate that ends with any other
+        status (cancelled by the client, past its deadline, or one of the errors below) leaves the
+        session exactly as it was before it: state, last token, position, so the same request with
+        the same seed gives the same words again. Until it ends, other calls see the session as it
+        was (GetSession's position does not move), and feeds to it wait their turn. The server runs
+        ahead of a slow reader by up to the HTTP/2 flow-control window, so a client that cancels may
+        find the generation had already ended OK on the server: GetSession's position (before or
+        after the whole generation) says which; a Generate with `expected_position` refuses to start
+        from the wrong one.
+
+        A client that stops reading cannot hold the session: when a token waits longer than the
+        server's write timeout (LSTMD_GENERATE_WRITE_TIMEOUT_S, 10 s by default) for the client to
+        take it, the generation ends DEADLINE_EXCEEDED ("the client read nothing for ..."), nothing
+        of it applied, and the session is free for other calls; a client that reads later gets the
+        tokens already sent, then that status. A session deleted during the generation ends it
+        with NOT_FOUND ("session ... was deleted during the generation"), after the tokens already
+        sent; with sessions shared in Redis, a feed through another replica during the generation
+        ends it with FAILED_PRECONDITION (the feed stands, the generation does not).
+        Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+        DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

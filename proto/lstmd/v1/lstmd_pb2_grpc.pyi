@@ -23,7 +23,9 @@ Errors (standard gRPC status codes; the message says what to change):
   and the call had none or a wrong one. Health and reflection need none unless configured.
 - UNAVAILABLE: the server is shutting down or overloaded; safe to retry a request that
   carries `expected_position`.
-- DEADLINE_EXCEEDED / CANCELLED: as usual; a feed is either applied whole or not at all.
+- DEADLINE_EXCEEDED / CANCELLED: as usual; a feed, and a Generate, is either applied whole or
+  not at all. DEADLINE_EXCEEDED also ends a Generate whose client left a token unread for
+  longer than the server's write timeout (see Generate).
 - INTERNAL: a bug; the server logs it with a traceback.
 """
 
@@ -71,7 +73,10 @@ class LstmdStub:
     """Frees a session. Errors: NOT_FOUND, INVALID_ARGUMENT (malformed id)."""
     ForkSession: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.ForkSessionRequest, _lstmd_pb2.Session]
     """A new session holding a copy of another session's state, model and position; the two
-    then evolve independently. Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
+    then evolve independently. At the session limit the copy needs room like a new session
+    (RESOURCE_EXHAUSTED, or the least recently used idle session is evicted), and the source is
+    in use while it is copied: it is never the session evicted.
+    Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
     """
     Feed: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.FeedRequest, _lstmd_pb2.Prediction]
     """Appends input to a session and returns the prediction after its last token: the next word
@@ -94,12 +99,32 @@ class LstmdStub:
     Errors: as Feed, plus RESOURCE_EXHAUSTED for the ephemeral session.
     """
     Generate: _grpc.UnaryStreamMultiCallable[_lstmd_pb2.GenerateRequest, _lstmd_pb2.GeneratedToken]
-    """Continues a session by sampling, streaming each word as it is produced. Generated
-    tokens become part of the session (its position advances). When `session_id` is empty
-    an ephemeral session on `model` is used and freed at the end. A session of a model that
-    starts from zeros with nothing fed yet has no distribution to sample from: Generate without
-    a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
-    Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
+    """Continues a session by sampling, streaming each word as it is produced. When `session_id`
+    is empty an ephemeral session on `model` is used and freed at the end. A session of a model
+    that starts from zeros with nothing fed yet has no distribution to sample from: Generate
+    without a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
+
+    All or nothing, like a feed: the prompt and the generated tokens become part of the session
+    (its position advances by them) when the call ends OK. A Generate that ends with any other
+    status (cancelled by the client, past its deadline, or one of the errors below) leaves the
+    session exactly as it was before it: state, last token, position, so the same request with
+    the same seed gives the same words again. Until it ends, other calls see the session as it
+    was (GetSession's position does not move), and feeds to it wait their turn. The server runs
+    ahead of a slow reader by up to the HTTP/2 flow-control window, so a client that cancels may
+    find the generation had already ended OK on the server: GetSession's position (before or
+    after the whole generation) says which; a Generate with `expected_position` refuses to start
+    from the wrong one.
+
+    A client that stops reading cannot hold the session: when a token waits longer than the
+    server's write timeout (LSTMD_GENERATE_WRITE_TIMEOUT_S, 10 s by default) for the client to
+    take it, the generation ends DEADLINE_EXCEEDED ("the client read nothing for ..."), nothing
+    of it applied, and the session is free for other calls; a client that reads later gets the
+    tokens already sent, then that status. A session deleted during the generation ends it
+    with NOT_FOUND ("session ... was deleted during the generation"), after the tokens already
+    sent; with sessions shared in Redis, a feed through another replica during the generation
+    ends it with FAILED_PRECONDITION (the feed stands, the generation does not).
+    Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+    DEADLINE_EXCEEDED.
     """
     Tokenize: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.TokenizeRequest, _lstmd_pb2.TokenizeResponse]
     """How `model` (the default model when empty) turns `text` into tokens: the ids, pieces and
@@ -128,7 +153,10 @@ class LstmdAsyncStub(LstmdStub):
     """Frees a session. Errors: NOT_FOUND, INVALID_ARGUMENT (malformed id)."""
     ForkSession: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.ForkSessionRequest, _lstmd_pb2.Session]  # type: ignore[assignment]
     """A new session holding a copy of another session's state, model and position; the two
-    then evolve independently. Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
+    then evolve independently. At the session limit the copy needs room like a new session
+    (RESOURCE_EXHAUSTED, or the least recently used idle session is evicted), and the source is
+    in use while it is copied: it is never the session evicted.
+    Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
     """
     Feed: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.FeedRequest, _lstmd_pb2.Prediction]  # type: ignore[assignment]
     """Appends input to a session and returns the prediction after its last token: the next word
@@ -151,12 +179,32 @@ class LstmdAsyncStub(LstmdStub):
     Errors: as Feed, plus RESOURCE_EXHAUSTED for the ephemeral session.
     """
     Generate: _aio.UnaryStreamMultiCallable[_lstmd_pb2.GenerateRequest, _lstmd_pb2.GeneratedToken]  # type: ignore[assignment]
-    """Continues a session by sampling, streaming each word as it is produced. Generated
-    tokens become part of the session (its position advances). When `session_id` is empty
-    an ephemeral session on `model` is used and freed at the end. A session of a model that
-    starts from zeros with nothing fed yet has no distribution to sample from: Generate without
-    a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
-    Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
+    """Continues a session by sampling, streaming each word as it is produced. When `session_id`
+    is empty an ephemeral session on `model` is used and freed at the end. A session of a model
+    that starts from zeros with nothing fed yet has no distribution to sample from: Generate
+    without a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
+
+    All or nothing, like a feed: the prompt and the generated tokens become part of the session
+    (its position advances by them) when the call ends OK. A Generate that ends with any other
+    status (cancelled by the client, past its deadline, or one of the errors below) leaves the
+    session exactly as it was before it: state, last token, position, so the same request with
+    the same seed gives the same words again. Until it ends, other calls see the session as it
+    was (GetSession's position does not move), and feeds to it wait their turn. The server runs
+    ahead of a slow reader by up to the HTTP/2 flow-control window, so a client that cancels may
+    find the generation had already ended OK on the server: GetSession's position (before or
+    after the whole generation) says which; a Generate with `expected_position` refuses to start
+    from the wrong one.
+
+    A client that stops reading cannot hold the session: when a token waits longer than the
+    server's write timeout (LSTMD_GENERATE_WRITE_TIMEOUT_S, 10 s by default) for the client to
+    take it, the generation ends DEADLINE_EXCEEDED ("the client read nothing for ..."), nothing
+    of it applied, and the session is free for other calls; a client that reads later gets the
+    tokens already sent, then that status. A session deleted during the generation ends it
+    with NOT_FOUND ("session ... was deleted during the generation"), after the tokens already
+    sent; with sessions shared in Redis, a feed through another replica during the generation
+    ends it with FAILED_PRECONDITION (the feed stands, the generation does not).
+    Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+    DEADLINE_EXCEEDED.
     """
     Tokenize: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.TokenizeRequest, _lstmd_pb2.TokenizeResponse]  # type: ignore[assignment]
     """How `model` (the default model when empty) turns `text` into tokens: the ids, pieces and
@@ -212,7 +260,10 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lstmd_pb2.Session, _abc.Awaitable[_lstmd_pb2.Session]]:
         """A new session holding a copy of another session's state, model and position; the two
-        then evolve independently. Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
+        then evolve independently. At the session limit the copy needs room like a new session
+        (RESOURCE_EXHAUSTED, or the least recently used idle session is evicted), and the source is
+        in use while it is copied: it is never the session evicted.
+        Errors: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED.
         """
 
     @_abc_1.abstractmethod
@@ -253,12 +304,32 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
         request: _lstmd_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_lstmd_pb2.GeneratedToken], _abc.AsyncIterator[_lstmd_pb2.GeneratedToken]]:
-        """Continues a session by sampling, streaming each word as it is produced. Generated
-        tokens become part of the session (its position advances). When `session_id` is empty
-        an ephemeral session on `model` is used and freed at the end. A session of a model that
-        starts from zeros with nothing fed yet has no distribution to sample from: Generate without
-        a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
-        Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED.
+        """Continues a session by sampling, streaming each word as it is produced. When `session_id`
+        is empty an ephemeral session on `model` is used and freed at the end. A session of a model
+        that starts from zeros with nothing fed yet has no distribution to sample from: Generate
+        without a prompt on it is INVALID_ARGUMENT ("give a prompt: ... starts from a zero state ...").
+
+        All or nothing, like a feed: the prompt and the generated tokens become part of the session
+        (its position advances by them) when the call ends OK. A Generate that ends with any other
+        status (cancelled by the client, past its deadline, or one of the errors below) leaves the
+        session exactly as it was before it: state, last token, position, so the same request with
+        the same seed gives the same words again. Until it ends, other calls see the session as it
+        was (GetSession's position does not move), and feeds to it wait their turn. The server runs
+        ahead of a slow reader by up to the HTTP/2 flow-control window, so a client that cancels may
+        find the generation had already ended OK on the server: GetSession's position (before or
+        after the whole generation) says which; a Generate with `expected_position` refuses to start
+        from the wrong one.
+
+        A client that stops reading cannot hold the session: when a token waits longer than the
+        server's write timeout (LSTMD_GENERATE_WRITE_TIMEOUT_S, 10 s by default) for the client to
+        take it, the generation ends DEADLINE_EXCEEDED ("the client read nothing for ..."), nothing
+        of it applied, and the session is free for other calls; a client that reads later gets the
+        tokens already sent, then that status. A session deleted during the generation ends it
+        with NOT_FOUND ("session ... was deleted during the generation"), after the tokens already
+        sent; with sessions shared in Redis, a feed through another replica during the generation
+        ends it with FAILED_PRECONDITION (the feed stands, the generation does not).
+        Errors: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+        DEADLINE_EXCEEDED.
         """
 
     @_abc_1.abstractmethod
