@@ -4,6 +4,8 @@ service on the server (lstmd, health, reflection), and API-key checks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -43,6 +45,34 @@ def _code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | No
     return "UNKNOWN" if error is not None and not isinstance(error, grpc.aio.AbortError) else "OK"
 
 
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Around: TypeAlias = Callable[[Any, Context], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def _wrap(handler: Handler, around: Around, request_deserializer: Callable[[bytes], Any] | None = None) -> Handler:
+    """``handler`` with each call run inside ``around(request, context)``: an async context manager that
+    may abort the call before the handler runs, sees how it ends, and gives the request (or request
+    iterator) the handler gets. Handlers of every kind keep their kind, response streams written with
+    ``context.write`` (health's Watch) included."""
+    inner: Any = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+    async def call(request: Any, context: Context) -> Any:
+        async with around(request, context) as request:
+            return await inner(request, context)
+
+    async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        async with around(request, context) as request:
+            async for item in inner(request, context):
+                yield item
+
+    by_yield = handler.response_streaming and not inspect.iscoroutinefunction(inner)
+    return _FACTORY[_kind(handler)](
+        stream if by_yield else call,
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
@@ -53,51 +83,22 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
-        kind = _kind(handler)
-        labels = (kind, service, method)
+        labels = (_kind(handler), service, method)
 
-        def begin() -> float:
+        @contextlib.asynccontextmanager
+        async def measured(request: Any, context: Context) -> AsyncIterator[Any]:
             metrics.rpc_started.labels(*labels).inc()
-            return time.perf_counter()
+            started, error = time.perf_counter(), None
+            try:
+                yield request
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                metrics.rpc_seconds.labels(*labels).observe(time.perf_counter() - started)
+                metrics.rpc_handled.labels(*labels, _code(context, error)).inc()
 
-        def end(started: float, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> None:
-            metrics.rpc_seconds.labels(*labels).observe(time.perf_counter() - started)
-            metrics.rpc_handled.labels(*labels, _code(context, error)).inc()
-
-        if handler.response_streaming:
-            inner_stream: Any = handler.unary_stream or handler.stream_stream
-
-            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                started, error = begin(), None
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    end(started, context, error)
-
-            behavior: Any = stream_behavior
-        else:
-            inner: Any = handler.unary_unary or handler.stream_unary
-
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started, error = begin(), None
-                try:
-                    return await inner(request, context)
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    end(started, context, error)
-
-            behavior = unary_behavior
-        return _FACTORY[kind](
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _wrap(handler, measured)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

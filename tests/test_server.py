@@ -502,3 +502,14 @@ async def test_health_and_reflection(shared: tuple[RunningServer, Any]) -> None:
         reply = await call.read()
         names = {s.name for s in reply.list_services_response.service}
         assert {"lstmd.v1.Lstmd", "grpc.health.v1.Health"} <= names
+
+
+async def test_health_watch_streams_the_status(shared: tuple[RunningServer, Any]) -> None:
+    """Watch writes with ``context.write`` rather than yielding: the interceptors must pass it through."""
+    running, _ = shared
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="lstmd.v1.Lstmd"))
+        reply = await asyncio.wait_for(call.read(), 10)
+        assert isinstance(reply, health_pb2.HealthCheckResponse)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        call.cancel()
