@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 
 from lstmd.server import metrics
 from lstmd.server.engine import Engine
-from lstmd.server.interceptors import AuthInterceptor, MetricsInterceptor
+from lstmd.server.interceptors import AuthInterceptor, MalformedRequestInterceptor, MetricsInterceptor
 from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.registry import ModelRegistry
 from lstmd.server.security import load_keys, server_credentials
@@ -77,6 +77,7 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     if keys:
         keyless = [KEYLESS[name] for name in settings.keyless_services.split(",") if name]
         interceptors.append(AuthInterceptor(keys, keyless))
+    interceptors.append(MalformedRequestInterceptor())  # last: a caller without a key learns nothing of it
     server = grpc.aio.server(interceptors=interceptors, options=options)
     lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine), server)
     health_servicer = health.aio.HealthServicer()

@@ -1,17 +1,21 @@
-"""The server's interceptors: per-RPC Prometheus metrics with the grpc-ecosystem names, for every
-service on the server (lstmd, health, reflection), and API-key checks."""
+"""The server's interceptors, for every service on the server (lstmd, health, reflection): per-RPC
+Prometheus metrics with the grpc-ecosystem names, API-key checks, and INVALID_ARGUMENT for request
+bytes that do not decode."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from lstmd.server import metrics
 from lstmd.server.errors import Unauthenticated, status_of
@@ -99,6 +103,118 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 metrics.rpc_handled.labels(*labels, _code(context, error)).inc()
 
         return _wrap(handler, measured)
+
+
+class Throttled:
+    """A WARNING line for a kind of event at most once per ``interval`` seconds, with the number of
+    such events since the last line and the latest one's detail: a flood of bad calls costs a line
+    per interval, not a line per call. The first event is logged at once; the rest of an interval's
+    events are logged when it ends. Call from the event loop."""
+
+    def __init__(self, what: str, interval: float = 10.0):
+        self.what, self.interval = what, interval
+        self.count, self.latest, self.last, self.due = 0, "", -interval, False
+
+    def note(self, detail: str) -> None:
+        self.count += 1
+        self.latest = detail
+        if self.due:
+            return
+        self.due = True
+        wait = self.last + self.interval - time.monotonic()
+        if wait <= 0:
+            self._flush()
+        else:
+            asyncio.get_running_loop().call_later(wait, self._flush)
+
+    def _flush(self) -> None:
+        log.warning("%s: %d since the last such line (one line per %g s at most); latest: %s",
+                    self.what, self.count, self.interval, self.latest)  # fmt: skip
+        self.count, self.due, self.last = 0, False, time.monotonic()
+
+
+DRAIN_S = 1.0  # how long a stream about to be refused may take to finish sending
+
+
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    """Read the rest of a stream about to be refused, until its client stops sending (half-closes), for
+    ``DRAIN_S`` at most. Refused while a message or the half-close is still on its way, the client's
+    own write fails, and gRPC's Python client then reports INTERNAL ("Internal error from Core")
+    instead of the status the server sent. A stream that sends its requests and half-closes is
+    answered as soon as it has; one that waits for an answer first (an interactive one), after
+    ``DRAIN_S``."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in requests:
+                pass
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """What the request deserializer gives for bytes that are not a valid message of the method's type."""
+
+    message: str
+
+
+@functools.cache
+def _request_type(method: str) -> str:
+    """The full name of the request message of ``method`` (``/package.Service/Method``)."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    try:
+        return str(descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name).input_type.full_name)
+    except KeyError:
+        return f"{method} request"
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes that do not decode (corrupt wire format, invalid UTF-8 in a string field) end the
+    call INVALID_ARGUMENT with the reason, on every method of every service, a message of a stream
+    included, instead of gRPC's UNKNOWN (INTERNAL on a stream) and a traceback per call: the
+    deserializer returns ``Malformed`` instead of raising, and the handler refuses it before it runs.
+    Refusals are logged by ``Throttled`` and counted by the metrics interceptor like any other call."""
+
+    def __init__(self) -> None:
+        self.refused = Throttled("malformed requests refused with INVALID_ARGUMENT")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode, name, method = handler.request_deserializer, _request_type(details.method), details.method
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as e:  # a deserializer fails only on its input: DecodeError, for protobuf
+                reason = str(e).removeprefix(f"Error parsing message with type '{name}': ")
+                return Malformed(f"the request is not a valid {name} message: {reason[:1].lower()}{reason[1:]} "
+                                 f"(send a serialized {name}; string fields must be valid UTF-8)")  # fmt: skip
+
+        async def refuse(request: Malformed, context: Context) -> None:
+            self.refused.note(f"{method} from {context.peer()}: {request.message}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+        async def checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Malformed):
+                    await _drain(requests)
+                    await refuse(request, context)
+                yield request
+
+        @contextlib.asynccontextmanager
+        async def check(request: Any, context: Context) -> AsyncIterator[Any]:
+            if handler.request_streaming:
+                yield checked(request, context)
+                return
+            if isinstance(request, Malformed):
+                await refuse(request, context)
+            yield request
+
+        return _wrap(handler, check, request_deserializer=tolerant)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -6,7 +6,10 @@ Errors (standard gRPC status codes; the message says what to change):
   vocabulary, top_k / temperature / top_p / max_tokens out of range, a word_prefix with
   whitespace or over 64 characters, or one with token candidates of a subword or character
   model, malformed session id; Generate without a prompt, or a prefix-only feed, on a session
-  with nothing fed yet of a model that starts from zeros).
+  with nothing fed yet of a model that starts from zeros). Also, on every method (a message of a
+  stream included), request bytes that are not a valid message of the method's request type
+  (corrupt wire format, invalid UTF-8 in a string field): "the request is not a valid
+  lstmd.v1.FeedRequest message: ...".
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
