@@ -17,7 +17,12 @@ from prometheus_client import start_http_server
 
 from lstmd.server import metrics
 from lstmd.server.engine import Engine
-from lstmd.server.interceptors import AuthInterceptor, MalformedRequestInterceptor, MetricsInterceptor
+from lstmd.server.interceptors import (
+    AdmissionInterceptor,
+    AuthInterceptor,
+    MalformedRequestInterceptor,
+    MetricsInterceptor,
+)
 from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.registry import ModelRegistry
 from lstmd.server.security import load_keys, server_credentials
@@ -30,6 +35,7 @@ from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = lstmd_pb2.DESCRIPTOR.services_by_name["Lstmd"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+PENDING_CALLS = 10_000  # calls gRPC core holds for the event loop before it sheds any (see start)
 KEYLESS = {"health": HEALTH_SERVICE_NAME, "reflection": reflection.SERVICE_NAME}  # --keyless-services
 
 
@@ -72,12 +78,22 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Calls wait in gRPC core until the event loop takes them; over 1,000 waiting (its default) core
+        # starts dropping them at random (CANCELLED; INTERNAL on streams), before admission control sees
+        # them. Taking and refusing a call costs the loop little, so let core hold a burst this large.
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
     ]
-    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]  # first: it counts refused calls too
+    # Metrics first: it counts refused calls too. Then admission, so a flood is refused before anything
+    # else runs; then API keys, so a caller without one learns nothing about the request it sent.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        MetricsInterceptor(),
+        AdmissionInterceptor(settings.max_concurrent_calls, exempt=[HEALTH_SERVICE_NAME]),
+    ]
     if keys:
         keyless = [KEYLESS[name] for name in settings.keyless_services.split(",") if name]
         interceptors.append(AuthInterceptor(keys, keyless))
-    interceptors.append(MalformedRequestInterceptor())  # last: a caller without a key learns nothing of it
+    interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=options)
     lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine), server)
     health_servicer = health.aio.HealthServicer()

@@ -1,6 +1,6 @@
 """The server's interceptors, for every service on the server (lstmd, health, reflection): per-RPC
-Prometheus metrics with the grpc-ecosystem names, API-key checks, and INVALID_ARGUMENT for request
-bytes that do not decode."""
+Prometheus metrics with the grpc-ecosystem names, admission control (a limit on calls in flight),
+API-key checks, and INVALID_ARGUMENT for request bytes that do not decode."""
 
 from __future__ import annotations
 
@@ -215,6 +215,58 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             yield request
 
         return _wrap(handler, check, request_deserializer=tolerant)
+
+
+RETRY_AFTER_MS = 250  # the hint a call refused by admission control carries
+RETRY_AFTER_KEY = "lstmd-retry-after-ms"  # trailing metadata: milliseconds to wait before retrying
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # the same for gRPC's own retry policies (gRFC A6)
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """At most ``limit`` calls and streams in flight (``--max-concurrent-calls``); the next one is refused
+    at once with RESOURCE_EXHAUSTED, a message and a retry hint in its trailing metadata
+    (``lstmd-retry-after-ms``, ``grpc-retry-pushback-ms``). A refusal costs the event loop next to
+    nothing, so the loop keeps taking calls from gRPC core as fast as they come and core never sheds
+    them itself (which clients see as CANCELLED, or INTERNAL on streams). Calls to the ``exempt``
+    services (health) are neither counted nor refused. A call counts from when its handler starts
+    until the call is over, however it ends; ``lstmd_calls_in_flight`` and ``lstmd_calls_refused_total``
+    export both."""
+
+    def __init__(self, limit: int, exempt: Collection[str]):
+        self.limit, self.exempt, self.in_flight = limit, frozenset(exempt), 0
+        self.message = (f"the server is at its limit of {limit} concurrent calls and streams "
+                        f"(--max-concurrent-calls); retry in {RETRY_AFTER_MS} ms")  # fmt: skip
+        self.hint = ((RETRY_AFTER_KEY, str(RETRY_AFTER_MS)), (PUSHBACK_KEY, str(RETRY_AFTER_MS)))
+        self.refused = Throttled(f"calls refused with RESOURCE_EXHAUSTED at --max-concurrent-calls {limit}")
+
+    def _release(self, context: Context) -> None:
+        self.in_flight -= 1
+        metrics.calls_in_flight.dec()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.lstrip("/").rpartition("/")[0] in self.exempt:
+            return handler
+
+        @contextlib.asynccontextmanager
+        async def admitted(request: Any, context: Context) -> AsyncIterator[Any]:
+            if self.in_flight >= self.limit:
+                metrics.calls_refused.inc()
+                self.refused.note(f"{details.method} from {context.peer()}")
+                if handler.request_streaming:
+                    await _drain(request)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.message, trailing_metadata=self.hint)
+            self.in_flight += 1
+            metrics.calls_in_flight.inc()
+            # runs when the call is over, however it ends (the type stubs want a callback class)
+            context.add_done_callback(self._release)  # type: ignore[arg-type]
+            yield request
+
+        return _wrap(handler, admitted)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -57,6 +57,11 @@ class Settings:
     max_feed_tokens: int = _setting(4096, "most tokens in one feed")
     max_text_chars: int = _setting(100_000, "longest text in one feed or prompt, in characters")
     max_message_bytes: int = _setting(1 << 20, "largest gRPC message the server accepts, in bytes")
+    max_concurrent_calls: int = _setting(
+        1000,
+        "most calls and streams in flight at once (health checks aside); beyond it calls are refused at once "
+        "with RESOURCE_EXHAUSTED and a retry hint",
+    )
     max_generate_tokens: int = _setting(1024, "largest max_tokens a Generate may ask for")
     intra_op_threads: int = _setting(
         1, "ONNX Runtime intra-op threads (0: one per core); 1 leaves the other cores to gRPC and Python"
@@ -131,6 +136,8 @@ class Settings:
         out = []
         if self.max_sessions < 1:
             out.append("--max-sessions must be at least 1")
+        if self.max_concurrent_calls < 1:
+            out.append("--max-concurrent-calls must be at least 1")
         if self.max_batch_size < 1:
             out.append("--max-batch-size must be at least 1")
         if self.max_batch_wait_ms < 0:

@@ -16,7 +16,11 @@ Errors (standard gRPC status codes; the message says what to change):
   trailing metadata `lstmd-position` holds the actual position (decimal), and the message
   says it too.
 - RESOURCE_EXHAUSTED: the server holds its maximum number of sessions, the caller's API key
-  holds its maximum (per-key quota), or a message is too large.
+  holds its maximum (per-key quota), or a message is too large. Also, on every method, the
+  server has its maximum number of calls and streams in flight (LSTMD_MAX_CONCURRENT_CALLS):
+  nothing was applied, and the call may be retried after the number of milliseconds in the
+  trailing metadata `lstmd-retry-after-ms` (also sent as `grpc-retry-pushback-ms`, which gRPC's
+  own retry policies honour). Health checks are never refused this way.
 - UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)
   and the call had none or a wrong one. Health and reflection need none unless configured.
 - UNAVAILABLE: the server is shutting down or overloaded; safe to retry a request that
