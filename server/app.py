@@ -8,14 +8,12 @@ import json
 import logging
 import signal
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
-from lstmd.server import metrics
+from lstmd.server import metrics, metrics_http
 from lstmd.server.engine import Engine
 from lstmd.server.interceptors import (
     AdmissionInterceptor,
@@ -24,6 +22,7 @@ from lstmd.server.interceptors import (
     MetricsInterceptor,
 )
 from lstmd.server.memory_store import MemorySessionStore
+from lstmd.server.metrics_http import MetricsServer
 from lstmd.server.registry import ModelRegistry
 from lstmd.server.security import load_keys, server_credentials
 from lstmd.server.servicer import LstmdServicer
@@ -45,12 +44,12 @@ class RunningServer:
     engine: Engine
     health: health.aio.HealthServicer
     port: int
-    metrics_http: WSGIServer | None
+    metrics_http: MetricsServer | None
     snapshots: Snapshots | None = None
 
     @property
     def metrics_port(self) -> int:
-        return self.metrics_http.server_port if self.metrics_http else -1
+        return self.metrics_http.port if self.metrics_http else -1
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``, then
@@ -61,8 +60,7 @@ class RunningServer:
             await self.snapshots.stop()
         await self.engine.stop()
         if self.metrics_http:
-            self.metrics_http.shutdown()
-            self.metrics_http.server_close()
+            self.metrics_http.close()
 
 
 async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
@@ -103,7 +101,9 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
-    metrics_http = start_http_server(settings.metrics_port)[0] if settings.metrics_port >= 0 else None
+    metrics_host, metrics_server = settings.metrics_host or settings.host, None
+    if settings.metrics_port >= 0:
+        metrics_server = metrics_http.start(metrics_host, settings.metrics_port)
     for card, is_default in registry.cards():
         metrics.model_info.labels(card.name, card.version, card.precision, str(is_default).lower()).set(1)
     await server.start()
@@ -111,9 +111,10 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
         await snapshots.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, engine, health_servicer, port, metrics_http, snapshots)
+    running = RunningServer(server, engine, health_servicer, port, metrics_server, snapshots)
     names = ", ".join(registry.models)
-    log.info("serving %s on %s:%d, metrics on :%d/metrics", names, settings.host, port, running.metrics_port)
+    log.info("serving %s on %s:%d, metrics on :%d/metrics (%s)", names, settings.host, port, running.metrics_port,
+             f"bound to {metrics_host}" if metrics_server else "off")  # fmt: skip
     tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"
     log.info("sessions in %s", store.describe())
     log.info("TLS %s; API keys %s", tls, f"on: {len(keys)} ({', '.join(k.id for k in keys.keys)})" if keys else "off")

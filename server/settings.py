@@ -31,6 +31,7 @@ class Settings:
     host: str = _setting("[::]", "address to bind the gRPC server to")
     port: int = _setting(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _setting(9464, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
+    metrics_host: str = _setting("", "address to bind the /metrics HTTP server to (empty: the same as --host)")
     models_dir: str = _setting(str(BUNDLED_MODELS), "folder holding one sub-folder per model")
     default_model: str = _setting("", "model used when a request names none (empty: the only or first model)")
     max_sessions: int = _setting(100_000, "most sessions held at once")
