@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from lstmd.server import metrics, metrics_http
+from lstmd.server import metrics, metrics_http, reflection
 from lstmd.server.engine import Engine
 from lstmd.server.interceptors import (
     AdmissionInterceptor,
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = lstmd_pb2.DESCRIPTOR.services_by_name["Lstmd"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 PENDING_CALLS = 10_000  # calls gRPC core holds for the event loop before it sheds any (see start)
-KEYLESS = {"health": HEALTH_SERVICE_NAME, "reflection": reflection.SERVICE_NAME}  # --keyless-services
+KEYLESS = {"health": (HEALTH_SERVICE_NAME,), "reflection": reflection.SERVICE_NAMES}  # --keyless-services
 
 
 @dataclass
@@ -89,14 +88,14 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
         AdmissionInterceptor(settings.max_concurrent_calls, exempt=[HEALTH_SERVICE_NAME]),
     ]
     if keys:
-        keyless = [KEYLESS[name] for name in settings.keyless_services.split(",") if name]
+        keyless = [service for name in settings.keyless_services.split(",") if name for service in KEYLESS[name]]
         interceptors.append(AuthInterceptor(keys, keyless))
     interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=options)
     lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable((SERVICE_NAME, HEALTH_SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
