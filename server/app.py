@@ -9,17 +9,20 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
-from lstmd.server import metrics
+from lstmd.server import metrics, metrics_http, reflection
 from lstmd.server.engine import Engine
-from lstmd.server.interceptors import AuthInterceptor, MetricsInterceptor
+from lstmd.server.interceptors import (
+    AdmissionInterceptor,
+    AuthInterceptor,
+    MalformedRequestInterceptor,
+    MetricsInterceptor,
+)
 from lstmd.server.memory_store import MemorySessionStore
+from lstmd.server.metrics_http import MetricsServer
 from lstmd.server.registry import ModelRegistry
 from lstmd.server.security import load_keys, server_credentials
 from lstmd.server.servicer import LstmdServicer
@@ -31,7 +34,8 @@ from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = lstmd_pb2.DESCRIPTOR.services_by_name["Lstmd"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-KEYLESS = {"health": HEALTH_SERVICE_NAME, "reflection": reflection.SERVICE_NAME}  # --keyless-services
+PENDING_CALLS = 10_000  # calls gRPC core holds for the event loop before it sheds any (see start)
+KEYLESS = {"health": (HEALTH_SERVICE_NAME,), "reflection": reflection.SERVICE_NAMES}  # --keyless-services
 # How long a thread waiting for the GIL waits before the running thread must hand it over (CPython's
 # default is 5 ms). While a worker thread runs Python (tokenizing a long text, encoding a snapshot),
 # the event loop waits that long each time it takes the GIL back, several times a call.
@@ -44,13 +48,13 @@ class RunningServer:
     engine: Engine
     health: health.aio.HealthServicer
     port: int
-    metrics_http: WSGIServer | None
+    metrics_http: MetricsServer | None
     snapshots: Snapshots | None = None
     health_only: tuple[grpc.aio.Server, int] | None = None  # --health-port: the server and its port
 
     @property
     def metrics_port(self) -> int:
-        return self.metrics_http.server_port if self.metrics_http else -1
+        return self.metrics_http.port if self.metrics_http else -1
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``, then
@@ -63,8 +67,7 @@ class RunningServer:
             await self.snapshots.stop()
         await self.engine.stop()
         if self.metrics_http:
-            self.metrics_http.shutdown()
-            self.metrics_http.server_close()
+            self.metrics_http.close()
 
 
 async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
@@ -80,21 +83,34 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Calls wait in gRPC core until the event loop takes them; over 1,000 waiting (its default) core
+        # starts dropping them at random (CANCELLED; INTERNAL on streams), before admission control sees
+        # them. Taking and refusing a call costs the loop little, so let core hold a burst this large.
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
     ]
-    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]  # first: it counts refused calls too
+    # Metrics first: it counts refused calls too. Then admission, so a flood is refused before anything
+    # else runs; then API keys, so a caller without one learns nothing about the request it sent.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        MetricsInterceptor(),
+        AdmissionInterceptor(settings.max_concurrent_calls, exempt=[HEALTH_SERVICE_NAME]),
+    ]
     if keys:
-        keyless = [KEYLESS[name] for name in settings.keyless_services.split(",") if name]
+        keyless = [service for name in settings.keyless_services.split(",") if name for service in KEYLESS[name]]
         interceptors.append(AuthInterceptor(keys, keyless))
+    interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=options)
     lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable((SERVICE_NAME, HEALTH_SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
-    metrics_http = start_http_server(settings.metrics_port)[0] if settings.metrics_port >= 0 else None
+    metrics_host, metrics_server = settings.metrics_host or settings.host, None
+    if settings.metrics_port >= 0:
+        metrics_server = metrics_http.start(metrics_host, settings.metrics_port)
     for card, is_default in registry.cards():
         metrics.model_info.labels(card.name, card.version, card.precision, str(is_default).lower()).set(1)
     await server.start()
@@ -103,9 +119,10 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_only = await _serve_health_only(settings, health_servicer) if settings.health_port >= 0 else None
-    running = RunningServer(server, engine, health_servicer, port, metrics_http, snapshots, health_only)
+    running = RunningServer(server, engine, health_servicer, port, metrics_server, snapshots, health_only)
     names = ", ".join(registry.models)
-    log.info("serving %s on %s:%d, metrics on :%d/metrics", names, settings.host, port, running.metrics_port)
+    log.info("serving %s on %s:%d, metrics on :%d/metrics (%s)", names, settings.host, port, running.metrics_port,
+             f"bound to {metrics_host}" if metrics_server else "off")  # fmt: skip
     tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"
     log.info("sessions in %s", store.describe())
     log.info("TLS %s; API keys %s", tls, f"on: {len(keys)} ({', '.join(k.id for k in keys.keys)})" if keys else "off")

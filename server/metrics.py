@@ -18,6 +18,12 @@ rpc_handled = Counter(
 rpc_seconds = Histogram(
     "grpc_server_handling_seconds", "Time from the start of an RPC to its end.", _RPC, buckets=LATENCY_BUCKETS
 )
+calls_in_flight = Gauge(
+    "lstmd_calls_in_flight", "Calls and streams in flight, as counted against --max-concurrent-calls (health aside)."
+)
+calls_refused = Counter(
+    "lstmd_calls_refused_total", "Calls refused with RESOURCE_EXHAUSTED because --max-concurrent-calls were in flight."
+)
 
 batch_size = Histogram(
     "lstmd_batch_size", "Sequences per ONNX Runtime call.", ("model", "phase"), buckets=BATCH_BUCKETS

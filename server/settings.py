@@ -37,6 +37,7 @@ class Settings:
     )
     health_host: str = _setting("127.0.0.1", "address of --health-port (127.0.0.1: probes from inside the host)")
     metrics_port: int = _setting(9464, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
+    metrics_host: str = _setting("", "address to bind the /metrics HTTP server to (empty: the same as --host)")
     models_dir: str = _setting(str(BUNDLED_MODELS), "folder holding one sub-folder per model")
     default_model: str = _setting("", "model used when a request names none (empty: the only or first model)")
     max_sessions: int = _setting(100_000, "most sessions held at once")
@@ -65,6 +66,11 @@ class Settings:
         100_000, "longest text in one feed or prompt, in characters (words tokenizer: also once Unicode-normalised)"
     )
     max_message_bytes: int = _setting(1 << 20, "largest gRPC message the server accepts, in bytes")
+    max_concurrent_calls: int = _setting(
+        1000,
+        "most calls and streams in flight at once (health checks aside); beyond it calls are refused at once "
+        "with RESOURCE_EXHAUSTED and a retry hint",
+    )
     max_generate_tokens: int = _setting(1024, "largest max_tokens a Generate may ask for")
     generate_write_timeout_s: float = _setting(
         10.0,
@@ -146,6 +152,8 @@ class Settings:
             out.append("--health-port must differ from --port")
         if self.max_sessions < 1:
             out.append("--max-sessions must be at least 1")
+        if self.max_concurrent_calls < 1:
+            out.append("--max-concurrent-calls must be at least 1")
         if self.max_batch_size < 1:
             out.append("--max-batch-size must be at least 1")
         if self.max_batch_wait_ms < 0:

@@ -4,9 +4,10 @@ the server stays healthy, and a canary session beside it is bit-for-bit unaffect
 Covered: random and adversarial unicode, empty, huge and oversized texts and prompts, negative
 and out-of-range token ids, zero and huge top_k / max_tokens / temperature / top_p, unknown
 models and sessions, malformed session ids (Feed, Stream, Generate, Get/Delete/ForkSession,
-CreateSession, Tokenize), too many tokens, messages over the server's size limit, and clients cancelling
-streams, generations and feeds midway; denormal and huge temperatures (greedy with probability 1,
-never NaN), huge values that error messages and log lines would echo (cut), texts that Unicode
+CreateSession, Tokenize), too many tokens, messages over the server's size limit, request bytes that
+are not a valid message (every method, streams included), and clients cancelling streams,
+generations and feeds midway; denormal and huge temperatures (greedy with probability 1, never
+NaN), huge values that error messages and log lines would echo (cut), texts that Unicode
 normalisation expands past the limits (refused early, off the event loop: other calls keep
 answering), too many or too long stop words, and invisible format characters (dropped, never
 ``<unk>``). Every input tried is counted; the last test reports the counts (pytest's "reliability
@@ -22,19 +23,22 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lstmd.server.app import RunningServer
 from lstmd.v1 import lstmd_pb2 as pb
+from lstmd.v1 import lstmd_pb2_grpc
 from lstmd.v1.lstmd_pb2_grpc import LstmdStub
 from tests.conftest import WORDS, Reference, ServerProcess, memory_sessions
+from tests.test_metrics import delta, scrape
 
 DOCUMENTED = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -467,6 +471,98 @@ async def test_format_characters_never_become_tokens(shared: tuple[RunningServer
     assert (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).position == 0
     TRIED["Tokenize", "OK"] += 1
     TRIED["Feed", "INVALID_ARGUMENT"] += 1
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n > 0x7F:
+        out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+    return out + bytes([n])
+
+
+def undecodable(message: Descriptor) -> dict[str, bytes]:
+    """Request bytes that are not a valid ``message``, by kind: a 1-byte request, a field cut short,
+    and invalid UTF-8 in its first string field (when it has one)."""
+    payloads = {"one byte": b"\xff", "truncated": b"\x0a\x05ab"}
+    text = next((f for f in message.fields if f.type == FieldDescriptor.TYPE_STRING), None)
+    if text is not None:
+        payloads["bad UTF-8"] = _varint(text.number << 3 | 2) + b"\x02\xff\xfe"
+    return payloads
+
+
+LSTMD = pb.DESCRIPTOR.services_by_name["Lstmd"]
+HEALTH_CHECK = health_pb2.DESCRIPTOR.services_by_name["Health"].methods_by_name["Check"]
+
+
+async def raw_call(channel: grpc.aio.Channel, method: MethodDescriptor, *requests: bytes) -> grpc.aio.AioRpcError:
+    """Send ``requests`` as they are (identity serializers) to ``method``; the error it ends with."""
+    path, raw = f"/{method.containing_service.full_name}/{method.name}", cast(Any, channel)  # bytes, not messages
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        if method.client_streaming:
+            async for _ in raw.stream_stream(path)(iter(requests)):
+                pass
+        elif method.server_streaming:
+            async for _ in raw.unary_stream(path)(requests[0]):
+                pass
+        else:
+            await raw.unary_unary(path)(requests[0])
+    return error.value
+
+
+async def test_undecodable_request_bytes_are_invalid_argument_on_every_method(
+    models_dir: Path, servers: list[ServerProcess]
+) -> None:
+    """Bytes that are not the method's request message (on every method, health's included, and on a
+    stream as its first or a later message) end the call INVALID_ARGUMENT with a message naming the
+    type and what is wrong; the calls are counted in the gRPC metrics, the log gets no traceback and
+    at most a line or two for all of them, and a session beside them is untouched."""
+    server = ServerProcess(models_dir)
+    servers.append(server)
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = lstmd_pb2_grpc.LstmdStub(channel)
+        canary = (await stub.CreateSession(pb.CreateSessionRequest(top_k=10))).session_id
+        await stub.Feed(pb.FeedRequest(session_id=canary, text="the king"))
+        before, logged = scrape(server.metrics_port), len(server.lines)
+        sent: Counter[str] = Counter()
+        for method in [*LSTMD.methods, HEALTH_CHECK]:
+            for kind, payload in undecodable(method.input_type).items():
+                error = await raw_call(channel, method, payload)
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method.name, kind, error.details())
+                assert (error.details() or "").startswith(
+                    f"the request is not a valid {method.input_type.full_name} message: "
+                ), error.details()
+                sent[method.full_name] += 1
+        stream = LSTMD.methods_by_name["Stream"]
+        first = pb.StreamRequest(session_id=canary, text="and").SerializeToString()
+        for kind, payload in undecodable(stream.input_type).items():  # a bad message after a good one
+            error = await raw_call(channel, stream, first, payload)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "valid lstmd.v1.StreamRequest" in (
+                error.details() or ""
+            ), (kind, error.details())
+            sent[stream.full_name] += 1
+        after, log = scrape(server.metrics_port), server.lines[logged:]
+
+        for name, n in sent.items():
+            service, _, method_name = name.rpartition(".")
+            method = LSTMD.methods_by_name.get(method_name, HEALTH_CHECK)
+            kind = {(False, False): "unary", (False, True): "server_stream", (True, True): "bidi_stream"}[
+                method.client_streaming, method.server_streaming
+            ]
+            labels = {"grpc_type": kind, "grpc_service": service, "grpc_method": method_name}
+            assert delta(before, after, "grpc_server_started_total", **labels) == n, name
+            assert delta(before, after, "grpc_server_handled_total", **labels, grpc_code="INVALID_ARGUMENT") == n, name
+        assert not [line for line in log if "Traceback" in line or " ERROR " in line], "".join(log)
+        assert len(log) <= 2, "a line per interval, not per call: " + "".join(log)
+
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # the canary was fed "and" by each of the three streams above before their bad message
+        reply = await stub.Feed(pb.FeedRequest(session_id=canary, text="the queen", top_k=10))
+        fresh = (await stub.CreateSession(pb.CreateSessionRequest(top_k=10))).session_id
+        expected = await stub.Feed(pb.FeedRequest(session_id=fresh, text="the king and and and the queen", top_k=10))
+        assert reply.position == expected.position == 7
+        assert [c.token_id for c in reply.candidates] == [c.token_id for c in expected.candidates]
+    TRIED["malformed bytes", "INVALID_ARGUMENT"] += sum(sent.values())
 
 
 async def test_the_canary_is_untouched_and_the_server_healthy(

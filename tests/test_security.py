@@ -260,6 +260,14 @@ async def test_health_and_reflection_need_no_key_and_a_key_works(keyed: tuple[Ru
         iter([reflection_pb2.ServerReflectionRequest(list_services="")])
     )
     assert "lstmd.v1.Lstmd" in {s.name for s in (await call.read()).list_services_response.service}
+    v1 = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",  # the same messages as v1alpha
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    reply = await v1.read()
+    assert isinstance(reply, reflection_pb2.ServerReflectionResponse)
+    assert "lstmd.v1.Lstmd" in {s.name for s in reply.list_services_response.service}
     for key in (KEY_A, KEY_B, KEY_C):
         assert len((await As(channel, key).ListModels(pb.ListModelsRequest())).models) == 2
         assert [t.word for t in (await As(channel, key).Tokenize(pb.TokenizeRequest(text="the cat"))).tokens] == [

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
@@ -605,3 +606,45 @@ async def test_health_and_reflection(shared: tuple[RunningServer, Any]) -> None:
         reply = await call.read()
         names = {s.name for s in reply.list_services_response.service}
         assert {"lstmd.v1.Lstmd", "grpc.health.v1.Health"} <= names
+
+
+async def test_health_watch_streams_the_status(shared: tuple[RunningServer, Any]) -> None:
+    """Watch writes with ``context.write`` rather than yielding: the interceptors must pass it through."""
+    running, _ = shared
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="lstmd.v1.Lstmd"))
+        reply = await asyncio.wait_for(call.read(), 10)
+        assert isinstance(reply, health_pb2.HealthCheckResponse)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        call.cancel()
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_speaks_v1_and_v1alpha(shared: tuple[RunningServer, Any], version: str) -> None:
+    """A raw reflection stub of each version lists the services and describes them, the v1 service
+    included. (The two versions' messages are the same on the wire, so the v1alpha classes encode v1.)"""
+    running, _ = shared
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        info = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="lstmd.v1.Lstmd"),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+        ]
+        listed, lstmd, v1 = [reply async for reply in info(iter(requests))]
+    names = {s.name for s in listed.list_services_response.service}
+    assert names == {"lstmd.v1.Lstmd", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+                     "grpc.reflection.v1alpha.ServerReflection"}  # fmt: skip
+    files = lstmd.file_descriptor_response.file_descriptor_proto
+    first = descriptor_pb2.FileDescriptorProto.FromString(files[0])
+    assert first.name == "lstmd/v1/lstmd.proto" and "Feed" in {m.name for m in first.service[0].method}
+    described = descriptor_pb2.FileDescriptorProto.FromString(v1.file_descriptor_response.file_descriptor_proto[0])
+    assert (described.name, described.package) == ("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1")
+    method = described.service[0].method[0]
+    assert (method.input_type, method.output_type) == (
+        ".grpc.reflection.v1.ServerReflectionRequest", ".grpc.reflection.v1.ServerReflectionResponse"
+    )  # fmt: skip

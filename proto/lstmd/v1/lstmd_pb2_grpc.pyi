@@ -9,7 +9,10 @@ Errors (standard gRPC status codes; the message says what to change):
   models also once Unicode-normalised: NFKC writes some characters out in up to 18) or token
   limit, more than 32 stop words or one over 64 characters; a later StreamRequest naming
   another session or model; Generate without a prompt, or a prefix-only feed, on a session
-  with nothing fed yet of a model that starts from zeros).
+  with nothing fed yet of a model that starts from zeros). Also, on every method (a message
+  of a stream included), request bytes that are not a valid message of the method's request
+  type (corrupt wire format, invalid UTF-8 in a string field): "the request is not a valid
+  lstmd.v1.FeedRequest message: ...".
 - NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
   With API keys, another key's session is NOT_FOUND too, with the same message.
 - FAILED_PRECONDITION: `expected_position` does not match the session's position; the
@@ -18,7 +21,11 @@ Errors (standard gRPC status codes; the message says what to change):
   not refused; this answer means the session moved otherwise (another feed, or this input
   applied with other options), so re-read the session before deciding to feed again.
 - RESOURCE_EXHAUSTED: the server holds its maximum number of sessions, the caller's API key
-  holds its maximum (per-key quota), or a message is too large.
+  holds its maximum (per-key quota), or a message is too large. Also, on every method, the
+  server has its maximum number of calls and streams in flight (LSTMD_MAX_CONCURRENT_CALLS):
+  nothing was applied, and the call may be retried after the number of milliseconds in the
+  trailing metadata `lstmd-retry-after-ms` (also sent as `grpc-retry-pushback-ms`, which gRPC's
+  own retry policies honour). Health checks are never refused this way.
 - UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)
   and the call had none or a wrong one. Health and reflection need none unless configured.
 - UNAVAILABLE: the server is shutting down or overloaded; safe to retry a request that
