@@ -27,7 +27,6 @@ import asyncio
 import json
 import random
 import re
-import socket
 import statistics
 import time
 import urllib.request
@@ -37,6 +36,7 @@ from typing import Any
 import grpc
 
 from bench import _process
+from bench.cluster import free_port
 from lstmd.export.cli import DEFAULT_CORPUS
 from lstmd.export.corpus import cut_blocks, load_corpus, split_documents
 from lstmd.v1 import lstmd_pb2 as pb
@@ -67,13 +67,6 @@ def _server(models: str, metrics_port: int, *flags: str) -> Any:
     command = _process.lstmd_server(models, *flags)
     command[command.index("--metrics-port") + 1] = str(metrics_port)
     return _process.serve(command, _process.LSTMD_READY)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def cost(stub: Any, model: str, words: list[str], rounds: int, feeds: int, server: _process.Server,
@@ -169,7 +162,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     positions = [(" ".join(words[i - CONTEXT_WORDS : i]), words[i]) for i in picks]
     models = sorted(p.name for p in Path(args.models).iterdir() if p.is_dir() and not p.name.startswith("."))
     report: dict[str, Any] = {"models": {}}
-    metrics_port = _free_port()
+    metrics_port = free_port()
     with (
         _server(args.models, metrics_port) as server,
         _server(args.models, -1, "--word-beam", str(args.wide_beam)) as wide,

@@ -58,12 +58,13 @@ class Expected:
     banned: list[int]  # unknown and end ids, never generated
 
 
-def _lm(vocab_size: int, seed: int) -> LSTMLanguageModel:
+def _lm(vocab_size: int, seed: int, scale: float = 8) -> LSTMLanguageModel:
+    """A random model; its weights ``scale`` times the default init's, so distributions differ clearly."""
     torch.manual_seed(seed)
     lm = LSTMLanguageModel(ModelConfig(vocab_size, HIDDEN, HIDDEN, LAYERS, dropout=0.0))
-    with torch.no_grad():  # larger weights than the default init, so distributions differ clearly
+    with torch.no_grad():
         for p in lm.parameters():
-            p.mul_(8)
+            p.mul_(scale)
     return lm.eval()
 
 

@@ -28,10 +28,8 @@ import numpy as np
 import pytest
 import sentencepiece
 import tokenizers
-import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lstmd.export.model import LSTMLanguageModel, ModelConfig
 from lstmd.export.onnx_export import write_model_dir
 from lstmd.model import graph
 from lstmd.model.tokenizer import TokenizerSpec
@@ -40,6 +38,7 @@ from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 from tests.conftest import HIDDEN, LAYERS, Reference, serve, start_process
 from tests.test_client_words import shown, typed
+from tests.test_tokenizers import _lm
 
 LETTERS = "abc"
 CHARACTERS = ["<unk>", "<eos>", "a", "b", "c", " ", ".", "'"]
@@ -63,15 +62,6 @@ class Kind:
     special: set[int]
     initial: int  # the token a new session starts after
     size: int
-
-
-def _lm(vocab_size: int, seed: int) -> LSTMLanguageModel:
-    torch.manual_seed(seed)
-    lm = LSTMLanguageModel(ModelConfig(vocab_size, HIDDEN, HIDDEN, LAYERS, dropout=0.0))
-    with torch.no_grad():  # larger weights than the default init, so distributions differ clearly
-        for p in lm.parameters():
-            p.mul_(4)
-    return lm.eval()
 
 
 def _bpe(work: Path) -> tuple[Path, Kind]:
@@ -107,7 +97,7 @@ def word_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
         "spm": (spm_file, TokenizerSpec("sentencepiece"), spm),
     }
     for seed, (name, (file, spec, kind)) in enumerate(sources.items()):
-        write_model_dir(_lm(kind.size, seed), file, root / name / "1", name, "1", tokenizer=spec)
+        write_model_dir(_lm(kind.size, seed, scale=4), file, root / name / "1", name, "1", tokenizer=spec)
     return root, {name: kind for name, (_, _, kind) in sources.items()}
 
 
