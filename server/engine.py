@@ -254,19 +254,24 @@ class Engine:
                 await self.store.load(session)
                 if args.expected_position is not None and args.expected_position != session.position:
                     raise PositionMismatch(args.expected_position, session.position)
-                if session.last_token == NO_TOKEN:
-                    raise InvalidInput(
-                        f"feed some text first: {session.model.name} starts from a zero state, so a session has no "
-                        "next-word distribution before its first token"
-                    )
-                batcher = self._batchers[session.model.name]
-                result = await batcher.run([session.last_token], session.prev_state, wanted.graph_k,
-                                           logprobs=wanted.full)  # fmt: skip
+                result = await self._next(session, wanted.graph_k, "feed some text first", logprobs=wanted.full)
                 return Prediction(session.id, session.position, [], await self._candidates(session, result, wanted),
                                   [])  # fmt: skip
         finally:
             session.users -= 1
             self.store.touch(session)
+
+    async def _next(
+        self, session: Session, top_k: int, remedy: str, sampling: Sampling | None = None, logprobs: bool = False
+    ) -> StepResult:
+        """The distribution of the session's next token, recomputed from the state before its last
+        token. A session of a model that starts from zeros with nothing fed has none: InvalidInput,
+        whose message begins with ``remedy``."""
+        if session.last_token == NO_TOKEN:
+            raise InvalidInput(f"{remedy}: {session.model.name} starts from a zero state, so a session has no "
+                               "next-word distribution before its first token")  # fmt: skip
+        batcher = self._batchers[session.model.name]
+        return await batcher.run([session.last_token], session.prev_state, top_k, sampling, logprobs=logprobs)
 
     async def _candidates(self, session: Session, result: StepResult, wanted: _Wanted) -> list[Candidate]:
         """The candidates after the session's last token, whose distribution is ``result``."""
@@ -366,7 +371,6 @@ class Engine:
             args.temperature or 1.0, args.top_k, args.top_p, tuple(banned), np.random.default_rng(args.seed)
         )
         stop = self._stop_keys(tokenizer, args.stop)
-        batcher = self._batchers[model.name]
         session.users += 1
         try:
             async with session.lock:
@@ -381,13 +385,8 @@ class Engine:
                 text = tokenizer.text_stream([*last, *(t.id for t in prompt)])
                 if prompt:
                     result, _ = await self._apply(work, [t.id for t in prompt], 1, False, sampling)
-                elif session.last_token == NO_TOKEN:
-                    raise InvalidInput(
-                        f"give a prompt: {model.name} starts from a zero state, so a session has no next-word "
-                        "distribution before its first token"
-                    )
                 else:
-                    result = await batcher.run([session.last_token], session.prev_state, 1, sampling)
+                    result = await self._next(session, 1, "give a prompt", sampling)
                 for i in range(args.max_tokens):
                     word_id, probability = result.sampled, result.sampled_prob
                     result, _ = await self._apply(work, [word_id], 1, False, sampling)
