@@ -468,6 +468,114 @@ class StreamRequest(_message.Message):
 Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
 
 @_typing.final
+class FeedManyRequest(_message.Message):
+    """Feeds of many sessions (see FeedMany)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedRequest]:
+        """Each a feed of its own session: session_id is required."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___FeedRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedManyRequest: _TypeAlias = FeedManyRequest  # noqa: Y015
+
+@_typing.final
+class FeedManyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedResult]:
+        """One per item of the request, in its order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___FeedResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedManyResponse: _TypeAlias = FeedManyResponse  # noqa: Y015
+
+@_typing.final
+class FeedResult(_message.Message):
+    """What one item of a FeedManyRequest came to: the prediction, or the error that item alone met."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREDICTION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def prediction(self) -> Global___Prediction: ...
+    @_builtins.property
+    def error(self) -> Global___FeedError: ...
+    def __init__(
+        self,
+        *,
+        prediction: Global___Prediction | None = ...,
+        error: Global___FeedError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "prediction", b"prediction", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "prediction", b"prediction", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["prediction", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___FeedResult: _TypeAlias = FeedResult  # noqa: Y015
+
+@_typing.final
+class FeedError(_message.Message):
+    """The status a Feed of the same item would have ended with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A gRPC status code number: 3 INVALID_ARGUMENT, 5 NOT_FOUND, 8 RESOURCE_EXHAUSTED,
+    9 FAILED_PRECONDITION, 14 UNAVAILABLE, 13 INTERNAL...
+    """
+    message: _builtins.str
+    """What to change, as Feed's status message."""
+    position: _builtins.int
+    """FAILED_PRECONDITION: the session's actual position (Feed's `lstmd-position` metadata)."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        position: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "position", b"position"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "code", b"code", "message", b"message", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__position: _TypeAlias = _typing.Literal["position"]  # noqa: Y015
+    _WhichOneofArgType__position: _TypeAlias = _typing.Literal["_position", b"_position"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__position) -> _WhichOneofReturnType__position | None: ...
+
+Global___FeedError: _TypeAlias = FeedError  # noqa: Y015
+
+@_typing.final
 class Token(_message.Message):
     """One token of the input as the server applied it."""
 

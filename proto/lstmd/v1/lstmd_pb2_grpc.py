@@ -70,6 +70,11 @@ class LstmdStub:
                 request_serializer=lstmd_dot_v1_dot_lstmd__pb2.StreamRequest.SerializeToString,
                 response_deserializer=lstmd_dot_v1_dot_lstmd__pb2.Prediction.FromString,
                 _registered_method=True)
+        self.FeedMany = channel.stream_stream(
+                '/lstmd.v1.Lstmd/FeedMany',
+                request_serializer=lstmd_dot_v1_dot_lstmd__pb2.FeedManyRequest.SerializeToString,
+                response_deserializer=lstmd_dot_v1_dot_lstmd__pb2.FeedManyResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/lstmd.v1.Lstmd/Generate',
                 request_serializer=lstmd_dot_v1_dot_lstmd__pb2.GenerateRequest.SerializeToString,
@@ -155,6 +160,26 @@ class LstmdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FeedMany(self, request_iterator, context):
+        """Feeds of many sessions per message, for a caller that serves many people (a gateway feeding
+        many typists): one FeedManyRequest carries any number of feeds, each a FeedRequest naming its
+        own session (created beforehand with CreateSession; there are no ephemeral sessions here), and
+        one FeedManyResponse answers it with one FeedResult per item, in the items' order. Responses
+        come in the order of the requests. Each item is a Feed of its own: it succeeds or fails alone
+        (FeedResult.error holds the status code and message the same Feed call would end with, and
+        the stream goes on), it is exactly-once with `expected_position` as Feed is, and its prediction
+        is the one Feed would return. Items of one session, in one message or in successive messages
+        of the stream, are applied in the order sent; items of different sessions run concurrently,
+        their steps batched into shared ONNX Runtime calls. A client may send its next message before
+        the previous one is answered (the server works on a few at a time and reads on as they finish).
+        A message of more than LSTMD_MAX_FEED_ITEMS items (1,024 by default) fails every item with
+        INVALID_ARGUMENT ("split it"). The stream itself ends with an error only as every call may
+        (UNAUTHENTICATED, RESOURCE_EXHAUSTED for too many calls, a malformed message: INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Generate(self, request, context):
         """Continues a session by sampling, streaming each word as it is produced. When `session_id`
         is empty an ephemeral session on `model` is used and freed at the end. A session of a model
@@ -235,6 +260,11 @@ def add_LstmdServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=lstmd_dot_v1_dot_lstmd__pb2.StreamRequest.FromString,
                     response_serializer=lstmd_dot_v1_dot_lstmd__pb2.Prediction.SerializeToString,
+            ),
+            'FeedMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.FeedMany,
+                    request_deserializer=lstmd_dot_v1_dot_lstmd__pb2.FeedManyRequest.FromString,
+                    response_serializer=lstmd_dot_v1_dot_lstmd__pb2.FeedManyResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -437,6 +467,33 @@ class Lstmd:
             '/lstmd.v1.Lstmd/Stream',
             lstmd_dot_v1_dot_lstmd__pb2.StreamRequest.SerializeToString,
             lstmd_dot_v1_dot_lstmd__pb2.Prediction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FeedMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lstmd.v1.Lstmd/FeedMany',
+            lstmd_dot_v1_dot_lstmd__pb2.FeedManyRequest.SerializeToString,
+            lstmd_dot_v1_dot_lstmd__pb2.FeedManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

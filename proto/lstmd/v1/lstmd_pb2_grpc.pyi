@@ -105,6 +105,22 @@ class LstmdStub:
     An error ends the stream with its status; feeds answered before it were applied.
     Errors: as Feed, plus RESOURCE_EXHAUSTED for the ephemeral session.
     """
+    FeedMany: _grpc.StreamStreamMultiCallable[_lstmd_pb2.FeedManyRequest, _lstmd_pb2.FeedManyResponse]
+    """Feeds of many sessions per message, for a caller that serves many people (a gateway feeding
+    many typists): one FeedManyRequest carries any number of feeds, each a FeedRequest naming its
+    own session (created beforehand with CreateSession; there are no ephemeral sessions here), and
+    one FeedManyResponse answers it with one FeedResult per item, in the items' order. Responses
+    come in the order of the requests. Each item is a Feed of its own: it succeeds or fails alone
+    (FeedResult.error holds the status code and message the same Feed call would end with, and
+    the stream goes on), it is exactly-once with `expected_position` as Feed is, and its prediction
+    is the one Feed would return. Items of one session, in one message or in successive messages
+    of the stream, are applied in the order sent; items of different sessions run concurrently,
+    their steps batched into shared ONNX Runtime calls. A client may send its next message before
+    the previous one is answered (the server works on a few at a time and reads on as they finish).
+    A message of more than LSTMD_MAX_FEED_ITEMS items (1,024 by default) fails every item with
+    INVALID_ARGUMENT ("split it"). The stream itself ends with an error only as every call may
+    (UNAUTHENTICATED, RESOURCE_EXHAUSTED for too many calls, a malformed message: INVALID_ARGUMENT).
+    """
     Generate: _grpc.UnaryStreamMultiCallable[_lstmd_pb2.GenerateRequest, _lstmd_pb2.GeneratedToken]
     """Continues a session by sampling, streaming each word as it is produced. When `session_id`
     is empty an ephemeral session on `model` is used and freed at the end. A session of a model
@@ -184,6 +200,22 @@ class LstmdAsyncStub(LstmdStub):
     (Feed, GetSession, ForkSession...) may use it by that id while the stream lasts, as any session.
     An error ends the stream with its status; feeds answered before it were applied.
     Errors: as Feed, plus RESOURCE_EXHAUSTED for the ephemeral session.
+    """
+    FeedMany: _aio.StreamStreamMultiCallable[_lstmd_pb2.FeedManyRequest, _lstmd_pb2.FeedManyResponse]  # type: ignore[assignment]
+    """Feeds of many sessions per message, for a caller that serves many people (a gateway feeding
+    many typists): one FeedManyRequest carries any number of feeds, each a FeedRequest naming its
+    own session (created beforehand with CreateSession; there are no ephemeral sessions here), and
+    one FeedManyResponse answers it with one FeedResult per item, in the items' order. Responses
+    come in the order of the requests. Each item is a Feed of its own: it succeeds or fails alone
+    (FeedResult.error holds the status code and message the same Feed call would end with, and
+    the stream goes on), it is exactly-once with `expected_position` as Feed is, and its prediction
+    is the one Feed would return. Items of one session, in one message or in successive messages
+    of the stream, are applied in the order sent; items of different sessions run concurrently,
+    their steps batched into shared ONNX Runtime calls. A client may send its next message before
+    the previous one is answered (the server works on a few at a time and reads on as they finish).
+    A message of more than LSTMD_MAX_FEED_ITEMS items (1,024 by default) fails every item with
+    INVALID_ARGUMENT ("split it"). The stream itself ends with an error only as every call may
+    (UNAUTHENTICATED, RESOURCE_EXHAUSTED for too many calls, a malformed message: INVALID_ARGUMENT).
     """
     Generate: _aio.UnaryStreamMultiCallable[_lstmd_pb2.GenerateRequest, _lstmd_pb2.GeneratedToken]  # type: ignore[assignment]
     """Continues a session by sampling, streaming each word as it is produced. When `session_id`
@@ -303,6 +335,28 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
         (Feed, GetSession, ForkSession...) may use it by that id while the stream lasts, as any session.
         An error ends the stream with its status; feeds answered before it were applied.
         Errors: as Feed, plus RESOURCE_EXHAUSTED for the ephemeral session.
+        """
+
+    @_abc_1.abstractmethod
+    def FeedMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_lstmd_pb2.FeedManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_lstmd_pb2.FeedManyResponse], _abc.AsyncIterator[_lstmd_pb2.FeedManyResponse]]:
+        """Feeds of many sessions per message, for a caller that serves many people (a gateway feeding
+        many typists): one FeedManyRequest carries any number of feeds, each a FeedRequest naming its
+        own session (created beforehand with CreateSession; there are no ephemeral sessions here), and
+        one FeedManyResponse answers it with one FeedResult per item, in the items' order. Responses
+        come in the order of the requests. Each item is a Feed of its own: it succeeds or fails alone
+        (FeedResult.error holds the status code and message the same Feed call would end with, and
+        the stream goes on), it is exactly-once with `expected_position` as Feed is, and its prediction
+        is the one Feed would return. Items of one session, in one message or in successive messages
+        of the stream, are applied in the order sent; items of different sessions run concurrently,
+        their steps batched into shared ONNX Runtime calls. A client may send its next message before
+        the previous one is answered (the server works on a few at a time and reads on as they finish).
+        A message of more than LSTMD_MAX_FEED_ITEMS items (1,024 by default) fails every item with
+        INVALID_ARGUMENT ("split it"). The stream itself ends with an error only as every call may
+        (UNAUTHENTICATED, RESOURCE_EXHAUSTED for too many calls, a malformed message: INVALID_ARGUMENT).
         """
 
     @_abc_1.abstractmethod
