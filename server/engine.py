@@ -18,7 +18,7 @@ import numpy as np
 
 from lstmd.model.tokenizer import Encoding, TextTooLong, Tokenizer
 from lstmd.server.batcher import Batcher, Sampling, StepResult
-from lstmd.server.errors import InvalidInput, NotFound, PositionMismatch, StoreUnavailable, echo
+from lstmd.server.errors import InvalidInput, LstmdError, NotFound, PositionMismatch, StoreUnavailable, echo
 from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
@@ -125,6 +125,28 @@ class GeneratedWord:
     position: int
     text: str  # what this token adds to the session's text, decoded by the model's tokenizer
     finish: str = ""  # on the last word: "max_tokens" or "stop_word"
+
+
+class FeedOrder:
+    """The order of one FeedMany stream's items per session: a session's items wait for its items of
+    earlier messages, which may still be running (the stream works on several messages at a time)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, asyncio.Future[None]] = {}  # session id: done when its latest items are
+
+    @contextlib.asynccontextmanager
+    async def turn(self, session_id: str) -> AsyncIterator[None]:
+        before = self._last.get(session_id)
+        done = asyncio.get_running_loop().create_future()
+        self._last[session_id] = done
+        try:
+            if before is not None:
+                await asyncio.shield(before)  # never fails: set in the finally below
+            yield
+        finally:
+            done.set_result(None)
+            if self._last.get(session_id) is done:
+                del self._last[session_id]
 
 
 class Engine:
@@ -244,6 +266,32 @@ class Engine:
             f"session {session.id} was advanced by other calls {MAX_CONFLICTS} times while this feed ran; it was "
             "not applied: retry"
         )
+
+    async def feed_many(
+        self, items: list[tuple[str, FeedArgs]], owner: str, order: FeedOrder
+    ) -> list[Prediction | Exception]:
+        """Feeds of many sessions (one FeedMany message), each answered alone: its Prediction, or the
+        error it met. Items
+        of one session run one after another, after that session's items of earlier messages of the
+        same stream (``order``); different sessions run concurrently, so their steps share batches."""
+        answers: list[Prediction | Exception] = [InvalidInput("not run")] * len(items)
+        by_session: dict[str, list[int]] = {}
+        for i, (session_id, _) in enumerate(items):
+            by_session.setdefault(session_id, []).append(i)
+
+        async def run(session_id: str, indices: list[int]) -> None:
+            async with order.turn(session_id):
+                for i in indices:
+                    try:
+                        answers[i] = await self.feed(await self.get_session(session_id, owner), items[i][1])
+                    except LstmdError as e:
+                        answers[i] = e
+                    except Exception as e:  # a bug: logged, and this item alone fails INTERNAL
+                        log.exception("internal error in an item of FeedMany", exc_info=e)
+                        answers[i] = e
+
+        await asyncio.gather(*(run(session_id, indices) for session_id, indices in by_session.items()))
+        return answers
 
     async def _complete(self, session: Session, args: FeedArgs, wanted: _Wanted) -> Prediction:
         """A feed of only a word prefix: the words that begin with it after the session's text. It
