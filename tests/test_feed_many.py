@@ -127,7 +127,7 @@ async def test_a_malformed_message_ends_the_stream_invalid_argument(shared: Any)
     running, _ = shared
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:
-        call = channel.stream_stream("/lstmd.v1.Lstmd/FeedMany")()  # raw bytes both ways
+        call: Any = channel.stream_stream("/lstmd.v1.Lstmd/FeedMany")()  # raw bytes both ways
         await call.write(b"\x0a\x05\xff\xff\xff\xff\xff")  # items: a length that runs past the end
         await call.done_writing()
         with pytest.raises(grpc.aio.AioRpcError) as error:
