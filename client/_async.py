@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
-from typing import Unpack
+from typing import Any, Unpack
 
 import grpc
 
+from lstmd.client._coalesce import FeedCoalescer
 from lstmd.client._core import (
     CHANNEL_OPTIONS,
+    DEFAULT_TARGET,
     BaseClient,
     BaseSession,
     BaseStream,
@@ -43,10 +45,22 @@ from lstmd.v1 import lstmd_pb2_grpc
 
 class AsyncClient(BaseClient):
     """Like ``Client`` (the same options, retries and session recovery), for asyncio programs:
-    ``async with AsyncClient(target) as client``."""
+    ``async with AsyncClient(target) as client``.
+
+    With ``coalesce_feeds`` (the default), feeds awaited concurrently (many sessions' ``feed``, as
+    a gateway serving many people awaits them) travel together as FeedMany messages on one stream
+    (``_coalesce``) rather than as a Feed call each; every feed still gets its own answer or error,
+    retries and recovery as before. Streams and ``feed_many`` are unaffected."""
 
     _channel: grpc.aio.Channel
     _stub: lstmd_pb2_grpc.LstmdAsyncStub
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, coalesce_feeds: bool = True, **options: Any):
+        super().__init__(target, **options)
+        self._coalescer = FeedCoalescer(self._stub, self.metadata, self._stub.Feed) if coalesce_feeds else None
+
+    def _feed_method(self) -> Callable[..., Any]:
+        return self._coalescer or self._stub.Feed
 
     def _connect(self, target: str, credentials: grpc.ChannelCredentials | None) -> None:
         self._channel = (
@@ -63,6 +77,8 @@ class AsyncClient(BaseClient):
         await self.close()
 
     async def close(self) -> None:
+        if self._coalescer is not None:
+            await self._coalescer.close()
         await self._channel.close()
 
     async def _run(self, flow: Flow[T]) -> T:

@@ -186,7 +186,12 @@ class BaseClient:
         """Retried only with ``expected_position``, which makes a retry unable to apply twice."""
         request = feed_request(session_id, data, **options)
         retry = options.get("expected_position") is not None
-        return Prediction.from_pb((yield from self._unary(self._stub.Feed, request, retry=retry)))
+        return Prediction.from_pb((yield from self._unary(self._feed_method(), request, retry=retry)))
+
+    def _feed_method(self) -> Callable[..., Any]:
+        """What a feed is sent with: the Feed call (``AsyncClient``: FeedMany messages shared with
+        concurrent feeds)."""
+        return self._stub.Feed
 
 
 C = TypeVar("C", bound=BaseClient)
