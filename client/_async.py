@@ -23,10 +23,12 @@ from lstmd.client._core import (
     Steps,
     T,
     completion,
+    feed_many_results,
 )
-from lstmd.client._errors import NotFound, PositionMismatch, from_rpc_error
+from lstmd.client._errors import LstmdError, NotFound, PositionMismatch, from_rpc_error
 from lstmd.client._recovery import MAX_RECOVERIES
 from lstmd.client._types import (
+    FeedItem,
     FeedOptions,
     GeneratedToken,
     GenerateOptions,
@@ -36,6 +38,7 @@ from lstmd.client._types import (
     SamplingOptions,
     SessionInfo,
     Tokenization,
+    feed_many_request,
     generate_request,
     stream_request,
 )
@@ -118,6 +121,14 @@ class AsyncClient(BaseClient):
 
     async def feed(self, session_id: str, data: Input, **options: Unpack[FeedOptions]) -> Prediction:
         return await self._run(self._feed(session_id, data, **options))
+
+    async def feed_many(self, items: Iterable[FeedItem]) -> list[Prediction | LstmdError]:
+        """As ``Client.feed_many``: one FeedMany message, an answer or error per item."""
+        call = self._stub.FeedMany(iter([feed_many_request(items)]), timeout=self.timeout, metadata=self.metadata)
+        try:
+            return feed_many_results(await anext(aiter(call)))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
 
     async def stream(self, inputs: Iterable[Input], *, session_id: str = "", model: str = "", top_k: int = 0,
                      token_logprobs: bool = False, tokens: bool = False,

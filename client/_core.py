@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar, Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lstmd.client._errors import LstmdError, NotFound, PositionMismatch
+from lstmd.client._errors import LstmdError, NotFound, PositionMismatch, from_feed_error
 from lstmd.client._recovery import (
     DEFAULT_TAIL,
     DEFAULT_WAIT_FOR_RESTART_S,
@@ -195,6 +195,12 @@ class BaseClient:
 
 
 C = TypeVar("C", bound=BaseClient)
+
+
+def feed_many_results(response: pb.FeedManyResponse) -> list[Prediction | LstmdError]:
+    """Each item's Prediction, or the error a Feed of it would have raised (returned, not raised)."""
+    return [Prediction.from_pb(r.prediction) if r.HasField("prediction") else from_feed_error(r.error)
+            for r in response.results]  # fmt: skip
 
 
 def completion(prefix: str, top_k: int, exclude_special: bool) -> FeedOptions:

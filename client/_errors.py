@@ -69,6 +69,14 @@ _BY_CODE: dict[grpc.StatusCode, type[LstmdError]] = {
 POSITION_KEY = "lstmd-position"  # the server's trailing metadata on FAILED_PRECONDITION
 
 
+def from_feed_error(error: Any) -> LstmdError:
+    """A FeedMany item's error (a ``pb.FeedError``) as the error a Feed of it would raise."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return PositionMismatch(code.name, error.message, error.position if error.HasField("position") else None)
+    return _BY_CODE.get(code, LstmdError)(code.name, error.message)
+
+
 def from_rpc_error(error: grpc.RpcError) -> LstmdError:
     code = error.code()
     details = error.details() or ""

@@ -21,10 +21,12 @@ from lstmd.client._core import (
     Steps,
     T,
     completion,
+    feed_many_results,
 )
-from lstmd.client._errors import NotFound, PositionMismatch, from_rpc_error
+from lstmd.client._errors import LstmdError, NotFound, PositionMismatch, from_rpc_error
 from lstmd.client._recovery import MAX_RECOVERIES
 from lstmd.client._types import (
+    FeedItem,
     FeedOptions,
     GeneratedToken,
     GenerateOptions,
@@ -34,6 +36,7 @@ from lstmd.client._types import (
     SamplingOptions,
     SessionInfo,
     Tokenization,
+    feed_many_request,
     generate_request,
     stream_request,
 )
@@ -133,6 +136,18 @@ class Client(BaseClient):
         prefix-only feed, which applies nothing). Retried only with ``expected_position``, which
         makes a retry unable to apply twice (``FeedOptions``)."""
         return self._run(self._feed(session_id, data, **options))
+
+    def feed_many(self, items: Iterable[FeedItem]) -> list[Prediction | LstmdError]:
+        """Feeds of many sessions in one FeedMany message, each ``(session_id, input)`` or
+        ``(session_id, input, FeedOptions)``: per item, its Prediction or the error a Feed of it
+        would raise (returned, not raised: one bad item fails alone). Items of one session apply
+        in order. Not retried: give items ``expected_position`` and send them again after an error."""
+        try:
+            [response] = self._stub.FeedMany(iter([feed_many_request(items)]), timeout=self.timeout,
+                                             metadata=self.metadata)  # fmt: skip
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return feed_many_results(response)
 
     def stream(self, inputs: Iterable[Input], *, session_id: str = "", model: str = "", top_k: int = 0,
                token_logprobs: bool = False, tokens: bool = False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypedDict, TypeVar, Unpack
 
@@ -187,6 +188,14 @@ class GenerateOptions(SamplingOptions, total=False):
 
 def feed_request(session_id: str, data: Input, **options: Unpack[FeedOptions]) -> pb.FeedRequest:
     return _with_options(pb.FeedRequest(session_id=session_id), data, options)
+
+
+FeedItem = tuple[str, Input] | tuple[str, Input, FeedOptions]  # (session id, input[, options]) of feed_many
+
+
+def feed_many_request(items: Iterable[FeedItem]) -> pb.FeedManyRequest:
+    return pb.FeedManyRequest(items=[feed_request(item[0], item[1], **(item[2] if len(item) > 2 else {}))
+                                     for item in items])  # fmt: skip
 
 
 def stream_request(

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from lstmd.client import AsyncClient, InvalidInput, PositionMismatch
+from lstmd.client import AsyncClient, Client, InvalidInput, NotFound, PositionMismatch
 from lstmd.server import metrics
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
@@ -20,7 +20,8 @@ from tests.conftest import Reference
 
 
 def calls(method: str) -> float:
-    return metrics.rpc_started.labels("unary" if method == "Feed" else "bidi_stream", "lstmd.v1.Lstmd", method)._value.get()
+    kind = "unary" if method == "Feed" else "bidi_stream"
+    return float(metrics.rpc_started.labels(kind, "lstmd.v1.Lstmd", method)._value.get())
 
 
 async def test_concurrent_feeds_of_32_sessions_travel_as_feed_many(shared: Any, reference: Reference) -> None:
@@ -76,7 +77,7 @@ class FeedOnly(lstmd_pb2_grpc.LstmdServicer):
 
 async def test_a_server_without_feed_many_is_fed_with_feed() -> None:
     server = grpc.aio.server()
-    lstmd_pb2_grpc.add_LstmdServicer_to_server(FeedOnly(), server)
+    lstmd_pb2_grpc.add_LstmdServicer_to_server(FeedOnly(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -94,3 +95,22 @@ async def test_a_timeout_is_deadline_exceeded(shared: Any) -> None:
         with pytest.raises(Exception) as error:
             await client.feed("0" * 32, "the")
         assert getattr(error.value, "code", "") == "DEADLINE_EXCEEDED"
+
+
+def test_the_blocking_client_sends_feed_many_directly(server_target: str) -> None:
+    with Client(server_target) as client:
+        a, b = client.create_session(), client.create_session()
+        first = client.feed_many([(a.id, "the cat"), (b.id, "a dog"), ("0" * 32, "the")])
+        assert [type(r).__name__ for r in first] == ["Prediction", "Prediction", "NotFound"]
+        assert isinstance(first[2], NotFound)
+        again = client.feed_many([(a.id, "sat", {"expected_position": 2}), (a.id, "on", {"expected_position": 2})])
+        assert again[0].position == 3  # type: ignore[union-attr]
+        assert isinstance(again[1], PositionMismatch) and again[1].actual_position == 3
+
+
+async def test_the_async_client_sends_feed_many_directly(shared: Any) -> None:
+    running, _ = shared
+    async with AsyncClient(f"127.0.0.1:{running.port}") as client:
+        a = await client.create_session()
+        [p, q] = await client.feed_many([(a.id, "the"), (a.id, [3, 4], {"top_k": 2, "tokens": True})])
+        assert (p.position, q.position, len(q.candidates)) == (1, 3, 2)  # type: ignore[union-attr]
