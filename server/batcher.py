@@ -53,15 +53,29 @@ class StepResult:
     sampled_prob: float = 0.0  # and its probability under the sampling distribution
 
 
-@dataclass
+@dataclass(slots=True)
+class Rows:
+    """The results of a ``run_rows`` request: row i is its i-th sequence."""
+
+    top_ids: np.ndarray  # (rows, k) most likely first
+    top_logprobs: np.ndarray  # (rows, k)
+    states: list[np.ndarray]  # per row (2, layers, hidden), each its own array: h and c after the step
+
+
+@dataclass(slots=True)
 class _Request:
-    tokens: np.ndarray  # (time,) int64
-    state: np.ndarray  # (2, layers, hidden)
+    tokens: np.ndarray  # (rows, time) int64
+    state: np.ndarray  # (2, layers, rows, hidden)
     top_k: int
     sampling: Sampling | None
     logprobs: bool  # the caller needs the whole distribution
-    future: asyncio.Future[StepResult]
+    future: asyncio.Future[StepResult] | asyncio.Future[Rows]
     queued_at: float
+    many: bool = False  # a run_rows request: answered with Rows
+
+    @property
+    def rows(self) -> int:
+        return int(self.tokens.shape[0])
 
 
 class Batcher:
@@ -96,27 +110,40 @@ class Batcher:
         """Run ``tokens`` (one or more) of one session from ``state``. With ``logprobs`` (or
         ``sampling``) the result carries the whole distribution after the last token."""
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        ids = np.asarray(tokens, np.int64)
+        ids = np.asarray(tokens, np.int64)[None, :]
         full = logprobs or sampling is not None
-        self._queue.put_nowait(_Request(ids, state, max(top_k, 1), sampling, full, future, time.perf_counter()))
+        self._queue.put_nowait(_Request(ids, state[:, :, None], max(top_k, 1), sampling, full, future,
+                                        time.perf_counter()))  # fmt: skip
+        return await future
+
+    async def run_rows(self, tokens: np.ndarray, states: list[np.ndarray], top_k: int) -> Rows:
+        """One single-token step of each of many sessions, ``tokens`` (rows,) from ``states``, as one
+        request: one future and one queue entry for all of them (FeedMany's batched items)."""
+        future: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
+        state = np.stack(states, axis=2)  # (2, layers, rows, hidden)
+        request = _Request(tokens.reshape(-1, 1), state, max(top_k, 1), None, False, future, time.perf_counter(), True)
+        self._queue.put_nowait(request)
         return await future
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
+            rows = batch[0].rows
+            while rows < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+                rows += batch[-1].rows
             deadline = loop.time() + self._max_wait
-            while len(batch) < min(self._last_batch, self._max_batch) and (remaining := deadline - loop.time()) > 0:
+            while rows < min(self._last_batch, self._max_batch) and (remaining := deadline - loop.time()) > 0:
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
-            self._last_batch = len(batch)
+                rows += batch[-1].rows
+            self._last_batch = rows
             live = [r for r in batch if not r.future.done()]  # the caller may have been cancelled
             for group in _group_by_length(live):
-                results: list[StepResult | Exception]
+                results: list[StepResult | Rows | Exception]
                 try:
                     if len(live) == 1 and group[0].tokens.size == 1:
                         results = list(self._compute(group))
@@ -130,39 +157,53 @@ class Batcher:
                     if isinstance(result, Exception):
                         request.future.set_exception(result)
                     else:
-                        request.future.set_result(result)
+                        request.future.set_result(result)  # type: ignore[arg-type]
 
-    def _compute(self, group: list[_Request]) -> list[StepResult]:
+    def _compute(self, group: list[_Request]) -> list[StepResult | Rows]:
         """One ONNX Runtime call for requests of equal length, then vectorised post-processing."""
         started = time.perf_counter()
-        steps = group[0].tokens.size
+        steps = group[0].tokens.shape[1]
         for r in group:
             self._queue_wait.observe(started - r.queued_at)
-        tokens = np.stack([r.tokens for r in group])  # (batch, time)
-        state = np.stack([r.state for r in group], axis=2)  # (2, layers, batch, hidden)
+        if len(group) == 1:
+            tokens, state = group[0].tokens, group[0].state
+        else:
+            tokens = np.concatenate([r.tokens for r in group])  # (batch, time)
+            state = np.concatenate([r.state for r in group], axis=2)  # (2, layers, batch, hidden)
         k = max(r.top_k for r in group)
+        sampled: list[tuple[StepResult, int, Sampling]] = []  # with the row of each
         out = self.model.run(tokens, state[0], state[1], k, with_logprobs=any(r.logprobs for r in group))
-        new_state = np.stack([out.h, out.c]).transpose(2, 0, 1, 3)  # (batch, 2, layers, hidden)
-        results = [
-            StepResult(out.logprobs[i], out.top_ids[i, : r.top_k], out.top_logprobs[i, : r.top_k], new_state[i].copy())
-            for i, r in enumerate(group)
-        ]
-        sampled = [i for i, r in enumerate(group) if r.sampling is not None]
+        new_state = np.stack([out.h, out.c])  # (2, layers, batch, hidden)
+        results: list[StepResult | Rows] = []
+        row = 0
+        for r in group:
+            if r.many:
+                rows = range(row, row + r.rows)
+                results.append(Rows(out.top_ids[rows.start : rows.stop, : r.top_k],
+                                    out.top_logprobs[rows.start : rows.stop, : r.top_k],
+                                    [new_state[:, :, i].copy() for i in rows]))  # fmt: skip
+            else:
+                result = StepResult(out.logprobs[row], out.top_ids[row, : r.top_k], out.top_logprobs[row, : r.top_k],
+                                    new_state[:, :, row].copy())  # fmt: skip
+                if r.sampling is not None:
+                    sampled.append((result, row, r.sampling))
+                results.append(result)
+            row += r.rows
         if sampled:
-            words, probs = sample(out.logprobs[sampled], [group[i].sampling for i in sampled])  # type: ignore[misc]
-            for i, word, prob in zip(sampled, words, probs, strict=True):
-                results[i].sampled, results[i].sampled_prob = int(word), float(prob)
+            words, probs = sample(out.logprobs[[i for _, i, _ in sampled]], [p for _, _, p in sampled])
+            for (result, _, _), word, prob in zip(sampled, words, probs, strict=True):
+                result.sampled, result.sampled_prob = int(word), float(prob)
         seconds, batch_size, tokens_total = self._metrics["step" if steps == 1 else "prompt"]
         seconds.observe(time.perf_counter() - started)
-        batch_size.observe(len(group))
-        tokens_total.inc(len(group) * steps)
+        batch_size.observe(row)
+        tokens_total.inc(row * steps)
         return results
 
 
 def _group_by_length(requests: list[_Request]) -> list[list[_Request]]:
     groups: dict[int, list[_Request]] = {}
     for r in requests:
-        groups.setdefault(r.tokens.size, []).append(r)
+        groups.setdefault(r.tokens.shape[1], []).append(r)
     return list(groups.values())
 
 

@@ -3,10 +3,12 @@ except the servicer, and the domain code never imports the generated stubs."""
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lstmd.model.folder import ModelCard
 from lstmd.server.engine import FeedArgs, GenerateArgs, GeneratedWord, Prediction, Tokenization
+from lstmd.server.errors import LstmdError, PositionMismatch, status_of
 from lstmd.server.sessions import Session
 from lstmd.v1 import lstmd_pb2 as pb
 
@@ -67,10 +69,13 @@ def feed_args(request: pb.FeedRequest | pb.StreamRequest) -> FeedArgs:
     )
 
 
-def prediction(p: Prediction) -> pb.Prediction:
+def prediction(p: Prediction, message: pb.Prediction | None = None) -> pb.Prediction:
+    """``p`` as a message, or written into ``message`` (a FeedResult's, in place)."""
     # Sent once per token while streaming: fields are filled with add() and only when set, which
     # builds the message about twice as fast as nested constructors with every field.
-    message = pb.Prediction(session_id=p.session_id, position=p.position)
+    if message is None:
+        message = pb.Prediction()
+    message.session_id, message.position = p.session_id, p.position
     for t in p.tokens:
         message.tokens.add(id=t.id, word=t.word, unknown=t.unknown)
     for c in p.candidates:
@@ -80,6 +85,23 @@ def prediction(p: Prediction) -> pb.Prediction:
         message.token_logprobs.extend(p.token_logprobs)
     if p.replayed:
         message.replayed = True
+    return message
+
+
+def feed_many_response(answers: list[Prediction | Exception]) -> pb.FeedManyResponse:
+    """One FeedResult per item: its prediction, or its error as the status a Feed would end with."""
+    message = pb.FeedManyResponse()
+    for answer in answers:
+        result = message.results.add()
+        if isinstance(answer, Prediction):
+            prediction(answer, result.prediction)
+        elif isinstance(answer, LstmdError):
+            result.error.code, result.error.message = status_of(answer).value[0], str(answer)
+            if isinstance(answer, PositionMismatch):
+                result.error.position = answer.actual
+        else:  # a bug, logged with its traceback where it happened
+            result.error.code = grpc.StatusCode.INTERNAL.value[0]
+            result.error.message = "internal error in this item of FeedMany; the server log has the details"
     return message
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from lstmd.model.tokenizer import Encoding, TextTooLong, Tokenizer
 from lstmd.server.batcher import Batcher, Sampling, StepResult
-from lstmd.server.errors import InvalidInput, NotFound, PositionMismatch, StoreUnavailable, echo
+from lstmd.server.errors import InvalidInput, LstmdError, NotFound, PositionMismatch, StoreUnavailable, echo
 from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
@@ -127,6 +127,38 @@ class GeneratedWord:
     finish: str = ""  # on the last word: "max_tokens" or "stop_word"
 
 
+class FeedOrder:
+    """The order of one FeedMany stream's items per session: a session's items wait for its items of
+    earlier messages, which may still be running (the stream works on several messages at a time).
+    A message claims its sessions' turns before anything of it runs."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, asyncio.Future[None]] = {}  # session id: done when its latest items are
+
+    def claim(self, session_id: str) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        """(the turn to wait for, or None: the session has nothing running; this turn, to ``release``)."""
+        before = self._last.get(session_id)
+        self._last[session_id] = turn = asyncio.get_running_loop().create_future()
+        return before, turn
+
+    def release(self, session_id: str, turn: asyncio.Future[None]) -> None:
+        turn.set_result(None)
+        if self._last.get(session_id) is turn:
+            del self._last[session_id]
+
+
+@dataclass(slots=True)
+class _Quick:
+    """An item of FeedMany stepped with others in one batcher request: one token, the graph's top-k."""
+
+    index: int
+    session: Session
+    args: FeedArgs
+    wanted: _Wanted
+    token: Token
+    turn: asyncio.Future[None] | None  # this session's turn in its FeedOrder, released after the step (or None)
+
+
 class Engine:
     """Sessions, feeds and generation over one SessionStore: this process's memory, or Redis for replicas.
     A step is computed on the store's Session and then ``commit``ted to the store."""
@@ -218,8 +250,7 @@ class Engine:
             async with session.lock:  # tokenized under the lock, so feeds are applied in arrival order
                 tokens = await self._tokens(session.model, args.text, args.token_ids)
                 ids = [t.id for t in tokens]
-                key = (args.expected_position, tuple(ids), wanted.k, args.want_logprobs, wanted.prefix,
-                       wanted.token_kind, wanted.exclude_special)  # fmt: skip  # server.exactly_once
+                key = _request_key(args, ids, wanted)
                 for _ in range(MAX_CONFLICTS):
                     if args.expected_position is not None and args.expected_position != session.position:
                         await self.store.load(session)  # a copy may be stale: decide on the stored session
@@ -244,6 +275,132 @@ class Engine:
             f"session {session.id} was advanced by other calls {MAX_CONFLICTS} times while this feed ran; it was "
             "not applied: retry"
         )
+
+    async def feed_many(
+        self, items: list[tuple[str, FeedArgs]], owner: str, order: FeedOrder
+    ) -> list[Prediction | Exception]:
+        """Feeds of many sessions (one FeedMany message), each answered alone: its Prediction, or the
+        error it met. Items of one session run one after another, after that session's items of
+        earlier messages of the same stream (``order``); different sessions run concurrently.
+
+        The first item of each session with nothing running is, when it is a plain one-token feed
+        (``_quick``), stepped with the others in one batcher request per model (``_step_together``):
+        one future and a few numpy calls for all of them instead of a coroutine and a request each.
+        The rest go through ``feed`` one by one, behind it (the quick item holds the session's lock)."""
+        answers: list[Prediction | Exception] = [InvalidInput("not run")] * len(items)
+        by_session: dict[str, list[int]] = {}
+        for i, (session_id, _) in enumerate(items):
+            by_session.setdefault(session_id, []).append(i)
+        together: dict[str, list[_Quick]] = {}  # by model
+        one_by_one = []
+        # Nothing below suspends until the gather (the quick check's store and tokenizer calls never do),
+        # so every session's turn is claimed, and every quick item's lock taken, before any item runs.
+        for session_id, indices in by_session.items():
+            before, turn = order.claim(session_id)
+            quick = None if before is not None else await self._quick(indices[0], items[indices[0]][1], session_id,
+                                                                       owner, turn)  # fmt: skip
+            if quick is not None:
+                together.setdefault(quick.session.model.name, []).append(quick)
+                indices = indices[1:]
+            if indices:
+                if quick is not None:
+                    quick.turn = None  # released by the items that follow it
+                one_by_one.append(self._in_turn(session_id, indices, items, owner, answers, order, before, turn))
+        size = self.settings.max_batch_size
+        steps = [self._step_together(quick[i : i + size], answers, order)
+                 for quick in together.values() for i in range(0, len(quick), size)]  # fmt: skip
+        await asyncio.gather(*steps, *one_by_one)
+        return answers
+
+    async def _in_turn(
+        self,
+        session_id: str,
+        indices: list[int],
+        items: list[tuple[str, FeedArgs]],
+        owner: str,
+        answers: list[Prediction | Exception],
+        order: FeedOrder,
+        before: asyncio.Future[None] | None,
+        turn: asyncio.Future[None],
+    ) -> None:
+        """A session's items of a FeedMany message, one by one, once its earlier ones are done."""
+        try:
+            if before is not None:
+                await asyncio.shield(before)  # never fails: every turn is released
+            for i in indices:
+                try:
+                    answers[i] = await self.feed(await self.get_session(session_id, owner), items[i][1])
+                except LstmdError as e:
+                    answers[i] = e
+                except Exception as e:  # a bug: logged, and this item alone fails INTERNAL
+                    log.exception("internal error in an item of FeedMany", exc_info=e)
+                    answers[i] = e
+        finally:
+            order.release(session_id, turn)
+
+    async def _quick(
+        self, index: int, args: FeedArgs, session_id: str, owner: str, turn: asyncio.Future[None]
+    ) -> _Quick | None:
+        """The item, locked, if it can be stepped with others: a store whose sessions live in this
+        process, a free session at the expected position, one token, candidates from the graph's
+        top-k. None otherwise, or when it is bad in any way: ``feed`` then decides it and says why."""
+        if not self.store.in_process or args.want_logprobs or args.word_prefix:
+            return None
+        if args.token_ids is not None and len(args.token_ids) != 1:
+            return None
+        if args.text is not None and (len(args.text) > INLINE_CHARS or not args.text.isascii()):
+            return None
+        try:
+            session = await self.store.get(session_id, owner)
+            wanted = self._wanted(session.model, args, session.top_k)
+            if wanted.search or session.lock.locked() or args.expected_position not in (None, session.position):
+                return None
+            tokens = await self._tokens(session.model, args.text, args.token_ids)
+        except LstmdError:
+            return None
+        if len(tokens) != 1:
+            return None
+        await session.lock.acquire()  # free: taken at once
+        session.users += 1
+        return _Quick(index, session, args, wanted, tokens[0], turn)
+
+    async def _step_together(
+        self, items: list[_Quick], answers: list[Prediction | Exception], order: FeedOrder
+    ) -> None:
+        """One-token feeds of distinct sessions of one model in one batcher request, each then stored
+        like ``feed`` stores it (its exactly-once record included). Releases their locks and turns."""
+        try:
+            batcher = self._batchers[items[0].session.model.name]
+            tokens = np.fromiter((q.token.id for q in items), np.int64, len(items))
+            k = max(q.wanted.graph_k for q in items)
+            rows = await batcher.run_rows(tokens, [q.session.state for q in items], k)
+            for j, q in enumerate(items):
+                session, args, wanted = q.session, q.args, q.wanted
+                read = session.position
+                session.prev_state, session.state = session.state, rows.states[j]
+                session.last_token = q.token.id
+                session.position += 1
+                top = self._top_candidates(session, rows.top_ids[j, : wanted.graph_k],
+                                           rows.top_logprobs[j, : wanted.graph_k], wanted)  # fmt: skip
+                prediction = Prediction(session.id, session.position, [q.token], top, [])
+                if args.expected_position is not None:
+                    session.last_request = (_request_key(args, [q.token.id], wanted), prediction)
+                try:
+                    await self.store.commit(session, read, args.expected_position is not None)
+                    answers[q.index] = prediction
+                except LstmdError as e:  # deleted or expired while the step ran
+                    answers[q.index] = e
+        except Exception as e:  # the step failed: nothing of it was applied
+            log.exception("internal error in a batched step of FeedMany", exc_info=e)
+            for q in items:
+                answers[q.index] = e
+        finally:
+            for q in items:
+                q.session.lock.release()
+                q.session.users -= 1
+                self.store.touch(q.session)
+                if q.turn is not None:
+                    order.release(q.session.id, q.turn)
 
     async def _complete(self, session: Session, args: FeedArgs, wanted: _Wanted) -> Prediction:
         """A feed of only a word prefix: the words that begin with it after the session's text. It
@@ -282,16 +439,26 @@ class Engine:
                                  session.state, session.last_token, wanted.prefix, wanted.k,
                                  self.settings.word_beam, self.settings.word_max_tokens)  # fmt: skip
             found = [(w.word, w.ids, w.probability) for w in words]
-        else:
-            if wanted.prefix:
-                top = table.completions(result.logprobs, wanted.prefix, wanted.k, wanted.exclude_special)
-            else:
-                pairs = zip(result.top_ids.tolist(), result.top_logprobs.tolist(), strict=True)
-                top = [(i, lp) for i, lp in pairs if not (wanted.exclude_special and table.special[i])][: wanted.k]
+        elif wanted.prefix:
+            top = table.completions(result.logprobs, wanted.prefix, wanted.k, wanted.exclude_special)
             found = [(model.tokenizer.pieces[i], [i], math.exp(lp)) for i, lp in top]
+        else:
+            return self._top_candidates(session, result.top_ids, result.top_logprobs, wanted)
         context = [] if session.last_token == NO_TOKEN else [session.last_token]
         return [Candidate(word, ids[0], probability, kind, _text_after(model.tokenizer, context, ids), ids)
                 for word, ids, probability in found]  # fmt: skip
+
+    @staticmethod
+    def _top_candidates(session: Session, top_ids: np.ndarray, top_logprobs: np.ndarray, wanted: _Wanted
+                        ) -> list[Candidate]:  # fmt: skip
+        """The graph's top-k tokens after the session's last token, as candidates of ``wanted``'s kind."""
+        tokenizer, special = session.model.tokenizer, session.model.words.special
+        pairs = zip(top_ids.tolist(), top_logprobs.tolist(), strict=True)
+        top = [(i, lp) for i, lp in pairs if not (wanted.exclude_special and special[i])][: wanted.k]
+        kind = "token" if wanted.token_kind else "word"
+        context = [] if session.last_token == NO_TOKEN else [session.last_token]
+        return [Candidate(tokenizer.pieces[i], i, math.exp(lp), kind, _text_after(tokenizer, context, [i]), [i])
+                for i, lp in top]  # fmt: skip
 
     @staticmethod
     async def _steps(batcher: Batcher, ids: list[int], states: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -500,6 +667,12 @@ class Engine:
         if asked < 0 or asked > limit:
             raise InvalidInput(f"top_k {asked} is out of range: 1 to {limit} (0: the default)")
         return asked or min(default, limit)
+
+
+def _request_key(args: FeedArgs, ids: list[int], wanted: _Wanted) -> tuple[object, ...]:
+    """What a retried feed must repeat to be replayed (server.exactly_once stores it)."""
+    return (args.expected_position, tuple(ids), wanted.k, args.want_logprobs, wanted.prefix, wanted.token_kind,
+            wanted.exclude_special)  # fmt: skip
 
 
 def _text_after(tokenizer: Tokenizer, context: list[int], ids: list[int]) -> str:

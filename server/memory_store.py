@@ -29,6 +29,8 @@ class MemorySessionStore(SessionStore):
     computed it: ``commit`` only checks that the session was not deleted, expired or evicted while
     the step waited, and ``load`` refreshes nothing. All of it runs without suspending."""
 
+    in_process = True
+
     def __init__(
         self, max_sessions: int, at_capacity: str, ttl_s: float, max_per_owner: int = 0, sweep_interval_s: float = 10.0
     ):

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from lstmd.server import convert
-from lstmd.server.engine import Engine
+from lstmd.server.engine import Engine, FeedOrder
 from lstmd.server.errors import DeadlineExceeded, InvalidInput, LstmdError, echo, status_of
 from lstmd.server.security import caller
 from lstmd.v1 import lstmd_pb2 as pb
@@ -28,6 +28,7 @@ from lstmd.v1 import lstmd_pb2_grpc
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 Context = grpc.aio.ServicerContext[Any, Any]
+FEED_MANY_AHEAD = 4  # FeedMany messages of one stream that run at once
 
 
 async def _abort(context: Context, error: Exception, method: str) -> None:
@@ -109,6 +110,45 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
                     _check_later(request, first)
                 yield convert.prediction(await self.engine.feed(session, convert.feed_args(request)))
                 request = await anext(aiter(request_iterator), None)
+
+    @streaming
+    async def FeedMany(
+        self, request_iterator: AsyncIterator[pb.FeedManyRequest], context: Context
+    ) -> AsyncIterator[pb.FeedManyResponse]:
+        """Reads ahead: up to FEED_MANY_AHEAD messages run while the oldest one's answer is awaited
+        and sent, so a client that sends before it is answered keeps the batches full."""
+        owner, order = caller.get(), FeedOrder()
+        running: asyncio.Queue[asyncio.Task[pb.FeedManyResponse] | None] = asyncio.Queue()
+        ahead = asyncio.Semaphore(FEED_MANY_AHEAD)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await ahead.acquire()
+                    running.put_nowait(asyncio.create_task(self._feed_many(request, owner, order)))
+            finally:
+                running.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await running.get()) is not None:
+                yield await task
+                ahead.release()
+            await reader  # a malformed message ends the stream with its status
+        finally:
+            reader.cancel()
+            while not running.empty():
+                if (task := running.get_nowait()) is not None:
+                    task.cancel()
+
+    async def _feed_many(self, request: pb.FeedManyRequest, owner: str, order: FeedOrder) -> pb.FeedManyResponse:
+        limit = self.engine.settings.max_feed_items
+        if len(request.items) > limit:
+            error = InvalidInput(f"the message carries {len(request.items):,} feeds, the limit per FeedMany message "
+                                 f"is {limit:,} (LSTMD_MAX_FEED_ITEMS): split it")  # fmt: skip
+            return convert.feed_many_response([error] * len(request.items))
+        items = [(item.session_id, convert.feed_args(item)) for item in request.items]
+        return convert.feed_many_response(await self.engine.feed_many(items, owner, order))
 
     @unary
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> None:  # type: ignore[override]

@@ -98,6 +98,10 @@ class SessionStore(ABC):
     A caller sees only the sessions its ``owner`` (API key id, "" when keys are off) created: to
     anyone else a session does not exist."""
 
+    # The Sessions it hands out are the stored ones and none of its calls suspends (the memory
+    # store): the engine may then step many sessions' feeds together (Engine.feed_many).
+    in_process: bool = False
+
     @abstractmethod
     async def create(self, model: Model, top_k: int, owner: str) -> Session: ...
 

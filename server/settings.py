@@ -62,6 +62,7 @@ class Settings:
     word_beam: int = _setting(8, "hypotheses the word search keeps per step (subword and character models)")
     word_max_tokens: int = _setting(24, "most tokens of one word the word search follows")
     max_feed_tokens: int = _setting(4096, "most tokens in one feed")
+    max_feed_items: int = _setting(1024, "most feeds in one FeedMany message")
     max_text_chars: int = _setting(
         100_000, "longest text in one feed or prompt, in characters (words tokenizer: also once Unicode-normalised)"
     )

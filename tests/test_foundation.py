@@ -38,6 +38,7 @@ def test_contract_has_every_planned_rpc() -> None:
         "ForkSession": (False, False),
         "Feed": (False, False),
         "Stream": (True, True),
+        "FeedMany": (True, True),
         "Generate": (False, True),
         "Tokenize": (False, False),
     }
