@@ -71,7 +71,8 @@ def serve(
             break
     else:
         raise RuntimeError(f"{' '.join(command)} did not start (exit code {process.wait()}):\n{''.join(seen[-20:])}")
-    threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+    drain = threading.Thread(target=process.stdout.read, daemon=True)  # keep the pipe drained
+    drain.start()
     try:
         yield Server(process, f"127.0.0.1:{match.group(1)}")
     finally:
@@ -81,6 +82,9 @@ def serve(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        drain.join(timeout=5)  # the pipe ends with the process (or its children, which hold it too)
+        if not drain.is_alive():
+            process.stdout.close()
 
 
 def lstmd_server(models_dir: str, *flags: str) -> list[str]:
@@ -110,16 +114,16 @@ def loadgen(target: str, flags: list[str], window: Callable[[str], None] = lambd
     are called then, so what the caller samples there covers the same seconds as the figures."""
     check_loadgen()
     command = ["node", str(LOADGEN / "loadgen.js"), "--target", target, *flags, "--json"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout is not None and process.stderr is not None
     said: list[str] = []
-    for line in process.stderr:  # the report is one short line on stdout: its pipe cannot fill meanwhile
-        edge = line.removeprefix("loadgen: ").strip()
-        if edge in ("measuring", "stopped"):
-            window(edge)
-        else:
-            said.append(line)
-    out, code = process.stdout.read(), process.wait()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None and process.stderr is not None
+        for line in process.stderr:  # the report is one short line on stdout: its pipe cannot fill meanwhile
+            edge = line.removeprefix("loadgen: ").strip()
+            if edge in ("measuring", "stopped"):
+                window(edge)
+            else:
+                said.append(line)
+        out, code = process.stdout.read(), process.wait()
     if code:
         raise RuntimeError(f"the load generator failed ({code}): {' '.join(command)}\n{''.join(said)[-2000:]}")
     report: dict[str, Any] = json.loads(out)
