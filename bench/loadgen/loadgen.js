@@ -15,7 +15,10 @@
 //   torchserve  N StreamPredictions2 calls to TorchServe, each its own sequence id, one token id per
 //               message (bench/torchserve: the same closed loop as stream mode).
 // Token ids are drawn in [2, vocab) from a seeded PRNG, one per stream. Candidates are tokens, top 1:
-// the load is the server's per-message path and the model step, not the word search.
+// the load is the server's per-message path and the model step, not the word search. Each stream's
+// messages are drawn and encoded before the run (64, sent in turn), and replies are not turned into
+// objects (Stream's are only counted; FeedMany's results are counted on the wire, a response with an
+// error decoded in full): what is left per message is grpc-js's own work, so the server is the limit.
 //
 // Why Node: `lstmd bench` (Python grpc.aio) saturated a core as a client well before bare Python
 // gRPC servers saturated theirs, so the "transport ceiling" it measured was its own. @grpc/grpc-js
@@ -73,14 +76,24 @@ function fail(why) {
   process.exit(2);
 }
 
+// A client of `service` from the .proto file, and the loaded definitions (its messages' descriptors).
 function load(file, includeDirs, service) {
   const options = { keepCase: true, longs: Number, enums: Number, defaults: false, includeDirs };
-  let Service = grpc.loadPackageDefinition(protoLoader.loadSync(file, options));
+  const loaded = protoLoader.loadSync(file, options);
+  let Service = grpc.loadPackageDefinition(loaded);
   for (const part of service.split('.')) Service = Service[part];
   // No retry layer and no channelz bookkeeping: both cost CPU per message and a benchmark needs neither.
   const channel = { 'grpc.enable_retries': 0, 'grpc.enable_channelz': 0 };
-  return new Service(opt.target, grpc.credentials.createInsecure(), channel);
+  return [new Service(opt.target, grpc.credentials.createInsecure(), channel), loaded];
 }
+
+// POOL messages from make(), encoded once before the run, for a stream to send in turn.
+const POOL = 64;
+const encoded = (client, method, make) =>
+  Array.from({ length: POOL }, () => client.constructor.service[method].requestSerialize(make()));
+// Opens a bidirectional call of `method` that writes encoded messages and reads replies with `decode`.
+const bidi = (client, method, decode) => () =>
+  client.makeBidiStreamRequest(client.constructor.service[method].path, (buffer) => buffer, decode);
 
 // mulberry32: a small seeded PRNG, so a run's token ids are reproducible.
 function prng(seed) {
@@ -114,11 +127,13 @@ function answered(sentAt, tokens) {
   run.tokens += tokens;
 }
 
-// One closed loop on one bidirectional call: send(call) writes a message, reply(message) says how
-// many tokens it answered. A call that ends with an error is counted and opened again (but not one
-// the server does not implement); the promise resolves when the run has stopped and the call ended.
+// One closed loop on bidirectional calls from open(): writes the messages in turn, each when the
+// previous one is answered; reply(decoded) says how many tokens an answer holds. A call that ends
+// with an error is counted and opened again (but not one the server does not implement); the
+// promise resolves when the run has stopped and the call has ended.
 const calls = new Set(); // open calls, cancelled if they are still open a while after the run stops
-function closedLoop(open, send, reply) {
+function closedLoop(open, messages, reply) {
+  let sent = 0;
   return new Promise((resolve) => {
     const start = () => {
       const call = open();
@@ -126,7 +141,7 @@ function closedLoop(open, send, reply) {
       let sentAt = 0;
       const next = () => {
         sentAt = performance.now();
-        send(call);
+        call.write(messages[sent++ % messages.length]);
       };
       call.on('data', (message) => {
         answered(sentAt, reply(message));
@@ -153,8 +168,39 @@ const unary = (client, method, request) => new Promise((resolve, reject) => {
   });
 });
 
+// FeedManyResponse.results counted on the wire rather than built into objects: a result holding a
+// prediction starts with the prediction's tag. A response with any other result is decoded in full,
+// its errors counted by code. The tags come from the loaded contract's field numbers.
+function resultCounter(loaded, client) {
+  const number = (type, field) => loaded[`lstmd.v1.${type}`].type.field.find((f) => f.name === field).number;
+  const resultsTag = (number('FeedManyResponse', 'results') << 3) | 2; // 2: length-delimited
+  const predictionTag = (number('FeedResult', 'prediction') << 3) | 2;
+  const full = (buffer) => {
+    let ok = 0;
+    for (const r of client.constructor.service.FeedMany.responseDeserialize(buffer).results ?? []) {
+      if (r.prediction) ok += 1;
+      else countError(r.error?.code ?? grpc.status.UNKNOWN);
+    }
+    return ok;
+  };
+  return (buffer) => {
+    let ok = 0;
+    for (let at = 0; at < buffer.length; ok += 1) {
+      if (buffer[at++] !== resultsTag) return full(buffer);
+      let length = 0;
+      for (let shift = 0, byte = 0x80; byte & 0x80; shift += 7) { // a varint (undefined past the end: 0)
+        byte = buffer[at++];
+        length += (byte & 0x7f) * 2 ** shift;
+      }
+      if (buffer[at] !== predictionTag) return full(buffer);
+      at += length;
+    }
+    return ok;
+  };
+}
+
 async function lstmdLoops(seed) {
-  const client = load('lstmd/v1/lstmd.proto', [PROTO_ROOT], 'lstmd.v1.Lstmd');
+  const [client, loaded] = load('lstmd/v1/lstmd.proto', [PROTO_ROOT], 'lstmd.v1.Lstmd');
   const { models } = await unary(client, 'ListModels', {});
   const model = models.find((m) => (opt.model ? m.name === opt.model : m.is_default));
   if (!model) fail(`no model ${opt.model || '(default)'} on ${opt.target}`);
@@ -164,26 +210,20 @@ async function lstmdLoops(seed) {
     const loops = Array.from({ length: streams }, (_, i) => {
       const rand = prng(seed + i);
       // Every message names the model: the contract lets later messages repeat the first one's.
-      const send = (call) => call.write({ model: opt.model, ...feed(rand) });
-      return () => closedLoop(() => client.Stream(), send, () => promptTokens);
+      const messages = encoded(client, 'Stream', () => ({ model: opt.model, ...feed(rand) }));
+      return () => closedLoop(bidi(client, 'Stream', (buffer) => buffer), messages, () => promptTokens);
     });
     return { loops, cleanup: async () => client.close() };
   }
   const sessions = await Promise.all(Array.from({ length: streams * perMessage },
     () => unary(client, 'CreateSession', { model: opt.model, top_k: 1 }).then((s) => s.session_id)));
+  const count = resultCounter(loaded, client);
   const loops = Array.from({ length: streams }, (_, i) => {
     const rand = prng(seed + i);
     const mine = sessions.slice(i * perMessage, (i + 1) * perMessage);
-    const send = (call) => call.write({ items: mine.map((id) => ({ session_id: id, ...feed(rand) })) });
-    const reply = ({ results }) => {
-      let ok = 0;
-      for (const r of results) {
-        if (r.prediction) ok += 1;
-        else countError(r.error?.code ?? grpc.status.UNKNOWN);
-      }
-      return ok * promptTokens;
-    };
-    return () => closedLoop(() => client.FeedMany(), send, reply);
+    const items = () => mine.map((id) => ({ session_id: id, ...feed(rand) }));
+    const messages = encoded(client, 'FeedMany', () => ({ items: items() }));
+    return () => closedLoop(bidi(client, 'FeedMany', count), messages, (answered) => answered * promptTokens);
   });
   const cleanup = async () => {
     await Promise.allSettled(sessions.map((id) => unary(client, 'DeleteSession', { session_id: id })));
@@ -195,13 +235,14 @@ async function lstmdLoops(seed) {
 function torchserveLoops(seed) {
   if (!opt['proto-dir'] || !opt.vocab) fail('--mode torchserve needs --proto-dir and --vocab');
   const service = 'org.pytorch.serve.grpc.inference.InferenceAPIsService';
-  const client = load('inference.proto', [opt['proto-dir']], service);
+  const [client] = load('inference.proto', [opt['proto-dir']], service);
   const vocab = num('vocab', 3);
+  const decode = client.constructor.service.StreamPredictions2.responseDeserialize;
   const loops = Array.from({ length: streams }, (_, i) => {
     const rand = prng(seed + i);
     const sequence = `seq-${seed}-${i}-${process.pid}-${Date.now()}`;
-    const send = (call) => call.write({ model_name: opt['model-name'], sequence_id: sequence,
-      input: { data: Buffer.from(String(tokenIds(rand, vocab, 1)[0])) } }); // the handler reads a decimal id
+    const messages = encoded(client, 'StreamPredictions2', () => ({ model_name: opt['model-name'],
+      sequence_id: sequence, input: { data: Buffer.from(String(tokenIds(rand, vocab, 1)[0])) } })); // a decimal id
     const reply = (r) => {
       if (r.status && r.status.code !== 0) {
         countError(r.status.code);
@@ -209,7 +250,7 @@ function torchserveLoops(seed) {
       }
       return 1;
     };
-    return () => closedLoop(() => client.StreamPredictions2(), send, reply);
+    return () => closedLoop(bidi(client, 'StreamPredictions2', decode), messages, reply);
   });
   return { loops, cleanup: async () => client.close() };
 }
