@@ -208,7 +208,7 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
             cpu, echo, ort = (x[n].get("server_cpu_s_per_1k_tokens", x[n].get("cpu_s_per_1k_tokens"))
                               for x in (lstmd, transport, compute))  # fmt: skip
             out.append((f"{n} streams: lstmd server CPU per token <= 1.5 x (echo server + compute ceiling)",
-                        f"{cpu:.3f} vs 1.5 x ({echo:.3f} + {ort:.3f}) ms", cpu <= 1.5 * (echo + ort)))  # fmt: skip
+                        f"{cpu:.3f} vs 1.5 x ({echo:.3f} + {ort:.3f}) CPU ms", cpu <= 1.5 * (echo + ort)))  # fmt: skip
     for n in (64, 256):
         if n in multi:
             ratio = multi[n]["tokens_per_s"] / compute[n]["tokens_per_s"]
@@ -220,12 +220,12 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
             p99, ts_p99 = lstmd[n]["latency_ms"]["p99"], ts[n]["latency_ms"]["p99"]
             holds = ratio >= times and p99 <= ts_p99
             out.append((f"{n} streams: >= {times:g} x TorchServe tokens/s, p99 no worse",
-                        f"{ratio:.1f} x, p99 {p99:.1f} vs {ts_p99:.1f} ms", holds))  # fmt: skip
+                        f"{ratio:.2f} x, p99 {p99:.1f} vs {ts_p99:.1f} ms", holds))  # fmt: skip
     for n in (64, 256):
         if n in multi and n in ts:
             ratio = multi[n]["tokens_per_s"] / ts[n]["tokens_per_s"]
             out.append((f"{n} sessions per message: lstmd multi-session >= 4 x TorchServe at {n} streams",
-                        f"{ratio:.1f} x", ratio >= 4))  # fmt: skip
+                        f"{ratio:.2f} x", ratio >= 4))  # fmt: skip
     one, echo_one, ort_one = (x[1]["latency_ms"]["p50"] for x in (lstmd, transport, compute))
     out.append(("1 stream: lstmd p50 <= echo p50 + compute ceiling batch-1 p50 + 0.1 ms",
                 f"{one:.3f} vs {echo_one:.3f} + {ort_one:.3f} + 0.1 ms", one <= echo_one + ort_one + 0.1))  # fmt: skip
