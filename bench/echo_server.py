@@ -2,17 +2,21 @@
 
     python -m bench.echo_server --port 0
 
-A bare ``grpc.aio`` server implementing just enough of ``lstmd.v1.Lstmd`` for ``lstmd bench``
-(ListModels and Stream): no model, no sessions, no interceptors. Every Stream request is
+A bare ``grpc.aio`` server implementing just enough of ``lstmd.v1.Lstmd`` for the benchmark's
+load generator (bench/loadgen) and ``lstmd bench``: ListModels, Stream, and FeedMany with
+CreateSession and DeleteSession; no model, no sessions, no interceptors. Every Stream request is
 answered with one pre-built Prediction of the same serialized size as the one lstmd-server
-sends for a one-token feed with top_k=1, with the same fields filled. Whatever ``lstmd bench``
-measures against it is the most any Python grpc.aio server can do here, before any real work.
+sends for a one-token feed with top_k=1, with the same fields filled; every FeedMany request with
+one FeedResult holding that Prediction per item. Whatever a load generator measures against it
+is the most any Python grpc.aio server can do here, before any real work.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import secrets
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,6 +44,14 @@ MODELS = pb.ListModelsResponse(
     models=[pb.ModelInfo(name="echo", version="1", vocab_size=10_000, num_layers=2, hidden_size=256,
                          state_bytes=8192, is_default=True, precision="fp32")]
 )  # fmt: skip
+
+
+@functools.cache
+def many_reply(items: int) -> pb.FeedManyResponse:
+    """The FeedMany answer to a request of ``items`` items, built once per size."""
+    return pb.FeedManyResponse(results=[pb.FeedResult(prediction=REPLY)] * items)
+
+
 # The transport options lstmd-server uses (server/app.py), so the two are comparable.
 OPTIONS = [("grpc.max_receive_message_length", 1 << 20), ("grpc.so_reuseport", 0)]
 
@@ -53,6 +65,18 @@ class EchoServicer(lstmd_pb2_grpc.LstmdServicer):
     ) -> AsyncIterator[pb.Prediction]:
         async for _ in request_iterator:
             yield REPLY
+
+    async def FeedMany(
+        self, request_iterator: AsyncIterator[pb.FeedManyRequest], context: Context
+    ) -> AsyncIterator[pb.FeedManyResponse]:
+        async for request in request_iterator:
+            yield many_reply(len(request.items))
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:
+        return pb.Session(session_id=secrets.token_hex(16), model="echo", model_version="1", top_k=request.top_k)
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Context) -> pb.DeleteSessionResponse:
+        return pb.DeleteSessionResponse()
 
 
 async def serve(port: int) -> None:

@@ -5,7 +5,7 @@
 A synchronous ``grpc.server`` on a thread pool, a plain dict of session id -> (h, c), and one
 batch-1 ``onnxruntime`` call per request with that session's state: no batching across
 sessions, no queue. It implements ListModels, CreateSession and Stream (token ids only), enough
-for ``lstmd bench``, so lstmd-server's batching can be compared with doing without it.
+for the benchmark's load generator, so lstmd-server's batching can be compared with doing without it.
 """
 
 from __future__ import annotations

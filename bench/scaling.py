@@ -1,5 +1,5 @@
 """The shared session store's cost: lstmd with sessions in memory and in Redis, one replica and two
-behind nginx, at 1 and 64 streams, all driven by the same load generator (``lstmd bench``).
+behind nginx, at 1 and 64 streams, all driven by the same load generator (bench/loadgen).
 
     python -m bench.scaling [--out docs/scaling] [--seconds 6]
 
@@ -69,7 +69,7 @@ def deployment(models_dir: str, store: str, replicas: int, folder: Path) -> Iter
         yield Replicas(members[0].process, proxy.target, members), proxy.process.pid
 
 
-def measure(models_dir: str, seconds: float, processes: int) -> list[dict[str, Any]]:
+def measure(models_dir: str, seconds: float) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -84,7 +84,9 @@ def measure(models_dir: str, seconds: float, processes: int) -> list[dict[str, A
                             assert redis.process is not None
                             redis_cpu = cpu_of(redis.process.pid)
                             proxy_cpu = cpu_of(proxy_pid) if proxy_pid else 0.0
-                            report = _process.load(server, streams, seconds, processes)
+                            # no warm-up: the run above warmed the deployment, and Redis's and nginx's
+                            # CPU are read around the whole run, not its measured window
+                            report = _process.load(server, streams, seconds, warmup=0)
                             tokens = max(report["tokens"], 1)
                             row = {
                                 "store": "memory" if store == "memory" else "redis",
@@ -137,10 +139,9 @@ def main() -> None:
     parser.add_argument("--out", default="docs/scaling", help="folder for scaling.json and scaling.md")
     parser.add_argument("--models-dir", default=str(BUNDLED_MODELS))
     parser.add_argument("--seconds", type=float, default=6.0, help="load time per measured point")
-    parser.add_argument("--processes", type=int, default=1, help="load-generating processes")
     args = parser.parse_args()
     print(HEADER)
-    rows = measure(args.models_dir, args.seconds, args.processes)
+    rows = measure(args.models_dir, args.seconds)
     summary = ratios(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ Each checkout's server runs with its own code and its own bundled model (this
 venv's packages), alternately, for ``--rounds`` rounds (each round in the other order: on this
 machine whichever server runs second in a round measured about 6% more CPU per token at 64
 streams, whatever its code), driven by this checkout's
-``lstmd bench``. Prints the medians of tokens/s, p50 and p99 per token and server CPU per
+load generator (bench/loadgen). Prints the medians of tokens/s, p50 and p99 per token and server CPU per
 token, and the new/old ratios.
 """
 
@@ -22,15 +22,14 @@ from typing import Any
 from bench import _process
 
 
-def measure(root: Path, streams: list[int], seconds: float, processes: int) -> dict[int, dict[str, Any]]:
+def measure(root: Path, streams: list[int], seconds: float) -> dict[int, dict[str, Any]]:
     # The package layout (``lstmd.server`` from proto/lstmd), or the top-level ``server`` before it.
     new_layout = (root / "proto" / "lstmd" / "server").exists()
     module, path = ("lstmd.server", root / "proto") if new_layout else ("server", root)
     command = [sys.executable, "-m", module, "--models-dir", str(root / "server" / "models"), "--host",
                "127.0.0.1", "--port", "0", "--metrics-port", "-1"]  # fmt: skip
     with _process.serve(command, _process.LSTMD_READY, cwd=str(root), env={"PYTHONPATH": str(path)}) as server:
-        _process.load(server, 8, 1.0)
-        return {n: _process.load(server, n, seconds, processes if n > 1 else 1) for n in streams}
+        return {n: _process.load(server, n, seconds) for n in streams}
 
 
 def main() -> None:
@@ -39,14 +38,13 @@ def main() -> None:
     parser.add_argument("--new", type=Path, default=Path("."), help="checkout of the new version")
     parser.add_argument("--streams", default="1,64")
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--processes", type=int, default=2, help="load-generating processes above 1 stream")
     parser.add_argument("--rounds", type=int, default=4, help="an even number cancels the order's effect")
     args = parser.parse_args()
     streams = [int(n) for n in args.streams.split(",")]
     runs: dict[str, list[dict[int, dict[str, Any]]]] = {"old": [], "new": []}
     for i in range(args.rounds):
         for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
-            runs[name].append(measure(getattr(args, name).resolve(), streams, args.seconds, args.processes))
+            runs[name].append(measure(getattr(args, name).resolve(), streams, args.seconds))
 
     def value(report: dict[str, Any], figure: str) -> float:
         if figure == "tokens/s":

@@ -1,15 +1,18 @@
-"""The TorchServe peer of the benchmark: the same model and load as ``lstmd bench``, served by TorchServe 0.12.
+"""The TorchServe peer of the benchmark: the same model and load as lstmd gets, served by TorchServe 0.12.
 
     bash bench/torchserve/setup.sh        # once: .venv-torchserve with TorchServe 0.12
-    python -m bench.torchserve.run --streams 1,8,64,256 --tokens 200 [--json]
+    npm ci --prefix bench/loadgen         # once: the load generator's packages
+    python -m bench.torchserve.run --streams 1,8,64,256 [--duration 8] [--json]
 
 Builds the archive (bench/torchserve/build.py), starts TorchServe with sequence batching on
-loopback ports, waits for the model, warms up, then for each concurrency runs N bidirectional
-``StreamPredictions2`` streams, each its own sequence id, each sending ``--tokens`` messages of
-one random token id and awaiting each reply before the next (closed loop, as client/bench.py).
-Reports client/bench.py's fields plus TorchServe's CPU seconds per 1k tokens (frontend JVM and
-workers, from psutil) and its RSS, then stops TorchServe. The gRPC stubs are generated at run
-time from the inference.proto inside TorchServe's frontend jar. Logs: runs/torchserve/logs/.
+loopback ports, waits for the model, checks its replies against ONNX Runtime, warms up, then for
+each concurrency runs the benchmark's load generator (bench/loadgen, ``--mode torchserve``): N
+bidirectional ``StreamPredictions2`` streams, each its own sequence id, each sending a message of
+one random token id and awaiting its reply before the next (the closed loop lstmd gets), for
+``--warmup`` then ``--duration`` seconds. Reports the generator's fields plus TorchServe's CPU
+seconds per 1k tokens over the measured window (frontend JVM and workers, from psutil) and its
+RSS, then stops TorchServe. inference.proto comes from TorchServe's frontend jar at run time (the
+check's Python stubs are generated from it). Logs: runs/torchserve/logs/.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 import psutil
 from grpc_tools import protoc  # type: ignore[import-untyped]
 
+from bench._process import loadgen
 from bench.torchserve.build import MODEL_DIR, MODEL_NAME, ROOT, TS_VENV, WORK_DIR, ServeConfig, build, config_properties
 
 VOCAB: int = json.loads((ROOT / MODEL_DIR / "model.json").read_text())["vocab_size"]
@@ -167,32 +171,6 @@ class TorchServe:
             self.proc.kill()
 
 
-class Level:
-    """One concurrency level: its streams warm up, then all start the measured load together."""
-
-    def __init__(self, server: TorchServe, args: argparse.Namespace, streams: int) -> None:
-        self.server, self.args, self.streams = server, args, streams
-        self.warming = streams
-        self.go = asyncio.Event()
-        self.latencies: list[float] = []
-        self.errors: dict[str, int] = {}
-        self.tokens = 0
-        self.deadline = 0.0
-        self.started = self.cpu = 0.0
-        self.usage: dict[str, float] = {}
-
-    def warmed(self) -> None:
-        """Called once by each stream; the last one starts the clocks."""
-        self.warming -= 1
-        if self.warming == 0:
-            self.usage, self.cpu, self.started = self.server.usage(), time.process_time(), time.time()
-            self.deadline = time.monotonic() + self.args.duration
-            self.go.set()
-
-    def count_error(self, code: str) -> None:
-        self.errors[code] = self.errors.get(code, 0) + 1
-
-
 async def step(call: Any, pb: Any, sequence: str, token: int) -> dict[str, Any] | str:
     """Send one token on the stream and await the reply: {"id": next word id, "p": its probability},
     or what went wrong."""
@@ -210,39 +188,6 @@ async def close(call: Any) -> None:
     await call.done_writing()
     while await call.read() is not grpc.aio.EOF:
         pass
-
-
-async def one_stream(stub: Any, pb: Any, level: Level, seed: int) -> None:
-    """One sequence on one StreamPredictions2 call: warm-up requests, then the measured ones, each
-    carrying one random token id and awaited before the next."""
-    args = level.args
-    rng = np.random.default_rng(seed)
-    sequence = f"seq-{uuid.uuid4().hex}"
-    call = stub.StreamPredictions2()
-    try:
-        try:
-            for _ in range(args.warmup_tokens):
-                if isinstance(reply := await step(call, pb, sequence, int(rng.integers(2, VOCAB))), str):
-                    level.count_error(f"warm-up {reply}")
-                    return
-        finally:
-            level.warmed()
-        await level.go.wait()
-        feeds = 0
-        while (feeds < args.tokens) if not args.duration else (time.monotonic() < level.deadline):
-            started = time.perf_counter()
-            reply = await step(call, pb, sequence, int(rng.integers(2, VOCAB)))
-            feeds += 1
-            if isinstance(reply, str):
-                level.count_error(reply)
-                if reply == "EOF":
-                    return
-            else:
-                level.latencies.append(time.perf_counter() - started)
-                level.tokens += 1
-        await close(call)
-    except grpc.aio.AioRpcError as e:
-        level.count_error(e.code().name)
 
 
 def expected_replies(sequences: list[list[int]]) -> list[list[tuple[int, float]]]:
@@ -291,29 +236,24 @@ async def verify(server: TorchServe, stubs: tuple[Any, Any], streams: int = 8, s
     return diff
 
 
-async def load(server: TorchServe, stubs: tuple[Any, Any], args: argparse.Namespace, streams: int,
-               first_seed: int) -> dict[str, Any]:  # fmt: skip
-    """Run one concurrency level; client/bench.py's report plus the server's CPU and RSS."""
-    pb, pb_grpc = stubs
-    level = Level(server, args, streams)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ports['grpc']}") as channel:
-        stub = pb_grpc.InferenceAPIsServiceStub(channel)
-        await asyncio.gather(*(one_stream(stub, pb, level, first_seed + i) for i in range(streams)))
-        wall, cpu, after = time.time() - level.started, time.process_time() - level.cpu, server.usage()
-    ms = np.array(level.latencies) * 1000
-    percentiles = {f"p{q}": float(np.percentile(ms, q)) if ms.size else 0.0 for q in (50, 90, 99)}
-    server_cpu = {k: after[k] - level.usage[k] for k in ("frontend_cpu_s", "workers_cpu_s")}
+def load(server: TorchServe, proto_dir: Path, args: argparse.Namespace, streams: int, seed: int) -> dict[str, Any]:
+    """One concurrency level from bench/loadgen: its report plus TorchServe's CPU over the measured
+    window (frontend JVM and workers) and its RSS."""
+    usage: dict[str, dict[str, float]] = {}
+
+    def window(edge: str) -> None:
+        usage[edge] = server.usage()
+
+    flags = ["--mode", "torchserve", "--proto-dir", str(proto_dir), "--model-name", MODEL_NAME, "--vocab", str(VOCAB),
+             "--streams", str(streams), "--duration", str(args.duration), "--warmup", str(args.warmup),
+             "--seed", str(seed)]  # fmt: skip
+    report = loadgen(f"127.0.0.1:{server.ports['grpc']}", flags, window)
+    before, after = usage["measuring"], usage["stopped"]
+    server_cpu = {k: after[k] - before[k] for k in ("frontend_cpu_s", "workers_cpu_s")}
     return {
-        "streams": streams,
-        "feeds": int(ms.size),
-        "tokens": level.tokens,
-        "seconds": wall,
-        "tokens_per_s": level.tokens / wall,
-        "latency_ms": {**percentiles, "max": float(ms.max()) if ms.size else 0.0},
-        "errors": level.errors,
-        "client_cpu_percent": 100 * cpu / wall,
+        **report,
         "server_cpu_s": sum(server_cpu.values()),
-        "server_cpu_s_per_1k_tokens": 1000 * sum(server_cpu.values()) / max(level.tokens, 1),
+        "server_cpu_s_per_1k_tokens": 1000 * sum(server_cpu.values()) / max(report["tokens"], 1),
         "server_cpu_split_s": {k: round(v, 3) for k, v in server_cpu.items()},
         "server_rss_mib": after["rss_mib"],
     }
@@ -329,7 +269,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     server = TorchServe(cfg, quiet_logs=not args.default_logs)
     results = []
     with tempfile.TemporaryDirectory(prefix="ts-") as tmp:
-        stubs = load_stubs(Path(tmp) / "stubs")
+        proto_dir = Path(tmp) / "stubs"
+        stubs = load_stubs(proto_dir)
         (Path(tmp) / "serve").mkdir()
         server.start(Path(tmp) / "serve")
         try:
@@ -339,12 +280,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 server.fail(str(e))
             print(f"TorchServe's replies match ONNX Runtime's (max probability difference {diff:.1e})", file=sys.stderr)
             if args.warmup_seconds:  # the JVM compiles its hot paths in the first seconds of load
-                warm_up = argparse.Namespace(**{**vars(args), "duration": args.warmup_seconds, "warmup_tokens": 0})
-                asyncio.run(load(server, stubs, warm_up, 8, 10**6))
+                warm_up = argparse.Namespace(**{**vars(args), "duration": args.warmup_seconds, "warmup": 0})
+                load(server, proto_dir, warm_up, 8, 10**3)
             for i, streams in enumerate(levels):
                 if i or args.warmup_seconds:  # TorchServe keeps a polling thread on each finished sequence
                     time.sleep(cfg.sequence_max_idle_ms / 1000 + 1)  # until it has been idle sequenceMaxIdleMSec
-                result = asyncio.run(load(server, stubs, args, streams, args.seed * 100_000 + i * 10**4))
+                result = load(server, proto_dir, args, streams, args.seed * 100 + i)
                 result["torchserve"] = {**cfg.__dict__, "threads": cfg.torch_threads()}
                 results.append(result)
                 if not args.json:
@@ -361,19 +302,18 @@ def format_row(r: dict[str, Any]) -> str:
     split = f"{f'{jvm:.2f}+{py:.2f}':>11}"
     return (f"{r['streams']:>7} {r['tokens_per_s']:>9,.0f} {lat['p50']:>8.2f} {lat['p90']:>8.2f} {lat['p99']:>8.2f} "
             f"{lat['max']:>8.2f} {r['server_cpu_s_per_1k_tokens']:>8.3f} {split} {r['server_rss_mib']:>7.0f} "
-            f"{r['client_cpu_percent']:>6.0f} {errors}")  # fmt: skip
+            f"{r['client_cpu_cores']:>6.2f} {errors}")  # fmt: skip
 
 
 HEADER = (f"{'streams':>7} {'tokens/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'cpu s/1k':>8} "
-          f"{'(jvm+py)':>11} {'RSS MiB':>7} {'client%':>6} errors")  # fmt: skip
+          f"{'(jvm+py)':>11} {'RSS MiB':>7} {'client':>6} errors")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", default="1,8,64,256", help="comma-separated concurrencies")
-    p.add_argument("--tokens", type=int, default=200, help="requests (one token each) per stream (unless --duration)")
-    p.add_argument("--duration", type=float, default=0.0, help="run each level this many seconds instead of a count")
-    p.add_argument("--warmup-tokens", type=int, default=20, help="unmeasured requests per stream before each level")
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per level")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds of each level's load before it")
     p.add_argument("--warmup-seconds", type=float, default=3.0, help="8 streams of unmeasured load after start-up")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--batch-size", type=int, default=ServeConfig.batch_size, help="TorchServe batchSize")
