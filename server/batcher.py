@@ -84,7 +84,10 @@ class Batcher:
         self._executor = executor
         self._max_batch = max_batch_size
         self._max_wait = max_wait_s
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._queue: list[_Request] = []  # in arrival order
+        self._queued_rows = 0
+        self._wanted_rows = 1  # the worker is woken once this many rows are queued (or its timer fires)
+        self._wake: asyncio.Future[None] | None = None
         self._last_batch = 0
         self._worker: asyncio.Task[None] | None = None
         # labelled metric children, looked up once rather than per step
@@ -112,8 +115,7 @@ class Batcher:
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         ids = np.asarray(tokens, np.int64)[None, :]
         full = logprobs or sampling is not None
-        self._queue.put_nowait(_Request(ids, state[:, :, None], max(top_k, 1), sampling, full, future,
-                                        time.perf_counter()))  # fmt: skip
+        self._put(_Request(ids, state[:, :, None], max(top_k, 1), sampling, full, future, time.perf_counter()))
         return await future
 
     async def run_rows(self, tokens: np.ndarray, states: list[np.ndarray], top_k: int) -> Rows:
@@ -121,26 +123,49 @@ class Batcher:
         request: one future and one queue entry for all of them (FeedMany's batched items)."""
         future: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
         state = np.stack(states, axis=2)  # (2, layers, rows, hidden)
-        request = _Request(tokens.reshape(-1, 1), state, max(top_k, 1), None, False, future, time.perf_counter(), True)
-        self._queue.put_nowait(request)
+        self._put(_Request(tokens.reshape(-1, 1), state, max(top_k, 1), None, False, future, time.perf_counter(), True))
         return await future
+
+    def _put(self, request: _Request) -> None:
+        self._queue.append(request)
+        self._queued_rows += request.rows
+        if self._wake is not None and self._queued_rows >= self._wanted_rows:
+            _wake_up(self._wake)
+
+    async def _rows_or_timeout(self, rows: int, timeout: float | None) -> None:
+        """Until ``rows`` rows are queued, or ``timeout`` seconds (None: no limit) have passed: one
+        future and at most one timer for the wait, not one per request."""
+        loop = asyncio.get_running_loop()
+        self._wanted_rows, self._wake = rows, loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _wake_up, self._wake)
+        try:
+            await self._wake
+        finally:
+            self._wake = None
+            if timer is not None:
+                timer.cancel()
+
+    def _take(self) -> list[_Request]:
+        """The oldest requests queued, up to ``max_batch_size`` rows (at least one request)."""
+        taken, rows = 0, 0
+        while taken < len(self._queue) and (taken == 0 or rows + self._queue[taken].rows <= self._max_batch):
+            rows += self._queue[taken].rows
+            taken += 1
+        batch, self._queue = self._queue[:taken], self._queue[taken:]
+        self._queued_rows -= rows
+        return batch
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            rows = batch[0].rows
-            while rows < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                rows += batch[-1].rows
-            deadline = loop.time() + self._max_wait
-            while rows < min(self._last_batch, self._max_batch) and (remaining := deadline - loop.time()) > 0:
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-                rows += batch[-1].rows
-            self._last_batch = rows
+            if not self._queue:
+                await self._rows_or_timeout(1, None)
+            # wait for company only while the previous batch was larger than what is queued now
+            company = min(self._last_batch, self._max_batch)
+            if self._queued_rows < company and self._max_wait > 0:
+                await self._rows_or_timeout(company, self._max_wait)
+            batch = self._take()
+            self._last_batch = sum(r.rows for r in batch)
             live = [r for r in batch if not r.future.done()]  # the caller may have been cancelled
             for group in _group_by_length(live):
                 results: list[StepResult | Rows | Exception]
@@ -198,6 +223,11 @@ class Batcher:
         batch_size.observe(row)
         tokens_total.inc(row * steps)
         return results
+
+
+def _wake_up(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _group_by_length(requests: list[_Request]) -> list[list[_Request]]:
