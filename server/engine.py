@@ -452,13 +452,12 @@ class Engine:
     def _top_candidates(session: Session, top_ids: np.ndarray, top_logprobs: np.ndarray, wanted: _Wanted
                         ) -> list[Candidate]:  # fmt: skip
         """The graph's top-k tokens after the session's last token, as candidates of ``wanted``'s kind."""
-        tokenizer, special = session.model.tokenizer, session.model.words.special
+        model, last = session.model, session.last_token
+        pieces, special = model.tokenizer.pieces, model.words.special
         pairs = zip(top_ids.tolist(), top_logprobs.tolist(), strict=True)
         top = [(i, lp) for i, lp in pairs if not (wanted.exclude_special and special[i])][: wanted.k]
         kind = "token" if wanted.token_kind else "word"
-        context = [] if session.last_token == NO_TOKEN else [session.last_token]
-        return [Candidate(tokenizer.pieces[i], i, math.exp(lp), kind, _text_after(tokenizer, context, [i]), [i])
-                for i, lp in top]  # fmt: skip
+        return [Candidate(pieces[i], i, math.exp(lp), kind, model.text_after(last, i), [i]) for i, lp in top]
 
     @staticmethod
     async def _steps(batcher: Batcher, ids: list[int], states: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:

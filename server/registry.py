@@ -7,6 +7,7 @@ names it: a server that silently serves fewer models than asked is worse than on
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -57,6 +58,13 @@ class Model:
         else:
             out = self.run(np.array([[first]], np.int64), zero[0], zero[1], 1)
             self._initial = (np.stack([out.h[:, 0], out.c[:, 0]]), zero[:, :, 0].copy(), first)
+
+    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019  (models live as long as the server)
+    def text_after(self, last_token: int, token: int) -> str:
+        """The text ``token`` adds after ``last_token`` (NO_TOKEN: none), as the tokenizer decodes it:
+        every candidate of every prediction asks for one, so it is cached."""
+        stream = self.tokenizer.text_stream([] if last_token == NO_TOKEN else [last_token])
+        return stream.add(token, last=True)
 
     def initial_state(self) -> tuple[np.ndarray, np.ndarray, int]:
         """A new session's (state, state before its last token, last token); copies. A model that
