@@ -307,6 +307,27 @@ def _run_onnx(args: argparse.Namespace) -> None:
     print(f"wrote {folder} ({(folder / 'model.onnx').stat().st_size / 1e6:.1f} MB), checked as lstmd-server loads it")
 
 
+def _add_reexport(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = _parser(sub, "reexport", "re-export a model folder of lstmd's own model from the weights in its "
+                "model.onnx, with this version's serving graph; verified, then it replaces the old graph")  # fmt: skip
+    p.add_argument("model_dir", help="the model folder (holding model.onnx), e.g. server/models/pd-english/1")
+    p.add_argument("--text", help="sample text for the real-input parity check (default: lstmd's English sample)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed absolute difference")
+
+
+def _run_reexport(args: argparse.Namespace) -> None:
+    from lstmd.export.reexport import reexport_model_dir
+    from lstmd.model.folder import read_model_dir
+
+    folder = Path(args.model_dir)
+    _, tokenizer = read_model_dir(folder)
+    report = reexport_model_dir(folder, _real_ids(args.text, tokenizer), args.tolerance)
+    print("verified: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
+    print(
+        f"re-exported {folder} ({(folder / 'model.onnx').stat().st_size / 1e6:.1f} MB), checked as lstmd-server loads it"
+    )
+
+
 def _add_baseline(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _parser(
         sub,
@@ -338,12 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_train(sub)
     _add_onnx(sub)
     _add_verify(sub)
+    _add_reexport(sub)
     _add_baseline(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify_command, "baseline": _run_baseline}[
-            args.command
-        ](args)
+        commands = {"train": _run_train, "onnx": _run_onnx, "verify": _run_verify_command,
+                    "reexport": _run_reexport, "baseline": _run_baseline}  # fmt: skip
+        commands[args.command](args)
     except ModuleNotFoundError as e:
         return missing_extra(e, f"lstmd-export {args.command}", "export")
     except ExportError as e:

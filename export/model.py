@@ -70,9 +70,14 @@ class LSTMLanguageModel(nn.Module):
         """Logits of the last step only, (batch, vocab): all serving needs. A prompt of n tokens
         then runs the decoder once instead of n times (it costs more than the LSTM per step)."""
         out, state = self._lstm(tokens, state)
-        # (batch, 1, hidden) rather than (batch, hidden): exported as MatMul, not Gemm, which
-        # ONNX Runtime's dynamic int8 quantization can quantize
-        return self.decoder(self.drop(out[:, -1:])).squeeze(1), state
+        last = self.drop(out[:, -1])  # (batch, hidden)
+        # The decoder written out rather than called: exported as a 2-D MatMul and an Add, which
+        # ONNX Runtime fuses into one Gemm when it loads the graph and which its dynamic int8
+        # quantization can quantize (nn.Linear on 2-D input exports as Gemm, which it cannot). A
+        # (batch, 1, hidden) input instead costs a separate Add and a Squeeze behind an If that
+        # copy the logits twice (a quarter of a step at batch 256: docs/runtime.md), and OpenVINO
+        # refuses the If.
+        return torch.matmul(last, self.decoder.weight.t()) + self.decoder.bias, state  # (batch, vocab)
 
     def _lstm(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         x = self.drop(self.embedding(tokens))  # (batch, time, embed)
