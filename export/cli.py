@@ -323,9 +323,8 @@ def _run_reexport(args: argparse.Namespace) -> None:
     _, tokenizer = read_model_dir(folder)
     report = reexport_model_dir(folder, _real_ids(args.text, tokenizer), args.tolerance)
     print("verified: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
-    print(
-        f"re-exported {folder} ({(folder / 'model.onnx').stat().st_size / 1e6:.1f} MB), checked as lstmd-server loads it"
-    )
+    size = (folder / "model.onnx").stat().st_size / 1e6
+    print(f"re-exported {folder} ({size:.1f} MB), checked as lstmd-server loads it")
 
 
 def _add_baseline(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
