@@ -15,7 +15,6 @@ import pytest
 from lstmd.client import AsyncClient, Client, InvalidInput, NotFound, PositionMismatch
 from lstmd.server import metrics
 from lstmd.v1 import lstmd_pb2 as pb
-from lstmd.v1 import lstmd_pb2_grpc
 from tests.conftest import Reference
 
 
@@ -68,16 +67,15 @@ async def test_without_coalescing_feeds_are_feed_calls(shared: Any) -> None:
         assert (calls("Feed") - feeds, calls("FeedMany") - streams) == (4, 0)
 
 
-class FeedOnly(lstmd_pb2_grpc.LstmdServicer):
-    """A server from before FeedMany: Feed answers, FeedMany is UNIMPLEMENTED."""
-
-    async def Feed(self, request: pb.FeedRequest, context: Any) -> pb.Prediction:
-        return pb.Prediction(session_id=request.session_id, position=7)
+async def feed_only(request: pb.FeedRequest, context: Any) -> pb.Prediction:
+    return pb.Prediction(session_id=request.session_id, position=7)
 
 
 async def test_a_server_without_feed_many_is_fed_with_feed() -> None:
+    """A server from before FeedMany: its lstmd.v1.Lstmd has Feed, and FeedMany is UNIMPLEMENTED."""
     server = grpc.aio.server()
-    lstmd_pb2_grpc.add_LstmdServicer_to_server(FeedOnly(), server)  # type: ignore[abstract]
+    feed = grpc.unary_unary_rpc_method_handler(feed_only, pb.FeedRequest.FromString, pb.Prediction.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lstmd.v1.Lstmd", {"Feed": feed}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
