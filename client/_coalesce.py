@@ -101,7 +101,9 @@ class FeedCoalescer:
                             future.set_exception(_item_error(result.error))
                 self._wake.set()  # room for the next message
         except grpc.RpcError as e:
-            self._unimplemented = e.code() == grpc.StatusCode.UNIMPLEMENTED
+            # the call's own status: a write that raced the server's end of the stream may have made
+            # this error INTERNAL ("Internal error from Core") where the server said UNIMPLEMENTED
+            self._unimplemented = grpc.StatusCode.UNIMPLEMENTED in (e.code(), await call.code())
             error: Exception = _Unimplemented() if self._unimplemented else e
         else:
             error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),

@@ -3,6 +3,7 @@ endpoint itself: the address it binds, the paths it answers, what idle connectio
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import time
@@ -146,7 +147,8 @@ def test_half_open_connections_start_no_threads_and_metrics_still_scrape(
         deadline = time.monotonic() + metrics_http.HEAD_TIMEOUT_S + 5
         for sock in idle:  # every idle connection is closed by the server: evicted, or timed out
             sock.settimeout(max(0.1, deadline - time.monotonic()))
-            assert sock.recv(1) == b""
+            with contextlib.suppress(ConnectionResetError):  # closed with our request head unread: a reset
+                assert sock.recv(1) == b""
     finally:
         for sock in idle:
             sock.close()
