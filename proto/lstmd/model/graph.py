@@ -47,14 +47,20 @@ def load(
     spinning: bool = True,
     optimization: str = "all",
     providers: Sequence[str] = ("cpu",),
+    memory_pattern: bool = False,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session for ``path``: ``threads`` intra-op threads (0: one per core),
     spinning or not while idle, an optimization level of ``OPTIMIZATION`` and providers of
-    ``PROVIDERS``. Raises ValueError for a provider this onnxruntime lacks."""
+    ``PROVIDERS``. Raises ValueError for a provider this onnxruntime lacks.
+
+    ONNX Runtime's memory pattern (one pre-planned block for a run's intermediate tensors) is off
+    by default: batch size and prompt length change from call to call here, and with it on a
+    step of the bundled model took up to 1.24 times as long at batch 64 and 256 (docs/runtime.md)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.enable_mem_pattern = memory_pattern
     options.graph_optimization_level = OPTIMIZATION[optimization]
     wanted = [PROVIDERS[p] for p in providers]
     available = ort.get_available_providers()
