@@ -96,7 +96,8 @@ async def cost(stub: Any, model: str, words: list[str], rounds: int, feeds: int,
     out |= {f"{mode}_cpu_ms": 1000 * cpu[mode] / n for mode in cpu}
     out |= {f"{mode}_rows": rows[mode] / n for mode in rows}
     out["ratio_ms"] = out["words_ms"] / out["tokens_ms"]
-    out["ratio_cpu"] = out["words_cpu_ms"] / out["tokens_cpu_ms"]
+    # a CI-sized run's token feeds may use less CPU than the clock's tick: no ratio then (NaN, "nan")
+    out["ratio_cpu"] = out["words_cpu_ms"] / out["tokens_cpu_ms"] if out["tokens_cpu_ms"] else float("nan")
     return out
 
 
