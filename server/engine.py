@@ -297,14 +297,14 @@ class Engine:
         # so every session's turn is claimed, and every quick item's lock taken, before any item runs.
         for session_id, indices in by_session.items():
             before, turn = order.claim(session_id)
+            # a quick item releases the turn itself only when no item of its session follows it
+            last = turn if len(indices) == 1 else None
             quick = None if before is not None else await self._quick(indices[0], items[indices[0]][1], session_id,
-                                                                       owner, turn)  # fmt: skip
+                                                                       owner, last)  # fmt: skip
             if quick is not None:
                 together.setdefault(quick.session.model.name, []).append(quick)
                 indices = indices[1:]
             if indices:
-                if quick is not None:
-                    quick.turn = None  # released by the items that follow it
                 one_by_one.append(self._in_turn(session_id, indices, items, owner, answers, order, before, turn))
         size = self.settings.max_batch_size
         steps = [self._step_together(quick[i : i + size], answers, order)
@@ -339,7 +339,7 @@ class Engine:
             order.release(session_id, turn)
 
     async def _quick(
-        self, index: int, args: FeedArgs, session_id: str, owner: str, turn: asyncio.Future[None]
+        self, index: int, args: FeedArgs, session_id: str, owner: str, turn: asyncio.Future[None] | None
     ) -> _Quick | None:
         """The item, locked, if it can be stepped with others: a store whose sessions live in this
         process, a free session at the expected position, one token, candidates from the graph's
