@@ -4,11 +4,14 @@ restart or crash (``Recovery``)."""
 
 from lstmd.client._async import AsyncClient, AsyncSession, AsyncStream
 from lstmd.client._errors import (
+    AlreadyExists,
     CapacityExceeded,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidInput,
     LstmdError,
     NotFound,
+    PermissionDenied,
     PositionMismatch,
     Unauthenticated,
     Unavailable,
@@ -18,6 +21,7 @@ from lstmd.client._sync import Client, Session, Stream
 from lstmd.client._types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo, Token, Tokenization
 
 __all__ = [
+    "AlreadyExists",
     "AsyncClient",
     "AsyncSession",
     "AsyncStream",
@@ -25,11 +29,13 @@ __all__ = [
     "CapacityExceeded",
     "Client",
     "DeadlineExceeded",
+    "FailedPrecondition",
     "GeneratedToken",
     "InvalidInput",
     "LstmdError",
     "ModelInfo",
     "NotFound",
+    "PermissionDenied",
     "PositionMismatch",
     "Prediction",
     "Recovery",

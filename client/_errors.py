@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+
+_POSITION_IN_MESSAGE = re.compile(r"session's position (\d+)")  # servers before the metadata said it only there
 
 
 class LstmdError(Exception):
@@ -22,14 +25,27 @@ class InvalidInput(LstmdError):
 
 
 class NotFound(LstmdError):
-    """Unknown model or session; a session may have expired or been evicted (NOT_FOUND)."""
+    """Unknown model or session (NOT_FOUND). For a session of the caller's that ended, ``reason``
+    says why ("expired", "evicted", "deleted", "lifetime", "restart", "unloaded", "exported": the
+    server's ``lstmd-session-end`` metadata) and ``ended_at`` when (an aware UTC datetime); both
+    are None when the server did not say."""
+
+    def __init__(self, code: str, details: str, reason: str | None = None, ended_at: datetime | None = None):
+        super().__init__(code, details)
+        self.reason = reason
+        self.ended_at = ended_at
 
 
 class CapacityExceeded(LstmdError):
     """The server is at its session limit, or the message was too large (RESOURCE_EXHAUSTED)."""
 
 
-class PositionMismatch(LstmdError):
+class FailedPrecondition(LstmdError):
+    """The server is not set up for the call, e.g. ExportSession without a session key
+    (FAILED_PRECONDITION); ``PositionMismatch`` is the case of a session at another position."""
+
+
+class PositionMismatch(FailedPrecondition):
     """``expected_position`` did not match (FAILED_PRECONDITION). ``actual_position`` is the
     session's real position, when the server said it: from the trailing metadata
     ``lstmd-position``, or, from older servers, the message."""
@@ -37,7 +53,7 @@ class PositionMismatch(LstmdError):
     def __init__(self, code: str, details: str, actual_position: int | None = None):
         super().__init__(code, details)
         if actual_position is None:
-            match = re.search(r"session's position (\d+)", details)
+            match = _POSITION_IN_MESSAGE.search(details)
             actual_position = int(match.group(1)) if match else None
         self.actual_position = actual_position
 
@@ -55,6 +71,14 @@ class Unauthenticated(LstmdError):
     """The server wants an API key and got none, or a wrong one (UNAUTHENTICATED)."""
 
 
+class PermissionDenied(LstmdError):
+    """The API key may not do this: an admin call, or importing another key's session (PERMISSION_DENIED)."""
+
+
+class AlreadyExists(LstmdError):
+    """ImportSession with keep_id of an id already in use (ALREADY_EXISTS)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[LstmdError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -63,25 +87,40 @@ _BY_CODE: dict[grpc.StatusCode, type[LstmdError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
 }
 
 
 POSITION_KEY = "lstmd-position"  # the server's trailing metadata on FAILED_PRECONDITION
+END_KEY, ENDED_AT_KEY = "lstmd-session-end", "lstmd-session-ended-at"  # on NOT_FOUND of a session that ended
+
+
+def _error(code: grpc.StatusCode, details: str, position: int | None, end: str | None, ended_at: datetime | None
+           ) -> LstmdError:  # fmt: skip
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        match = _POSITION_IN_MESSAGE.search(details)
+        if position is None and match is None:
+            return FailedPrecondition(code.name, details)
+        return PositionMismatch(code.name, details, position)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(code.name, details, end, ended_at)
+    return _BY_CODE.get(code, LstmdError)(code.name, details)
 
 
 def from_feed_error(error: Any) -> LstmdError:
     """A FeedMany item's error (a ``pb.FeedError``) as the error a Feed of it would raise."""
     code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return PositionMismatch(code.name, error.message, error.position if error.HasField("position") else None)
-    return _BY_CODE.get(code, LstmdError)(code.name, error.message)
+    end = error.DESCRIPTOR.fields_by_name["session_end"].enum_type.values_by_number[error.session_end].name
+    reason = end.removeprefix("SESSION_END_").lower() if error.session_end else None
+    ended_at = error.ended_at.ToDatetime(UTC) if error.HasField("ended_at") else None
+    return _error(code, error.message, error.position if error.HasField("position") else None, reason, ended_at)
 
 
 def from_rpc_error(error: grpc.RpcError) -> LstmdError:
-    code = error.code()
-    details = error.details() or ""
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        trailing: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-        position = next((value for key, value in trailing or () if key == POSITION_KEY), None)  # (key, value) pairs
-        return PositionMismatch(code.name, details, int(position) if isinstance(position, str) else None)
-    return _BY_CODE.get(code, LstmdError)(code.name, details)
+    trailing: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    metadata = {key: value for key, value in trailing or () if isinstance(value, str)}  # (key, value) pairs
+    position = metadata.get(POSITION_KEY)
+    ended_at = metadata.get(ENDED_AT_KEY)
+    return _error(error.code(), error.details() or "", int(position) if position else None,
+                  metadata.get(END_KEY), datetime.fromisoformat(ended_at) if ended_at else None)  # fmt: skip

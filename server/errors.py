@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 POSITION_KEY = "lstmd-position"  # trailing metadata of FAILED_PRECONDITION: the session's actual position
+END_KEY = "lstmd-session-end"  # trailing metadata of NOT_FOUND for a session that ended: why
+ENDED_AT_KEY = "lstmd-session-ended-at"  # and when, RFC 3339 in UTC
+# Why a session ended: the names of lstmd.v1.SessionEnd without their prefix, lowercased.
+END_REASONS = ("deleted", "expired", "evicted", "lifetime", "restart", "unloaded", "exported")
 ECHO_CHARS = 40  # characters of a request's value that an error message or a log line repeats
 
 
@@ -35,7 +41,36 @@ class NotFound(LstmdError):
     pass
 
 
-class PositionMismatch(LstmdError):
+class SessionEnded(NotFound):
+    """A session of the caller's that existed and ended: ``reason`` (one of END_REASONS) and ``when``
+    (Unix seconds) go back as trailing metadata beside the message, which says them for a person."""
+
+    def __init__(self, message: str, reason: str, when: float):
+        if reason not in END_REASONS:
+            raise ValueError(f"unknown session end reason {reason!r}")
+        super().__init__(message)
+        self.reason, self.when = reason, when
+        self.metadata = ((END_KEY, reason), (ENDED_AT_KEY, rfc3339(when)))
+
+
+def rfc3339(seconds: float) -> str:
+    """Unix seconds as RFC 3339 in UTC, to the millisecond: 2026-12-02T06:00:00.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds * 1000) % 1000:03d}Z"
+
+
+class FailedPrecondition(LstmdError):
+    """The server is not set up for the call, or not in the state it needs (FAILED_PRECONDITION)."""
+
+
+class PermissionDenied(LstmdError):
+    """The caller's API key may not do this (PERMISSION_DENIED)."""
+
+
+class AlreadyExists(LstmdError):
+    pass
+
+
+class PositionMismatch(FailedPrecondition):
     def __init__(self, expected: int, actual: int):
         super().__init__(
             f"expected_position {expected} does not match the session's position {actual}: the session "
@@ -70,7 +105,9 @@ class DeadlineExceeded(LstmdError):
 STATUS = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
-    PositionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,

@@ -123,6 +123,35 @@ def _parse(where: str, entry: str) -> ApiKey:
     return ApiKey(name or "key-" + digest.hex()[:12], digest)
 
 
+MIN_SESSION_KEY_CHARS = 32
+
+
+def load_session_keys(settings: Settings) -> list[bytes]:
+    """The session keys (server.session_blob signs exported sessions with the first and accepts any):
+    from ``session_keys_file`` (one a line, blank lines and ``#`` comments skipped), then
+    ``session_keys`` (comma separated). Empty when none is configured."""
+    entries: list[tuple[str, str]] = []
+    if settings.session_keys_file:
+        path = Path(settings.session_keys_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SecurityConfigError(f"session keys file {path}: cannot read it: {e}") from None
+        entries += [(f"{path} line {n}", line.strip()) for n, line in enumerate(lines, start=1)
+                    if line.strip() and not line.strip().startswith("#")]  # fmt: skip
+    items = [item.strip() for item in settings.session_keys.split(",")]
+    entries += [(f"--session-keys (LSTMD_SESSION_KEYS) entry {n}", k) for n, k in enumerate(items, start=1) if k]
+    keys: list[bytes] = []
+    for where, key in entries:
+        if not _KEY.fullmatch(key) or len(key) < MIN_SESSION_KEY_CHARS:
+            raise SecurityConfigError(f"{where}: a session key is at least {MIN_SESSION_KEY_CHARS} characters of "
+                                      f"printable ASCII without spaces; make one with: {_MAKE_KEY}")  # fmt: skip
+        if key.encode() in keys:
+            raise SecurityConfigError(f"{where}: the same session key is listed twice")
+        keys.append(key.encode())
+    return keys
+
+
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials from the settings' PEM files (client certificates required when a client
     CA is given); None for plaintext."""

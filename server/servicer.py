@@ -179,6 +179,16 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
         return convert.tokenization(await self.engine.tokenize(request.model, request.text))
 
+    # in progress (issue 18): each is replaced by its implementation
+    async def ReloadModels(self, request: pb.ReloadModelsRequest, context: Context) -> pb.ReloadModelsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReloadModels is not implemented yet")
+
+    async def ExportSession(self, request: pb.ExportSessionRequest, context: Context) -> pb.ExportSessionResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExportSession is not implemented yet")
+
+    async def ImportSession(self, request: pb.ImportSessionRequest, context: Context) -> pb.Session:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ImportSession is not implemented yet")
+
 
 def _check_later(request: pb.StreamRequest, first: pb.StreamRequest) -> None:
     """A stream's session and model come from its first message; a later one may only repeat them."""

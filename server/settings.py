@@ -40,6 +40,19 @@ class Settings:
     metrics_host: str = _setting("", "address to bind the /metrics HTTP server to (empty: the same as --host)")
     models_dir: str = _setting(str(BUNDLED_MODELS), "folder holding one sub-folder per model")
     default_model: str = _setting("", "model used when a request names none (empty: the only or first model)")
+    model_versions: str = _setting(
+        "",
+        "pinned versions, 'name=version' comma separated: new sessions of these models go to these versions "
+        "instead of the newest (ReloadModels changes them)",
+    )
+    models_poll_s: float = _setting(
+        0.0, "look for new version folders every this many seconds (0: only on SIGHUP and ReloadModels)"
+    )
+    version_drain_s: float = _setting(
+        3600.0,
+        "a version no longer served unloads when its last session ends, or this many seconds after it stopped "
+        "being served; its sessions left then end ('unloaded')",
+    )
     max_sessions: int = _setting(100_000, "most sessions held at once")
     at_capacity: str = _setting(
         "evict",
@@ -53,6 +66,12 @@ class Settings:
         "(needs the redis extra: pip install 'lstmd[redis]')",
     )
     sweep_interval_s: float = _setting(10.0, "how often the sweeper looks for expired sessions")
+    session_max_lifetime_s: float = _setting(
+        0.0, "sessions end this many seconds after they were created, however much they are used (0: no limit)"
+    )
+    ended_sessions_kept: int = _setting(
+        100_000, "ended sessions whose reason and time a NOT_FOUND reports (the oldest are forgotten first)"
+    )
     max_batch_size: int = _setting(256, "most single-token steps run in one ONNX Runtime call")
     max_batch_wait_ms: float = _setting(
         1.0, "how long a step may wait for company, only while other steps are in flight"
@@ -85,6 +104,11 @@ class Settings:
         "all", "ONNX Runtime graph optimisation level", ["disable", "basic", "extended", "all"]
     )
     providers: str = _setting("cpu", "ONNX Runtime execution providers, comma separated: cpu, cuda")
+    drain_s: float = _setting(
+        0.0,
+        "on SIGTERM, seconds the health service says NOT_SERVING while calls are still served, before the "
+        "listener closes: time for load balancers and probes to stop routing here (a second signal skips it)",
+    )
     grace_s: float = _setting(10.0, "on SIGTERM, seconds in-flight calls get to finish")
     snapshot_dir: str = _setting(
         "", "folder for the session snapshot: written at shutdown, restored at start (empty: sessions are not kept)"
@@ -106,6 +130,16 @@ class Settings:
         "", "API keys, comma separated, each '[name:]key' (prefer the environment variable to the flag)", secret=True
     )
     max_sessions_per_key: int = _setting(0, "with API keys: most sessions one key may hold at once (0: no limit)")
+    admin_keys: str = _setting(
+        "", "with API keys: names of the keys that may make admin calls (ReloadModels), comma separated"
+    )
+    session_keys: str = _setting(
+        "",
+        "keys that sign (and encrypt) exported session blobs, comma separated, each at least 32 characters: the "
+        "first signs, every one verifies (rotation); prefer the environment variable to the flag",
+        secret=True,
+    )
+    session_keys_file: str = _setting("", "file of session keys, one a line, '#' comments; read before --session-keys")
     keyless_services: str = _setting(
         "health,reflection", "with API keys: services callable without one, comma separated: health, reflection"
     )
@@ -167,6 +201,14 @@ class Settings:
             out.append("--generate-write-timeout-s must be positive")
         if self.session_ttl_s <= 0 or self.sweep_interval_s <= 0:
             out.append("--session-ttl-s and --sweep-interval-s must be positive")
+        if self.drain_s < 0 or self.version_drain_s < 0 or self.models_poll_s < 0:
+            out.append("--drain-s, --version-drain-s and --models-poll-s must not be negative")
+        if self.session_max_lifetime_s < 0:
+            out.append("--session-max-lifetime-s must not be negative (0: no limit)")
+        if self.ended_sessions_kept < 0:
+            out.append("--ended-sessions-kept must not be negative")
+        if any("=" not in pin for pin in filter(None, self.model_versions.split(","))):
+            out.append("--model-versions takes 'name=version' pairs, comma separated")
         if self.snapshot_interval_s < 0:
             out.append("--snapshot-interval-s must not be negative")
         if self.snapshot_interval_s and not self.snapshot_dir:

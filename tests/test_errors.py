@@ -59,7 +59,9 @@ def test_error_mapping_table() -> None:
         grpc.StatusCode.INVALID_ARGUMENT: client.InvalidInput,
         grpc.StatusCode.NOT_FOUND: client.NotFound,
         grpc.StatusCode.RESOURCE_EXHAUSTED: client.CapacityExceeded,
-        grpc.StatusCode.FAILED_PRECONDITION: client.PositionMismatch,
+        grpc.StatusCode.FAILED_PRECONDITION: client.FailedPrecondition,
+        grpc.StatusCode.PERMISSION_DENIED: client.PermissionDenied,
+        grpc.StatusCode.ALREADY_EXISTS: client.AlreadyExists,
         grpc.StatusCode.UNAVAILABLE: client.Unavailable,
         grpc.StatusCode.DEADLINE_EXCEEDED: client.DeadlineExceeded,
         grpc.StatusCode.INTERNAL: client.LstmdError,
@@ -67,7 +69,8 @@ def test_error_mapping_table() -> None:
     for code, cls in expected.items():
         error = from_rpc_error(_Fake(code))
         assert type(error) is cls and error.code == code.name
-    assert from_rpc_error(_Fake(grpc.StatusCode.FAILED_PRECONDITION, mismatch)).actual_position == 7  # type: ignore[attr-defined]
+    moved = from_rpc_error(_Fake(grpc.StatusCode.FAILED_PRECONDITION, mismatch))
+    assert isinstance(moved, client.PositionMismatch) and moved.actual_position == 7
 
     class WithMetadata(_Fake):
         def trailing_metadata(self) -> Any:

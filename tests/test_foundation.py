@@ -41,6 +41,9 @@ def test_contract_has_every_planned_rpc() -> None:
         "FeedMany": (True, True),
         "Generate": (False, True),
         "Tokenize": (False, False),
+        "ReloadModels": (False, False),
+        "ExportSession": (False, False),
+        "ImportSession": (False, False),
     }
     assert lstmd_pb2.DESCRIPTOR.package == "lstmd.v1"
 

@@ -13,9 +13,17 @@ Errors (standard gRPC status codes; the message says what to change):
   of a stream included), request bytes that are not a valid message of the method's request
   type (corrupt wire format, invalid UTF-8 in a string field): "the request is not a valid
   lstmd.v1.FeedRequest message: ...".
-- NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
-  With API keys, another key's session is NOT_FOUND too, with the same message.
-- FAILED_PRECONDITION: `expected_position` does not match the session's position; the
+- NOT_FOUND: unknown model or session. For a session of the caller's own that existed, the
+  message says why it ended and when, and the trailing metadata says it for programs:
+  `lstmd-session-end` holds the reason as SessionEnd names it without its prefix, lowercased
+  ("expired", "evicted", "deleted", "lifetime", "restart", "unloaded", "exported"), and
+  `lstmd-session-ended-at` the time, RFC 3339 in UTC ("2026-12-02T06:00:00.123Z"). The server
+  keeps these records for a bounded number of ended sessions (LSTMD_ENDED_SESSIONS_KEPT); past
+  that, and for an id it never issued, the answer is the plain NOT_FOUND without the metadata.
+  With API keys, another key's session is NOT_FOUND too, always the plain one: it learns nothing.
+- FAILED_PRECONDITION: the server is not set up for the call (ExportSession or ImportSession
+  without a session key: LSTMD_SESSION_KEYS; an ImportSession of a model version this server
+  has not loaded). Or `expected_position` does not match the session's position; the
   trailing metadata `lstmd-position` holds the actual position (decimal), and the message
   says it too. A retry of the feed applied last with the same input and options is replayed,
   not refused; this answer means the session moved otherwise (another feed, or this input
@@ -26,6 +34,9 @@ Errors (standard gRPC status codes; the message says what to change):
   nothing was applied, and the call may be retried after the number of milliseconds in the
   trailing metadata `lstmd-retry-after-ms` (also sent as `grpc-retry-pushback-ms`, which gRPC's
   own retry policies honour). Health checks are never refused this way.
+- PERMISSION_DENIED: an admin call (ReloadModels) by an API key not named in LSTMD_ADMIN_KEYS,
+  or an ImportSession of a blob exported under another API key.
+- ALREADY_EXISTS: an ImportSession with `keep_id` of an id a session here already holds.
 - UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)
   and the call had none or a wrong one. Health and reflection need none unless configured.
 - UNAVAILABLE: the server is shutting down or overloaded; safe to retry a request that
@@ -87,6 +98,48 @@ FINISH_REASON_MAX_TOKENS: FinishReason.ValueType  # 1
 FINISH_REASON_STOP_WORD: FinishReason.ValueType  # 2
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _SessionEnd:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionEndEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionEnd.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_END_UNSPECIFIED: _SessionEnd.ValueType  # 0
+    SESSION_END_DELETED: _SessionEnd.ValueType  # 1
+    """DeleteSession; or an ephemeral session, freed when its stream or generation ended."""
+    SESSION_END_EXPIRED: _SessionEnd.ValueType  # 2
+    """Idle for longer than LSTMD_SESSION_TTL_S."""
+    SESSION_END_EVICTED: _SessionEnd.ValueType  # 3
+    """The least recently used idle session, removed to make room at LSTMD_MAX_SESSIONS."""
+    SESSION_END_LIFETIME: _SessionEnd.ValueType  # 4
+    """Reached LSTMD_SESSION_MAX_LIFETIME_S since it was created, however much it was used."""
+    SESSION_END_RESTART: _SessionEnd.ValueType  # 5
+    """Lost when the server restarted: it was not in the snapshot the server came back from."""
+    SESSION_END_UNLOADED: _SessionEnd.ValueType  # 6
+    """Its model version was unloaded at the end of its drain (see *versions*)."""
+    SESSION_END_EXPORTED: _SessionEnd.ValueType  # 7
+    """Ended by an ExportSession with end_session: its blob holds it now."""
+
+class SessionEnd(_SessionEnd, metaclass=_SessionEndEnumTypeWrapper):
+    """Why a session ended (NOT_FOUND's `lstmd-session-end` metadata, FeedError.session_end)."""
+
+SESSION_END_UNSPECIFIED: SessionEnd.ValueType  # 0
+SESSION_END_DELETED: SessionEnd.ValueType  # 1
+"""DeleteSession; or an ephemeral session, freed when its stream or generation ended."""
+SESSION_END_EXPIRED: SessionEnd.ValueType  # 2
+"""Idle for longer than LSTMD_SESSION_TTL_S."""
+SESSION_END_EVICTED: SessionEnd.ValueType  # 3
+"""The least recently used idle session, removed to make room at LSTMD_MAX_SESSIONS."""
+SESSION_END_LIFETIME: SessionEnd.ValueType  # 4
+"""Reached LSTMD_SESSION_MAX_LIFETIME_S since it was created, however much it was used."""
+SESSION_END_RESTART: SessionEnd.ValueType  # 5
+"""Lost when the server restarted: it was not in the snapshot the server came back from."""
+SESSION_END_UNLOADED: SessionEnd.ValueType  # 6
+"""Its model version was unloaded at the end of its drain (see *versions*)."""
+SESSION_END_EXPORTED: SessionEnd.ValueType  # 7
+"""Ended by an ExportSession with end_session: its blob holds it now."""
+Global___SessionEnd: _TypeAlias = SessionEnd  # noqa: Y015
+
 @_typing.final
 class ListModelsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -137,6 +190,11 @@ class ModelInfo(_message.Message):
     TEST_PERPLEXITY_FIELD_NUMBER: _builtins.int
     TOKENIZER_FIELD_NUMBER: _builtins.int
     STARTS_FROM_ZEROS_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    UNLOAD_AT_FIELD_NUMBER: _builtins.int
+    VOCABULARY_SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     vocab_size: _builtins.int
@@ -163,6 +221,22 @@ class ModelInfo(_message.Message):
     (card `initial: "zeros"`): such a session has no prediction, and no completion of a
     word_prefix, until something is fed.
     """
+    sessions: _builtins.int
+    """Sessions of this version held now (by this server; with sessions shared in Redis, by all
+    replicas).
+    """
+    serving: _builtins.bool
+    """True for the version new sessions of this model go to (its newest, or the operator's pin)."""
+    draining: _builtins.bool
+    """True for a version no longer served that is kept for its sessions until they end, or until
+    `unload_at` (unset: no deadline).
+    """
+    vocabulary_sha256: _builtins.str
+    """SHA-256 of the vocabulary (its tokens in id order), hex: two versions with the same one give
+    token ids the same meaning.
+    """
+    @_builtins.property
+    def unload_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -177,10 +251,15 @@ class ModelInfo(_message.Message):
         test_perplexity: _builtins.float = ...,
         tokenizer: _builtins.str = ...,
         starts_from_zeros: _builtins.bool = ...,
+        sessions: _builtins.int = ...,
+        serving: _builtins.bool = ...,
+        draining: _builtins.bool = ...,
+        unload_at: _timestamp_pb2.Timestamp | None = ...,
+        vocabulary_sha256: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["unload_at", b"unload_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_size", b"hidden_size", "is_default", b"is_default", "name", b"name", "num_layers", b"num_layers", "precision", b"precision", "starts_from_zeros", b"starts_from_zeros", "state_bytes", b"state_bytes", "test_perplexity", b"test_perplexity", "tokenizer", b"tokenizer", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "hidden_size", b"hidden_size", "is_default", b"is_default", "name", b"name", "num_layers", b"num_layers", "precision", b"precision", "serving", b"serving", "sessions", b"sessions", "starts_from_zeros", b"starts_from_zeros", "state_bytes", b"state_bytes", "test_perplexity", b"test_perplexity", "tokenizer", b"tokenizer", "unload_at", b"unload_at", "version", b"version", "vocab_size", b"vocab_size", "vocabulary_sha256", b"vocabulary_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -221,16 +300,26 @@ class Session(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     LAST_USED_FIELD_NUMBER: _builtins.int
+    VOCABULARY_SHA256_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """128-bit random id, 32 lowercase hex characters."""
     model: _builtins.str
     model_version: _builtins.str
     position: _builtins.int
     top_k: _builtins.int
+    vocabulary_sha256: _builtins.str
+    """As ModelInfo.vocabulary_sha256 of the session's model version."""
     @_builtins.property
     def created(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_used(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires(self) -> _timestamp_pb2.Timestamp:
+        """When the session ends however it is used (LSTMD_SESSION_MAX_LIFETIME_S after `created`);
+        unset: no lifetime limit.
+        """
+
     def __init__(
         self,
         *,
@@ -241,10 +330,12 @@ class Session(_message.Message):
         top_k: _builtins.int = ...,
         created: _timestamp_pb2.Timestamp | None = ...,
         last_used: _timestamp_pb2.Timestamp | None = ...,
+        vocabulary_sha256: _builtins.str = ...,
+        expires: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "last_used", b"last_used"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "expires", b"expires", "last_used", b"last_used"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "last_used", b"last_used", "model", b"model", "model_version", b"model_version", "position", b"position", "session_id", b"session_id", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "expires", b"expires", "last_used", b"last_used", "model", b"model", "model_version", b"model_version", "position", b"position", "session_id", b"session_id", "top_k", b"top_k", "vocabulary_sha256", b"vocabulary_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -550,6 +641,8 @@ class FeedError(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
+    SESSION_END_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """A gRPC status code number: 3 INVALID_ARGUMENT, 5 NOT_FOUND, 8 RESOURCE_EXHAUSTED,
     9 FAILED_PRECONDITION, 14 UNAVAILABLE, 13 INTERNAL...
@@ -558,16 +651,22 @@ class FeedError(_message.Message):
     """What to change, as Feed's status message."""
     position: _builtins.int
     """FAILED_PRECONDITION: the session's actual position (Feed's `lstmd-position` metadata)."""
+    session_end: Global___SessionEnd.ValueType
+    """NOT_FOUND of a session of the caller's that ended: why and when (the metadata of Feed's NOT_FOUND)."""
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         position: _builtins.int | None = ...,
+        session_end: Global___SessionEnd.ValueType = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "position", b"position"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "ended_at", b"ended_at", "position", b"position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "code", b"code", "message", b"message", "position", b"position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "code", b"code", "ended_at", b"ended_at", "message", b"message", "position", b"position", "session_end", b"session_end"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__position: _TypeAlias = _typing.Literal["position"]  # noqa: Y015
     _WhichOneofArgType__position: _TypeAlias = _typing.Literal["_position", b"_position"]  # noqa: Y015
@@ -892,3 +991,157 @@ class TokenizeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015
+
+@_typing.final
+class ReloadModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PinsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PINS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pins(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Model name: the version its new sessions go to. "" unpins (its newest). Pins hold until changed
+        or the server restarts (LSTMD_MODEL_VERSIONS sets them at start).
+        """
+
+    def __init__(
+        self,
+        *,
+        pins: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pins", b"pins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadModelsRequest: _TypeAlias = ReloadModelsRequest  # noqa: Y015
+
+@_typing.final
+class ReloadModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    LOADED_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """Every loaded version, after the reload."""
+
+    @_builtins.property
+    def loaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Versions this call loaded, and versions it set draining, each as "name/version"."""
+
+    @_builtins.property
+    def draining(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelInfo] | None = ...,
+        loaded: _abc.Iterable[_builtins.str] | None = ...,
+        draining: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "loaded", b"loaded", "models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadModelsResponse: _TypeAlias = ReloadModelsResponse  # noqa: Y015
+
+@_typing.final
+class ExportSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ENCRYPT_FIELD_NUMBER: _builtins.int
+    END_SESSION_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    encrypt: _builtins.bool
+    """Also encrypt the blob (AES-256-GCM), not only authenticate it: its holder learns nothing of the
+    session's text from it.
+    """
+    end_session: _builtins.bool
+    """End the session once exported (reason "exported"): a move."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        encrypt: _builtins.bool = ...,
+        end_session: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypt", b"encrypt", "end_session", b"end_session", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSessionRequest: _TypeAlias = ExportSessionRequest  # noqa: Y015
+
+@_typing.final
+class ExportSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOB_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    blob: _builtins.bytes
+    """The blob, to give to ImportSession unchanged."""
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session as exported."""
+
+    def __init__(
+        self,
+        *,
+        blob: _builtins.bytes = ...,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSessionResponse: _TypeAlias = ExportSessionResponse  # noqa: Y015
+
+@_typing.final
+class ImportSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOB_FIELD_NUMBER: _builtins.int
+    KEEP_ID_FIELD_NUMBER: _builtins.int
+    blob: _builtins.bytes
+    keep_id: _builtins.bool
+    """Keep the exported session's id (ALREADY_EXISTS when a session here holds it); else a new one."""
+    def __init__(
+        self,
+        *,
+        blob: _builtins.bytes = ...,
+        keep_id: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "keep_id", b"keep_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSessionRequest: _TypeAlias = ImportSessionRequest  # noqa: Y015

@@ -85,6 +85,21 @@ class LstmdStub:
                 request_serializer=lstmd_dot_v1_dot_lstmd__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=lstmd_dot_v1_dot_lstmd__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.ReloadModels = channel.unary_unary(
+                '/lstmd.v1.Lstmd/ReloadModels',
+                request_serializer=lstmd_dot_v1_dot_lstmd__pb2.ReloadModelsRequest.SerializeToString,
+                response_deserializer=lstmd_dot_v1_dot_lstmd__pb2.ReloadModelsResponse.FromString,
+                _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/lstmd.v1.Lstmd/ExportSession',
+                request_serializer=lstmd_dot_v1_dot_lstmd__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=lstmd_dot_v1_dot_lstmd__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/lstmd.v1.Lstmd/ImportSession',
+                request_serializer=lstmd_dot_v1_dot_lstmd__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=lstmd_dot_v1_dot_lstmd__pb2.Session.FromString,
+                _registered_method=True)
 
 
 class LstmdServicer:
@@ -223,6 +238,47 @@ class LstmdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadModels(self, request, context):
+        """Admin: reads the models folder again and applies the operator's pins. Every version folder not
+        yet loaded is loaded (checked as at start-up; a broken one fails the call with
+        FAILED_PRECONDITION naming it, and nothing changes); then for each model new sessions go to its
+        pinned version (`pins`, or LSTMD_MODEL_VERSIONS at start) or else its newest, and every other
+        loaded version drains (see *versions* above). Sessions are never dropped by a reload. SIGHUP
+        does the same without pins (the pins already set stay), and so does the folder watch
+        (LSTMD_MODELS_POLL_S). With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
+        Errors: PERMISSION_DENIED, FAILED_PRECONDITION, INVALID_ARGUMENT (a pin of an unknown model or a
+        version its folder lacks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """The session's whole state as a signed blob, for the caller to keep or to take to another server:
+        its LSTM state, position, last token, top_k, creation time, model name and version, API key id
+        and exactly-once record, authenticated with the server's session key (HMAC-SHA-256) and, with
+        `encrypt`, encrypted (AES-256-GCM). The blob's format is versioned and documented in
+        docs/reliability.md ("Portable session state"). With `end_session` the session ends once
+        exported (reason "exported"): the blob is then its only copy. Waits for feeds in flight.
+        Errors: NOT_FOUND, INVALID_ARGUMENT (malformed id), FAILED_PRECONDITION (no session key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """A session made from an ExportSession blob, on any server with the same session key (one of
+        LSTMD_SESSION_KEYS) and the blob's model version loaded: it answers exactly as the exported
+        session would have, bit for bit, and replays its last exactly-once feed. A new id unless
+        `keep_id`. Errors: INVALID_ARGUMENT (not a blob, or changed, or signed with a key this server
+        lacks), FAILED_PRECONDITION (no session key here, or the blob's model version is not loaded),
+        PERMISSION_DENIED (exported under another API key), ALREADY_EXISTS (keep_id, id in use),
+        RESOURCE_EXHAUSTED (session limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LstmdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -275,6 +331,21 @@ def add_LstmdServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=lstmd_dot_v1_dot_lstmd__pb2.TokenizeRequest.FromString,
                     response_serializer=lstmd_dot_v1_dot_lstmd__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'ReloadModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModels,
+                    request_deserializer=lstmd_dot_v1_dot_lstmd__pb2.ReloadModelsRequest.FromString,
+                    response_serializer=lstmd_dot_v1_dot_lstmd__pb2.ReloadModelsResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=lstmd_dot_v1_dot_lstmd__pb2.ExportSessionRequest.FromString,
+                    response_serializer=lstmd_dot_v1_dot_lstmd__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=lstmd_dot_v1_dot_lstmd__pb2.ImportSessionRequest.FromString,
+                    response_serializer=lstmd_dot_v1_dot_lstmd__pb2.Session.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -548,6 +619,87 @@ class Lstmd:
             '/lstmd.v1.Lstmd/Tokenize',
             lstmd_dot_v1_dot_lstmd__pb2.TokenizeRequest.SerializeToString,
             lstmd_dot_v1_dot_lstmd__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmd.v1.Lstmd/ReloadModels',
+            lstmd_dot_v1_dot_lstmd__pb2.ReloadModelsRequest.SerializeToString,
+            lstmd_dot_v1_dot_lstmd__pb2.ReloadModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmd.v1.Lstmd/ExportSession',
+            lstmd_dot_v1_dot_lstmd__pb2.ExportSessionRequest.SerializeToString,
+            lstmd_dot_v1_dot_lstmd__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmd.v1.Lstmd/ImportSession',
+            lstmd_dot_v1_dot_lstmd__pb2.ImportSessionRequest.SerializeToString,
+            lstmd_dot_v1_dot_lstmd__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,

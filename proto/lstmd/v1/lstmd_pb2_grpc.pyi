@@ -13,9 +13,17 @@ Errors (standard gRPC status codes; the message says what to change):
   of a stream included), request bytes that are not a valid message of the method's request
   type (corrupt wire format, invalid UTF-8 in a string field): "the request is not a valid
   lstmd.v1.FeedRequest message: ...".
-- NOT_FOUND: unknown model or session (a session may also have expired or been evicted).
-  With API keys, another key's session is NOT_FOUND too, with the same message.
-- FAILED_PRECONDITION: `expected_position` does not match the session's position; the
+- NOT_FOUND: unknown model or session. For a session of the caller's own that existed, the
+  message says why it ended and when, and the trailing metadata says it for programs:
+  `lstmd-session-end` holds the reason as SessionEnd names it without its prefix, lowercased
+  ("expired", "evicted", "deleted", "lifetime", "restart", "unloaded", "exported"), and
+  `lstmd-session-ended-at` the time, RFC 3339 in UTC ("2026-12-02T06:00:00.123Z"). The server
+  keeps these records for a bounded number of ended sessions (LSTMD_ENDED_SESSIONS_KEPT); past
+  that, and for an id it never issued, the answer is the plain NOT_FOUND without the metadata.
+  With API keys, another key's session is NOT_FOUND too, always the plain one: it learns nothing.
+- FAILED_PRECONDITION: the server is not set up for the call (ExportSession or ImportSession
+  without a session key: LSTMD_SESSION_KEYS; an ImportSession of a model version this server
+  has not loaded). Or `expected_position` does not match the session's position; the
   trailing metadata `lstmd-position` holds the actual position (decimal), and the message
   says it too. A retry of the feed applied last with the same input and options is replayed,
   not refused; this answer means the session moved otherwise (another feed, or this input
@@ -26,6 +34,9 @@ Errors (standard gRPC status codes; the message says what to change):
   nothing was applied, and the call may be retried after the number of milliseconds in the
   trailing metadata `lstmd-retry-after-ms` (also sent as `grpc-retry-pushback-ms`, which gRPC's
   own retry policies honour). Health checks are never refused this way.
+- PERMISSION_DENIED: an admin call (ReloadModels) by an API key not named in LSTMD_ADMIN_KEYS,
+  or an ImportSession of a blob exported under another API key.
+- ALREADY_EXISTS: an ImportSession with `keep_id` of an id a session here already holds.
 - UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)
   and the call had none or a wrong one. Health and reflection need none unless configured.
 - UNAVAILABLE: the server is shutting down or overloaded; safe to retry a request that
@@ -156,6 +167,35 @@ class LstmdStub:
     Errors: INVALID_ARGUMENT (empty text, or text over the server's character or token limit per
     feed), NOT_FOUND (unknown model).
     """
+    ReloadModels: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.ReloadModelsRequest, _lstmd_pb2.ReloadModelsResponse]
+    """Admin: reads the models folder again and applies the operator's pins. Every version folder not
+    yet loaded is loaded (checked as at start-up; a broken one fails the call with
+    FAILED_PRECONDITION naming it, and nothing changes); then for each model new sessions go to its
+    pinned version (`pins`, or LSTMD_MODEL_VERSIONS at start) or else its newest, and every other
+    loaded version drains (see *versions* above). Sessions are never dropped by a reload. SIGHUP
+    does the same without pins (the pins already set stay), and so does the folder watch
+    (LSTMD_MODELS_POLL_S). With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
+    Errors: PERMISSION_DENIED, FAILED_PRECONDITION, INVALID_ARGUMENT (a pin of an unknown model or a
+    version its folder lacks).
+    """
+    ExportSession: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.ExportSessionRequest, _lstmd_pb2.ExportSessionResponse]
+    """The session's whole state as a signed blob, for the caller to keep or to take to another server:
+    its LSTM state, position, last token, top_k, creation time, model name and version, API key id
+    and exactly-once record, authenticated with the server's session key (HMAC-SHA-256) and, with
+    `encrypt`, encrypted (AES-256-GCM). The blob's format is versioned and documented in
+    docs/reliability.md ("Portable session state"). With `end_session` the session ends once
+    exported (reason "exported"): the blob is then its only copy. Waits for feeds in flight.
+    Errors: NOT_FOUND, INVALID_ARGUMENT (malformed id), FAILED_PRECONDITION (no session key).
+    """
+    ImportSession: _grpc.UnaryUnaryMultiCallable[_lstmd_pb2.ImportSessionRequest, _lstmd_pb2.Session]
+    """A session made from an ExportSession blob, on any server with the same session key (one of
+    LSTMD_SESSION_KEYS) and the blob's model version loaded: it answers exactly as the exported
+    session would have, bit for bit, and replays its last exactly-once feed. A new id unless
+    `keep_id`. Errors: INVALID_ARGUMENT (not a blob, or changed, or signed with a key this server
+    lacks), FAILED_PRECONDITION (no session key here, or the blob's model version is not loaded),
+    PERMISSION_DENIED (exported under another API key), ALREADY_EXISTS (keep_id, id in use),
+    RESOURCE_EXHAUSTED (session limit).
+    """
 
 @_typing.type_check_only
 class LstmdAsyncStub(LstmdStub):
@@ -251,6 +291,35 @@ class LstmdAsyncStub(LstmdStub):
     session and creates none.
     Errors: INVALID_ARGUMENT (empty text, or text over the server's character or token limit per
     feed), NOT_FOUND (unknown model).
+    """
+    ReloadModels: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.ReloadModelsRequest, _lstmd_pb2.ReloadModelsResponse]  # type: ignore[assignment]
+    """Admin: reads the models folder again and applies the operator's pins. Every version folder not
+    yet loaded is loaded (checked as at start-up; a broken one fails the call with
+    FAILED_PRECONDITION naming it, and nothing changes); then for each model new sessions go to its
+    pinned version (`pins`, or LSTMD_MODEL_VERSIONS at start) or else its newest, and every other
+    loaded version drains (see *versions* above). Sessions are never dropped by a reload. SIGHUP
+    does the same without pins (the pins already set stay), and so does the folder watch
+    (LSTMD_MODELS_POLL_S). With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
+    Errors: PERMISSION_DENIED, FAILED_PRECONDITION, INVALID_ARGUMENT (a pin of an unknown model or a
+    version its folder lacks).
+    """
+    ExportSession: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.ExportSessionRequest, _lstmd_pb2.ExportSessionResponse]  # type: ignore[assignment]
+    """The session's whole state as a signed blob, for the caller to keep or to take to another server:
+    its LSTM state, position, last token, top_k, creation time, model name and version, API key id
+    and exactly-once record, authenticated with the server's session key (HMAC-SHA-256) and, with
+    `encrypt`, encrypted (AES-256-GCM). The blob's format is versioned and documented in
+    docs/reliability.md ("Portable session state"). With `end_session` the session ends once
+    exported (reason "exported"): the blob is then its only copy. Waits for feeds in flight.
+    Errors: NOT_FOUND, INVALID_ARGUMENT (malformed id), FAILED_PRECONDITION (no session key).
+    """
+    ImportSession: _aio.UnaryUnaryMultiCallable[_lstmd_pb2.ImportSessionRequest, _lstmd_pb2.Session]  # type: ignore[assignment]
+    """A session made from an ExportSession blob, on any server with the same session key (one of
+    LSTMD_SESSION_KEYS) and the blob's model version loaded: it answers exactly as the exported
+    session would have, bit for bit, and replays its last exactly-once feed. A new id unless
+    `keep_id`. Errors: INVALID_ARGUMENT (not a blob, or changed, or signed with a key this server
+    lacks), FAILED_PRECONDITION (no session key here, or the blob's model version is not loaded),
+    PERMISSION_DENIED (exported under another API key), ALREADY_EXISTS (keep_id, id in use),
+    RESOURCE_EXHAUSTED (session limit).
     """
 
 class LstmdServicer(metaclass=_abc_1.ABCMeta):
@@ -404,6 +473,53 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
         session and creates none.
         Errors: INVALID_ARGUMENT (empty text, or text over the server's character or token limit per
         feed), NOT_FOUND (unknown model).
+        """
+
+    @_abc_1.abstractmethod
+    def ReloadModels(
+        self,
+        request: _lstmd_pb2.ReloadModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lstmd_pb2.ReloadModelsResponse, _abc.Awaitable[_lstmd_pb2.ReloadModelsResponse]]:
+        """Admin: reads the models folder again and applies the operator's pins. Every version folder not
+        yet loaded is loaded (checked as at start-up; a broken one fails the call with
+        FAILED_PRECONDITION naming it, and nothing changes); then for each model new sessions go to its
+        pinned version (`pins`, or LSTMD_MODEL_VERSIONS at start) or else its newest, and every other
+        loaded version drains (see *versions* above). Sessions are never dropped by a reload. SIGHUP
+        does the same without pins (the pins already set stay), and so does the folder watch
+        (LSTMD_MODELS_POLL_S). With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
+        Errors: PERMISSION_DENIED, FAILED_PRECONDITION, INVALID_ARGUMENT (a pin of an unknown model or a
+        version its folder lacks).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSession(
+        self,
+        request: _lstmd_pb2.ExportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lstmd_pb2.ExportSessionResponse, _abc.Awaitable[_lstmd_pb2.ExportSessionResponse]]:
+        """The session's whole state as a signed blob, for the caller to keep or to take to another server:
+        its LSTM state, position, last token, top_k, creation time, model name and version, API key id
+        and exactly-once record, authenticated with the server's session key (HMAC-SHA-256) and, with
+        `encrypt`, encrypted (AES-256-GCM). The blob's format is versioned and documented in
+        docs/reliability.md ("Portable session state"). With `end_session` the session ends once
+        exported (reason "exported"): the blob is then its only copy. Waits for feeds in flight.
+        Errors: NOT_FOUND, INVALID_ARGUMENT (malformed id), FAILED_PRECONDITION (no session key).
+        """
+
+    @_abc_1.abstractmethod
+    def ImportSession(
+        self,
+        request: _lstmd_pb2.ImportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lstmd_pb2.Session, _abc.Awaitable[_lstmd_pb2.Session]]:
+        """A session made from an ExportSession blob, on any server with the same session key (one of
+        LSTMD_SESSION_KEYS) and the blob's model version loaded: it answers exactly as the exported
+        session would have, bit for bit, and replays its last exactly-once feed. A new id unless
+        `keep_id`. Errors: INVALID_ARGUMENT (not a blob, or changed, or signed with a key this server
+        lacks), FAILED_PRECONDITION (no session key here, or the blob's model version is not loaded),
+        PERMISSION_DENIED (exported under another API key), ALREADY_EXISTS (keep_id, id in use),
+        RESOURCE_EXHAUSTED (session limit).
         """
 
 def add_LstmdServicer_to_server(servicer: LstmdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
