@@ -4,6 +4,7 @@ the engine, and graceful shutdown on SIGTERM / SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -56,10 +57,17 @@ class RunningServer:
     def metrics_port(self) -> int:
         return self.metrics_http.port if self.metrics_http else -1
 
-    async def stop(self, grace: float) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``, then
-        write the session snapshot (when configured)."""
+    async def stop(self, grace: float, drain_s: float = 0.0, skip_drain: asyncio.Event | None = None) -> None:
+        """Health NOT_SERVING; keep serving calls for ``drain_s`` (until ``skip_drain`` is set), so that
+        load balancers and probes see it and stop routing here before anything is refused; then refuse
+        new calls, let in-flight calls finish within ``grace``, and write the session snapshot (when
+        configured)."""
         await self.health.enter_graceful_shutdown()
+        if drain_s > 0:
+            log.info("draining: health NOT_SERVING, still serving calls for %g s before the listener closes "
+                     "(a second SIGTERM or Ctrl-C skips the rest)", drain_s)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((skip_drain or asyncio.Event()).wait(), drain_s)
         await self.server.stop(grace)
         if self.health_only:
             await self.health_only[0].stop(0)
@@ -159,14 +167,19 @@ def open_store(settings: Settings, registry: ModelRegistry) -> tuple[SessionStor
 async def run(settings: Settings, registry: ModelRegistry) -> None:
     """The server process: serve until SIGTERM or SIGINT, then stop gracefully."""
     sys.setswitchinterval(GIL_SWITCH_S)
-    stopping = asyncio.Event()
+    stopping, hurry = asyncio.Event(), asyncio.Event()  # the first signal, and a second one
+
+    def on_signal() -> None:
+        (hurry if stopping.is_set() else stopping).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal)
     running = await start(settings, registry)
     await stopping.wait()
-    log.info("shutting down: finishing in-flight calls (up to %g s)", settings.grace_s)
-    await running.stop(settings.grace_s)
+    log.info("shutting down: health NOT_SERVING; in-flight calls get up to %g s once the listener closes",
+             settings.grace_s)  # fmt: skip
+    await running.stop(settings.grace_s, settings.drain_s, hurry)
     log.info("stopped")
 
 

@@ -41,6 +41,8 @@ def test_compose_scale_variant_fits_the_nginx_config_and_the_settings() -> None:
         store = Settings(session_store=env["LSTMD_SESSION_STORE"])
         assert not store.problems()
         assert store.session_store == "redis://redis:6379/0" and "redis" in services
+        drain = float(env["LSTMD_DRAIN_S"])  # a replica leaving says NOT_SERVING before its listener closes
+        assert drain > 0 and _seconds(services[name]["stop_grace_period"]) > drain + Settings().grace_s
     redis = services["redis"]
     assert "--appendonly" in redis["command"] and any(v.endswith(":/data") for v in redis["volumes"])
     assert services["nginx"]["volumes"] == ["./nginx/nginx.conf:/etc/nginx/nginx.conf:ro"]
@@ -68,10 +70,20 @@ def test_kustomize_directory_parses_and_agrees() -> None:
         assert by_kind[("Service", name)]["spec"]["selector"] == {"app": "lstmd"}
         assert by_kind[("Service", name)]["spec"]["ports"][0]["targetPort"] == "grpc"
     assert {"containerPort": 50051, "name": "grpc"} in container["ports"]
+    # the readiness probe notices the drain (NOT_SERVING) before it ends, and the pod is killed only after it
+    probe, drain = container["readinessProbe"], float(env["LSTMD_DRAIN_S"])
+    assert probe["periodSeconds"] * probe.get("failureThreshold", 3) < drain
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain + Settings().grace_s
     statefulset = by_kind[("StatefulSet", "lstmd-redis")]
     redis = statefulset["spec"]["template"]["spec"]["containers"][0]
     assert "--appendonly" in redis["args"] and redis["volumeMounts"][0]["mountPath"] == "/data"
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == redis["volumeMounts"][0]["name"]
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration such as "25s" or "1m30s" in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", duration))
 
 
 def test_kustomize_renders_manifests_that_the_kubernetes_api_schemas_accept() -> None:
