@@ -250,10 +250,11 @@ class Engine:
         """A session made from an exported blob: the caller's own (its API key exported it), on the
         model version it was exported from, with its id when ``keep_id``."""
         session = self._blobs().open(blob, self._loaded_version, keep_id)
-        if session.owner != owner:
+        if session.owner != owner:  # the message names the caller's key only: the blob's holder learns nothing
+            caller = f"API key {owner!r}" if owner else "no API key (keys are off here)"
             raise PermissionDenied(
-                f"the blob holds a session of API key {session.owner or '(none: keys off)'!r}, not of this call's "
-                f"{owner or '(none: keys off)'!r}: import it with the key that exported it"
+                f"the blob was exported under another API key than this call's ({caller}): import it with the key "
+                "that exported it"
             )
         await self.store.insert(session)
         return session

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -315,27 +316,30 @@ async def test_export_of_a_missing_or_malformed_session(two: tuple[Any, Any]) ->
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed session id" in message
 
 
-async def test_a_blob_of_another_api_key_is_permission_denied(make_server: ServerFactory) -> None:
+async def test_a_blob_of_another_api_key_is_permission_denied_and_quotas_hold(make_server: ServerFactory) -> None:
     keys = f"alice:{KEY_A},bob:{KEY_B}"
     async with (
         make_server(session_keys=KEY, api_keys=keys) as (first, _),
-        make_server(session_keys=KEY, api_keys=keys) as (second, _),
+        make_server(session_keys=KEY, api_keys=keys, max_sessions_per_key=1) as (second, _),
         make_server(session_keys=KEY) as (_, keyless),
         open_channel(first) as one,
         open_channel(second) as two,
     ):
         alice = As(one, KEY_A)
-        blob = (await export(alice, await fed(alice))).blob
+        blob = (await export(alice, await fed(alice), encrypt=True)).blob
         code, message = await code_of(import_(As(two, KEY_B), blob))
-        assert code == grpc.StatusCode.PERMISSION_DENIED and "'alice'" in message and "'bob'" in message
+        assert (
+            code == grpc.StatusCode.PERMISSION_DENIED and "another API key than this call's (API key 'bob')" in message
+        )
+        assert "alice" not in message  # an encrypted blob's holder learns nothing of whose it is
         code, message = await code_of(import_(keyless, blob))
-        assert code == grpc.StatusCode.PERMISSION_DENIED and "'alice'" in message
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "no API key (keys are off here)" in message
         imported = await import_(As(two, KEY_A), blob)
         assert (await code_of(As(two, KEY_B).GetSession(pb.GetSessionRequest(session_id=imported.session_id))))[0] == (
             grpc.StatusCode.NOT_FOUND
         )  # fmt: skip
-        code, _ = await code_of(import_(As(two, KEY_A), b"LSTMDSES" + bytes(100)))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        code, message = await code_of(import_(As(two, KEY_A), blob))  # alice's quota here is one session
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "'alice' holds its maximum of 1 sessions" in message
 
 
 async def test_keep_id_takes_the_blobs_id_once(two: tuple[Any, Any]) -> None:
@@ -420,53 +424,64 @@ def clusters(models_dir: Path) -> Iterator[tuple[str, str]]:
         server.close()
 
 
-def test_readme_a_client_keeps_its_context_between_visits(clusters: tuple[str, str]) -> None:
-    target, _ = clusters
-    with Client(target) as client:
-        twin = client.create_session()
-        twin.feed("the cat sat on the")
-        expected = twin.feed(" mat and")
+def readme_snippets(a: str, b: str) -> list[str]:
+    """The Python blocks of the README's "Portable session state", pointed at the servers ``a`` and ``b``."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("### Portable session state\n", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 4, "the README shows the three uses in four blocks"
+    return [block.replace("lstmd-a:50051", a).replace("lstmd-b:50051", b) for block in blocks]
 
-        # first visit
+
+def twin(target: str, *texts: str) -> Any:
+    """The prediction after feeding ``texts`` to a new session that was never moved."""
+    with Client(target) as client:
         session = client.create_session()
-        session.feed("the cat sat on the")
-        blob = session.export(end_session=True)  # the client keeps the blob; the server keeps nothing
-        with pytest.raises(NotFound):
-            client.get_session(session.id)
-        # next visit
-        session = client.import_session(blob)
-        prediction = session.feed(" mat and")
-    assert seen_client(prediction) == seen_client(expected)
+        return [session.feed(text) for text in texts][-1]
+
+
+def test_readme_a_client_keeps_its_context_between_visits(clusters: tuple[str, str]) -> None:
+    visit, next_visit, _, _ = readme_snippets(*clusters)
+    seen_here: dict[str, Any] = {"Client": Client}
+    exec(visit, seen_here)
+    assert HEADER.unpack_from(seen_here["saved"])[2] == 1  # encrypted
+    with Client(clusters[0]) as client, pytest.raises(NotFound):
+        client.get_session(seen_here["session"].id)  # the server keeps nothing between the visits
+    exec(next_visit, seen_here)
+    assert seen_client(seen_here["prediction"]) == seen_client(twin(clusters[0], "the king and the", " queen"))
 
 
 def test_readme_a_session_moves_to_another_cluster(clusters: tuple[str, str]) -> None:
     here, there = clusters
-    with Client(here) as a, Client(there) as b:
-        session = a.create_session()
+    with Client(here) as client:
+        session = client.create_session()
         session.feed("the clouds are in the")
-        moved = b.import_session(a.export_session(session.id, encrypt=True, end_session=True))
-        assert moved.position == session.position
-        twin = a.create_session()
-        twin.feed("the clouds are in the")
-        assert seen_client(moved.feed(" sky")) == seen_client(twin.feed(" sky"))
+    names: dict[str, Any] = {"Client": Client, "session_id": session.id}
+    exec(readme_snippets(here, there)[2], names)
+    assert names["moved"].id == session.id and names["moved"].position == session.position
+    with Client(here) as client, pytest.raises(NotFound):
+        client.get_session(session.id)
+    with Client(there) as client:
+        assert seen_client(client.feed(session.id, " sky")) == seen_client(twin(here, "the clouds are in the", " sky"))
 
 
 def test_readme_a_replica_is_drained_without_a_shared_store(clusters: tuple[str, str]) -> None:
     leaving, staying = clusters
-    with Client(leaving) as old, Client(staying) as new:
-        ids = []
-        for text in ("the king and the queen", "a ship on the sea"):
-            session = old.create_session()
+    texts = ("the king and the queen", "a ship on the sea", "the sun")
+    with Client(leaving) as client:
+        sessions = [client.create_session() for _ in texts]
+        for session, text in zip(sessions, texts, strict=True):
             session.feed(text)
-            ids.append(session.id)
-        for session_id in ids:  # the drain: each session moves, keeping its id
-            new.import_session(old.export_session(session_id, end_session=True), keep_id=True)
-        for session_id in ids:
-            assert new.get_session(session_id).position > 0
+    exec(readme_snippets(leaving, staying)[3], {"Client": Client, "session_ids": [s.id for s in sessions]})
+    with Client(leaving) as old, Client(staying) as new:
+        for session, text in zip(sessions, texts, strict=True):
             with pytest.raises(NotFound):
-                old.get_session(session_id)
+                old.get_session(session.id)
+            moved = new.get_session(session.id)
+            assert moved.position == session.position
+            assert seen_client(new.feed(moved.id, " and")) == seen_client(twin(leaving, text, " and"))
         with pytest.raises(AlreadyExists):
-            new.import_session(new.export_session(ids[0]), keep_id=True)
+            new.import_session(new.export_session(sessions[0].id), keep_id=True)
 
 
 async def test_async_client_exports_and_imports(clusters: tuple[str, str], shared: tuple[RunningServer, Any]) -> None:
