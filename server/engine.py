@@ -229,8 +229,9 @@ class Engine:
 
     async def export_session(self, session_id: str, owner: str, encrypt: bool, end: bool) -> tuple[bytes, Session]:
         """The session's blob, and the session as exported. Under the session's lock, so a feed or a
-        generation in flight finishes first and the blob holds a state some call left. With ``end`` the
-        session is removed once sealed: the blob is its only copy."""
+        generation in flight here finishes first and the blob holds a state some call left (a shared
+        store: the newest stored state; see docs/reliability.md for what can come between). With
+        ``end`` the session is removed once sealed: the blob is its only copy."""
         blobs = self._blobs()
         session = await self.store.get(session_id, owner)
         session.users += 1
