@@ -322,23 +322,23 @@ async def test_a_blob_of_another_api_key_is_permission_denied_and_quotas_hold(ma
         make_server(session_keys=KEY, api_keys=keys) as (first, _),
         make_server(session_keys=KEY, api_keys=keys, max_sessions_per_key=1) as (second, _),
         make_server(session_keys=KEY) as (_, keyless),
-        open_channel(first) as one,
-        open_channel(second) as two,
+        open_channel(first) as to_first,
+        open_channel(second) as to_second,
     ):
-        alice = As(one, KEY_A)
+        alice, alice_there, bob_there = As(to_first, KEY_A), As(to_second, KEY_A), As(to_second, KEY_B)
         blob = (await export(alice, await fed(alice), encrypt=True)).blob
-        code, message = await code_of(import_(As(two, KEY_B), blob))
+        code, message = await code_of(import_(bob_there, blob))
         assert (
             code == grpc.StatusCode.PERMISSION_DENIED and "another API key than this call's (API key 'bob')" in message
         )
         assert "alice" not in message  # an encrypted blob's holder learns nothing of whose it is
         code, message = await code_of(import_(keyless, blob))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "no API key (keys are off here)" in message
-        imported = await import_(As(two, KEY_A), blob)
-        assert (await code_of(As(two, KEY_B).GetSession(pb.GetSessionRequest(session_id=imported.session_id))))[0] == (
+        imported = await import_(alice_there, blob)
+        assert (await code_of(bob_there.GetSession(pb.GetSessionRequest(session_id=imported.session_id))))[0] == (
             grpc.StatusCode.NOT_FOUND
         )  # fmt: skip
-        code, message = await code_of(import_(As(two, KEY_A), blob))  # alice's quota here is one session
+        code, message = await code_of(import_(alice_there, blob))  # alice's quota here is one session
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "'alice' holds its maximum of 1 sessions" in message
 
 
