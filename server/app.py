@@ -128,7 +128,7 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"
     log.info("sessions in %s", store.describe())
     log.info("TLS %s; API keys %s", tls, f"on: {len(keys)} ({', '.join(k.id for k in keys.keys)})" if keys else "off")
-    log.info("session export and import %s", f"on: {len(session_keys)} session keys" if session_keys else
+    log.info("session export and import %s", f"on (session keys: {len(session_keys)})" if session_keys else
              "off (no LSTMD_SESSION_KEYS)")  # fmt: skip
     return running
 

@@ -28,8 +28,9 @@ from lstmd.client import AlreadyExists, AsyncClient, Client, FailedPrecondition,
 from lstmd.export.model import LSTMLanguageModel, ModelConfig
 from lstmd.export.onnx_export import write_model_dir
 from lstmd.model import graph
-from lstmd.model.tokenizer import EOS, UNK, Vocab
+from lstmd.model.tokenizer import EOS, UNK, TokenizerSpec, Vocab
 from lstmd.server.app import RunningServer
+from lstmd.server.security import SecurityConfigError
 from lstmd.v1 import lstmd_pb2 as pb
 from tests.conftest import HIDDEN, LAYERS, WORDS, ServerFactory, ServerProcess, serve
 from tests.test_security import KEY_A, KEY_B, As, open_channel
@@ -199,6 +200,21 @@ async def test_export_waits_for_a_generation_in_flight(make_server: ServerFactor
         assert (await task).session.position == start + 3000
 
 
+async def test_a_session_with_nothing_fed_of_a_model_that_starts_from_zeros_moves_too(
+    other_models: Path,
+) -> None:
+    """No last token yet (-1 in the blob): the imported session, too, gives its first token no log-probability."""
+    async with (
+        serve(other_models, session_keys=KEY) as (_, a),
+        serve(other_models, session_keys=KEY) as (_, b),
+    ):
+        source = (await a.CreateSession(pb.CreateSessionRequest(model="zero"))).session_id
+        imported = await import_(b, (await export(a, source, encrypt=True)).blob)
+        assert imported.position == 0
+        here, there = await a.Feed(probe_request(source)), await b.Feed(probe_request(imported.session_id))
+        assert seen(here) == seen(there) and len(there.token_logprobs) == len(PROBE) - 1
+
+
 # refusals
 
 
@@ -274,24 +290,26 @@ async def test_a_blob_signed_with_another_key_is_refused_and_keys_rotate(make_se
 
 
 @pytest.fixture(scope="module")
-def version_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder whose "tiny" is version 2 (other weights, the same vocabulary) and no "tiny2"."""
-    root = tmp_path_factory.mktemp("version-two")
+def other_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder whose "tiny" is version 2 (other weights, the same vocabulary), with no "tiny2" and
+    with "zero", a model whose sessions start from the zero state."""
+    root = tmp_path_factory.mktemp("other-models")
     torch.manual_seed(5)
     vocab = Vocab([UNK, EOS, *WORDS])
-    lm = LSTMLanguageModel(ModelConfig(len(vocab), HIDDEN, HIDDEN, LAYERS, dropout=0.0))
-    write_model_dir(lm.eval(), vocab, root / "tiny" / "2", "tiny", "2")
+    for name, version, spec in (("tiny", "2", TokenizerSpec()), ("zero", "1", TokenizerSpec(initial="zeros"))):
+        lm = LSTMLanguageModel(ModelConfig(len(vocab), HIDDEN, HIDDEN, LAYERS, dropout=0.0))
+        write_model_dir(lm.eval(), vocab, root / name / version, name, version, tokenizer=spec)
     return root
 
 
 async def test_a_blob_of_a_model_version_not_loaded_is_failed_precondition(
-    two: tuple[Any, Any], version_two: Path
+    two: tuple[Any, Any], other_models: Path
 ) -> None:
     a, _ = two
     blob = (await export(a, await fed(a))).blob
     session = await a.CreateSession(pb.CreateSessionRequest(model="tiny2"))
     of_tiny2 = (await export(a, session.session_id)).blob
-    async with serve(version_two, session_keys=KEY) as (_, elsewhere):
+    async with serve(other_models, session_keys=KEY) as (_, elsewhere):
         code, message = await code_of(import_(elsewhere, blob))
         assert code == grpc.StatusCode.FAILED_PRECONDITION
         assert "model 'tiny' version '1'" in message and "loads version '2'" in message
@@ -307,6 +325,14 @@ async def test_without_a_session_key_both_calls_are_failed_precondition(stub: An
         code, message = await code_of(call)
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "LSTMD_SESSION_KEYS" in message
     assert (await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session_id == session.session_id
+
+
+async def test_an_unusable_session_key_stops_start_up_without_showing_it(make_server: ServerFactory) -> None:
+    for keys, words in (("short-key-1234", "at least 32 characters"), (f"{KEY},{KEY}", "listed twice")):
+        with pytest.raises(SecurityConfigError, match=words) as refused:
+            async with make_server(session_keys=keys):
+                pass
+        assert keys.split(",")[0] not in str(refused.value)
 
 
 async def test_export_of_a_missing_or_malformed_session(two: tuple[Any, Any]) -> None:
@@ -334,6 +360,8 @@ async def test_a_blob_of_another_api_key_is_permission_denied_and_quotas_hold(ma
         assert "alice" not in message  # an encrypted blob's holder learns nothing of whose it is
         code, message = await code_of(import_(keyless, blob))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "no API key (keys are off here)" in message
+        for call in (import_(As(to_second, None), blob), export(As(to_first, None), "0" * 32)):
+            assert (await code_of(call))[0] == grpc.StatusCode.UNAUTHENTICATED
         imported = await import_(alice_there, blob)
         assert (await code_of(bob_there.GetSession(pb.GetSessionRequest(session_id=imported.session_id))))[0] == (
             grpc.StatusCode.NOT_FOUND
@@ -416,12 +444,18 @@ async def test_sessions_move_in_and_out_of_the_redis_store(
 
 
 @pytest.fixture(scope="module")
-def clusters(models_dir: Path) -> Iterator[tuple[str, str]]:
-    """Two server processes with the same session key: two clusters (or two replicas) as a client sees them."""
+def processes(models_dir: Path) -> Iterator[list[ServerProcess]]:
+    """Two server processes with the same session key."""
     started = [ServerProcess(models_dir, "--session-keys", KEY) for _ in range(2)]
-    yield started[0].target, started[1].target
+    yield started
     for server in started:
         server.close()
+
+
+@pytest.fixture
+def clusters(processes: list[ServerProcess]) -> tuple[str, str]:
+    """The two processes' targets: two clusters (or two replicas) as a client sees them."""
+    return processes[0].target, processes[1].target
 
 
 def readme_snippets(a: str, b: str) -> list[str]:
@@ -506,3 +540,14 @@ async def test_async_client_exports_and_imports(clusters: tuple[str, str], share
 
 def seen_client(p: Any) -> tuple[Any, ...]:
     return p.position, p.tokens, p.candidates, p.token_logprobs
+
+
+def test_the_session_key_never_reaches_the_log(processes: list[ServerProcess], clusters: tuple[str, str]) -> None:
+    with Client(clusters[0]) as client:
+        session = client.create_session()
+        client.import_session(session.export())
+        with pytest.raises(InvalidInput):
+            client.import_session(b"LSTMDSES" + bytes(64))
+    log = processes[0].log()
+    assert "session export and import on (session keys: 1)" in log and "ImportSession: INVALID_ARGUMENT" in log
+    assert KEY not in log and KEY[:16] not in log and MAC_KEY.hex()[:16] not in log
