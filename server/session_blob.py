@@ -65,6 +65,7 @@ _HEADER = struct.Struct("<8sHH8sI")  # magic, version, flags, key id, body lengt
 _U32 = struct.Struct("<I")
 _MAC_BYTES = 32
 _NONCE_BYTES = 12
+_TAG_BYTES = 16  # AES-GCM's authentication tag, after the ciphertext
 _FLOAT32 = np.dtype("<f4")
 MAX_BLOB_BYTES = 64 << 20  # far above any session (gRPC's message limit comes first): a bound, not a budget
 _MAC_LABEL = b"lstmd session blob v1: MAC"
@@ -119,7 +120,7 @@ class SessionBlobs:
         body = b"".join((_U32.pack(len(meta)), meta, np.ascontiguousarray(session.state, _FLOAT32).tobytes(),
                          np.ascontiguousarray(session.prev_state, _FLOAT32).tobytes()))  # fmt: skip
         key, flags = self._signer, ENCRYPTED if encrypt else 0
-        length = len(body) + (_NONCE_BYTES + 16 if encrypt else 0)  # AES-GCM adds its 16-byte tag
+        length = len(body) + (_NONCE_BYTES + _TAG_BYTES if encrypt else 0)
         header = _HEADER.pack(MAGIC, FORMAT_VERSION, flags, key.id, length)
         if encrypt:
             nonce = os.urandom(_NONCE_BYTES)
