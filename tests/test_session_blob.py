@@ -533,6 +533,10 @@ async def test_async_client_exports_and_imports(clusters: tuple[str, str], share
         with pytest.raises(NotFound):
             await b.get_session(imported.id)
         assert (await a.import_session(ended, keep_id=True)).id == imported.id
+        await session.export(end_session=True)
+        with pytest.raises(NotFound) as gone:  # moved into the blob: the session does not recover itself
+            await session.feed(" bright")
+        assert session.recoveries == [] and gone.value.details.startswith(f"session {session.id}")
     async with AsyncClient(f"127.0.0.1:{shared[0].port}") as keyless:  # the shared server has no key
         with pytest.raises(FailedPrecondition, match="LSTMD_SESSION_KEYS"):
             await keyless.import_session(blob)
