@@ -119,6 +119,14 @@ class AsyncClient(BaseClient):
     async def fork_session(self, session_id: str) -> AsyncSession:
         return AsyncSession(self, await self._run(self._fork(session_id)))
 
+    async def export_session(self, session_id: str, *, encrypt: bool = False, end_session: bool = False) -> bytes:
+        """As ``Client.export_session``."""
+        return await self._run(self._export(session_id, encrypt, end_session))
+
+    async def import_session(self, blob: bytes, *, keep_id: bool = False) -> AsyncSession:
+        """As ``Client.import_session``."""
+        return AsyncSession(self, await self._run(self._import(blob, keep_id)))
+
     async def feed(self, session_id: str, data: Input, **options: Unpack[FeedOptions]) -> Prediction:
         return await self._run(self._feed(session_id, data, **options))
 
@@ -238,6 +246,10 @@ class AsyncSession(BaseSession[AsyncClient]):
 
     async def delete(self) -> None:
         await self.client._run(self._delete())
+
+    async def export(self, *, encrypt: bool = False, end_session: bool = False) -> bytes:
+        """As ``Session.export``."""
+        return await self.client._run(self._export(encrypt, end_session))
 
     async def __aenter__(self) -> AsyncSession:
         return self

@@ -182,6 +182,18 @@ class BaseClient:
         request = pb.ForkSessionRequest(session_id=session_id)
         return SessionInfo.from_pb((yield from self._unary(self._stub.ForkSession, request, retry=False)))
 
+    def _export(self, session_id: str, encrypt: bool, end_session: bool) -> Flow[bytes]:
+        """Retried only without ``end_session``: the retry of an export that ended the session would find
+        it gone, and the blob of the first attempt lost with its reply."""
+        request = pb.ExportSessionRequest(session_id=session_id, encrypt=encrypt, end_session=end_session)
+        reply = yield from self._unary(self._stub.ExportSession, request, retry=not end_session)
+        return bytes(reply.blob)
+
+    def _import(self, blob: bytes, keep_id: bool) -> Flow[SessionInfo]:
+        """Not retried: a retry could leave an orphan session behind (with ``keep_id``: find its own id taken)."""
+        request = pb.ImportSessionRequest(blob=blob, keep_id=keep_id)
+        return SessionInfo.from_pb((yield from self._unary(self._stub.ImportSession, request, retry=False)))
+
     def _feed(self, session_id: str, data: Input, **options: Unpack[FeedOptions]) -> Flow[Prediction]:
         """Retried only with ``expected_position``, which makes a retry unable to apply twice."""
         request = feed_request(session_id, data, **options)
@@ -304,3 +316,8 @@ class BaseSession(Generic[C]):
     def _delete(self) -> Flow[None]:
         self._deleted = True
         yield from self.client._delete(self.id)
+
+    def _export(self, encrypt: bool, end_session: bool) -> Flow[bytes]:
+        blob = yield from self.client._export(self.id, encrypt, end_session)
+        self._deleted = self._deleted or end_session  # moved into the blob: nothing here to recover
+        return blob

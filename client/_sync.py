@@ -130,6 +130,19 @@ class Client(BaseClient):
     def fork_session(self, session_id: str) -> Session:
         return Session(self, self._run(self._fork(session_id)))
 
+    def export_session(self, session_id: str, *, encrypt: bool = False, end_session: bool = False) -> bytes:
+        """The session as a blob (portable session state), for ``import_session`` on this server or any
+        other with the same session key (LSTMD_SESSION_KEYS) and model version. ``encrypt``: its holder
+        cannot read it (else it is signed only); ``end_session``: the session ends here once exported,
+        a move (not retried then: a retry would find it gone)."""
+        return self._run(self._export(session_id, encrypt, end_session))
+
+    def import_session(self, blob: bytes, *, keep_id: bool = False) -> Session:
+        """The session an ``export_session`` blob holds, answering exactly as it would have, under a new id
+        (``keep_id``: its own; AlreadyExists when taken). Its recovery tail starts empty: the client knows
+        nothing of its history, so a recovery of it is approximate (keep the blob to start over from it)."""
+        return Session(self, self._run(self._import(blob, keep_id)))
+
     def feed(self, session_id: str, data: Input, **options: Unpack[FeedOptions]) -> Prediction:
         """Append text (or token ids) to a session; the prediction after its last token: the most
         likely next words, or tokens, or completions of a ``word_prefix`` (with an empty input, a
@@ -269,6 +282,10 @@ class Session(BaseSession[Client]):
 
     def delete(self) -> None:
         self.client._run(self._delete())
+
+    def export(self, *, encrypt: bool = False, end_session: bool = False) -> bytes:
+        """This session as a blob (``Client.export_session``); with ``end_session`` it ends here."""
+        return self.client._run(self._export(encrypt, end_session))
 
     def __enter__(self) -> Session:
         return self

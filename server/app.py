@@ -25,8 +25,9 @@ from lstmd.server.interceptors import (
 from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.metrics_http import MetricsServer
 from lstmd.server.registry import ModelRegistry
-from lstmd.server.security import load_keys, server_credentials
+from lstmd.server.security import load_keys, load_session_keys, server_credentials
 from lstmd.server.servicer import LstmdServicer
+from lstmd.server.session_blob import SessionBlobs
 from lstmd.server.sessions import SessionStore
 from lstmd.server.settings import Settings
 from lstmd.server.snapshot_policy import Snapshots
@@ -80,11 +81,12 @@ class RunningServer:
 
 async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     """Start everything and return once the server accepts calls. Raises SecurityConfigError
-    for unusable TLS files or API keys, before anything starts."""
+    for unusable TLS files, API keys or session keys, before anything starts."""
     credentials = server_credentials(settings)
     keys = load_keys(settings)
+    session_keys = load_session_keys(settings)
     store, snapshots = open_store(settings, registry)
-    engine = Engine(settings, registry, store)
+    engine = Engine(settings, registry, store, SessionBlobs(session_keys) if session_keys else None)
     if snapshots:
         snapshots.restore()
     await engine.start()
@@ -134,6 +136,8 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     tls = "off" if not credentials else "on, client certificates required" if settings.tls_client_ca_file else "on"
     log.info("sessions in %s", store.describe())
     log.info("TLS %s; API keys %s", tls, f"on: {len(keys)} ({', '.join(k.id for k in keys.keys)})" if keys else "off")
+    log.info("session export and import %s", f"on (session keys: {len(session_keys)})" if session_keys else
+             "off (no LSTMD_SESSION_KEYS)")  # fmt: skip
     return running
 
 

@@ -13,16 +13,29 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lstmd.model.tokenizer import Encoding, TextTooLong, Tokenizer
 from lstmd.server.batcher import Batcher, Sampling, StepResult
-from lstmd.server.errors import InvalidInput, LstmdError, NotFound, PositionMismatch, StoreUnavailable, echo
+from lstmd.server.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    LstmdError,
+    NotFound,
+    PermissionDenied,
+    PositionMismatch,
+    StoreUnavailable,
+    echo,
+)
 from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
 from lstmd.server.words import search
+
+if TYPE_CHECKING:  # given by the app: server.session_blob imports server.exactly_once, which imports this module
+    from lstmd.server.session_blob import SessionBlobs
 
 log = logging.getLogger(__name__)
 MAX_CONFLICTS = 16  # a step whose compare-and-set other replicas win this often in a row is refused
@@ -163,10 +176,12 @@ class Engine:
     """Sessions, feeds and generation over one SessionStore: this process's memory, or Redis for replicas.
     A step is computed on the store's Session and then ``commit``ted to the store."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore):
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore,
+                 blobs: SessionBlobs | None = None):  # fmt: skip
         self.settings = settings
         self.registry = registry
         self.store = store
+        self.blobs = blobs  # the session keys' sealer (ExportSession, ImportSession); None: no keys configured
         self._executor = ThreadPoolExecutor(max_workers=len(registry.models), thread_name_prefix="onnxruntime")
         # one thread: tokenizing is Python, serialised by the GIL anyway, and one thread bounds what
         # long texts being tokenized hold at once; ONNX Runtime's threads never wait behind it
@@ -209,6 +224,60 @@ class Engine:
             return await self.store.fork(source)
         finally:
             source.users -= 1
+
+    # portable session state (server.session_blob)
+
+    async def export_session(self, session_id: str, owner: str, encrypt: bool, end: bool) -> tuple[bytes, Session]:
+        """The session's blob, and the session as exported. Under the session's lock, so a feed or a
+        generation in flight here finishes first and the blob holds a state some call left (a shared
+        store: the newest stored state; see docs/reliability.md for what can come between). With
+        ``end`` the session is removed once sealed: the blob is its only copy."""
+        blobs = self._blobs()
+        session = await self.store.get(session_id, owner)
+        session.users += 1
+        try:
+            async with session.lock:
+                await self.store.load(session)  # a shared store's newest state, not this replica's copy
+                blob = blobs.seal(session, encrypt)
+                if end:
+                    # issue 18: the lead reconciles this with the stores' recorded end reasons (reason "exported")
+                    await self.store.delete(session.id, owner)
+                return blob, session
+        finally:
+            session.users -= 1
+            self.store.touch(session)
+
+    async def import_session(self, blob: bytes, keep_id: bool, owner: str) -> Session:
+        """A session made from an exported blob: the caller's own (its API key exported it), on the
+        model version it was exported from, with its id when ``keep_id``."""
+        session = self._blobs().open(blob, self._loaded_version, keep_id)
+        if session.owner != owner:  # the message names the caller's key only: the blob's holder learns nothing
+            caller = f"API key {owner!r}" if owner else "no API key (keys are off here)"
+            raise PermissionDenied(
+                f"the blob was exported under another API key than this call's ({caller}): import it with the key "
+                "that exported it"
+            )
+        await self.store.insert(session)
+        return session
+
+    def _blobs(self) -> SessionBlobs:
+        if self.blobs is None:
+            raise FailedPrecondition(
+                "this server has no session key, so it cannot export or import sessions: its operator sets "
+                "LSTMD_SESSION_KEYS (or --session-keys-file), the same on every server a session may move between"
+            )
+        return self.blobs
+
+    def _loaded_version(self, name: str, version: str) -> Model:
+        """The loaded model ``name`` at ``version``, for an imported session; FailedPrecondition otherwise."""
+        model = self.registry.models.get(name)
+        if model is None or model.version != version:
+            loaded = f"loads version {model.version!r}" if model else f"serves no model {name!r}"
+            raise FailedPrecondition(
+                f"the blob's session is on model {name!r} version {version!r}, and this server {loaded}: import it "
+                "on a server that has that version loaded (a session never moves to another version)"
+            )
+        return model
 
     @contextlib.asynccontextmanager
     async def stream_session(self, session_id: str, model_name: str, owner: str) -> AsyncIterator[Session]:

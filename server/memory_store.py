@@ -13,7 +13,7 @@ from typing import Any
 from lstmd.server import metrics
 from lstmd.server.errors import CapacityExceeded, NotFound
 from lstmd.server.registry import Model
-from lstmd.server.sessions import Session, SessionStore, check_id, not_found
+from lstmd.server.sessions import Session, SessionStore, check_id, id_taken, not_found
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ class MemorySessionStore(SessionStore):
     async def fork(self, source: Session) -> Session:
         self._make_room(source.owner)
         return self._add(source.fork())
+
+    async def insert(self, session: Session) -> None:
+        if session.id in self._sessions:
+            raise id_taken(session.id)
+        self._make_room(session.owner)
+        self._add(session)
 
     async def get(self, session_id: str, owner: str) -> Session:
         check_id(session_id)

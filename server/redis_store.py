@@ -55,7 +55,7 @@ from lstmd.server import metrics
 from lstmd.server.errors import CapacityExceeded, NotFound, StoreUnavailable
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model, ModelRegistry
-from lstmd.server.sessions import Session, SessionStore, check_id, not_found
+from lstmd.server.sessions import Session, SessionStore, check_id, id_taken, not_found
 
 log = logging.getLogger(__name__)
 PREFIX = "lstmd:session:"
@@ -87,8 +87,10 @@ return -2
 """
 # KEYS[1] the session, KEYS[2] INDEX; ARGV: now (Unix ms), expiry (Unix ms), TTL in ms, max sessions,
 # max per owner (0: none), the session id, owner, then the hash's fields and values. Returns the number
-# of sessions after it, -3 when the owner holds its maximum, -4 when the store holds its maximum.
+# of sessions after it, -3 when the owner holds its maximum, -4 when the store holds its maximum, -5 when
+# the id is taken (an imported session keeping its id).
 _CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -5 end
 local owned = KEYS[2] .. ':' .. ARGV[7]
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if ARGV[7] ~= '' then
@@ -117,7 +119,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 return redis.call('ZCARD', KEYS[1])
 """
 _WRITTEN, _GONE = -2, -1
-_OWNER_FULL, _STORE_FULL = -3, -4
+_OWNER_FULL, _STORE_FULL, _TAKEN = -3, -4, -5
 
 
 class RedisSessionStore(SessionStore):
@@ -233,6 +235,9 @@ class RedisSessionStore(SessionStore):
         await self._insert(session)
         return session
 
+    async def insert(self, session: Session) -> None:
+        await self._insert(session)
+
     async def fork(self, source: Session) -> Session:
         await self.load(source)  # the newest state, not this replica's copy
         copy = source.fork()
@@ -309,11 +314,15 @@ class RedisSessionStore(SessionStore):
             "hdr": _HEADER.pack(FORMAT, session.last_token, session.top_k, session.created, session.last_used),
             "st": np.stack((session.state, session.prev_state)).astype(np.float32).tobytes(),
         }
+        if session.last_request is not None:  # an imported session's exactly-once record
+            mapping["req"] = json.dumps(record_to_json(session.last_request))
         args = (_now_ms(), self._expiry_ms(), self._ttl_ms, self.max_sessions, self.max_per_owner, session.id,
                 session.owner, *(item for pair in mapping.items() for item in pair))  # fmt: skip
         count = await self._submit(
             "create", lambda pipe: _script(pipe, self._create, (PREFIX + session.id, INDEX), args)
         )
+        if count == _TAKEN:
+            raise id_taken(session.id)
         if count == _OWNER_FULL:
             raise CapacityExceeded(
                 f"API key {session.owner!r} holds its maximum of {self.max_per_owner} sessions on all replicas: "

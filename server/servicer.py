@@ -183,11 +183,15 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
     async def ReloadModels(self, request: pb.ReloadModelsRequest, context: Context) -> pb.ReloadModelsResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReloadModels is not implemented yet")
 
+    @unary
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Context) -> pb.ExportSessionResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExportSession is not implemented yet")
+        blob, session = await self.engine.export_session(request.session_id, caller.get(), request.encrypt,
+                                                         request.end_session)  # fmt: skip
+        return pb.ExportSessionResponse(blob=blob, session=convert.session(session))
 
+    @unary
     async def ImportSession(self, request: pb.ImportSessionRequest, context: Context) -> pb.Session:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ImportSession is not implemented yet")
+        return convert.session(await self.engine.import_session(request.blob, request.keep_id, caller.get()))
 
 
 def _check_later(request: pb.StreamRequest, first: pb.StreamRequest) -> None:

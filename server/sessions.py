@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from lstmd.server.errors import InvalidInput, NotFound, echo
-from lstmd.server.registry import Model
+from lstmd.server.errors import AlreadyExists, InvalidInput, NotFound, echo
+from lstmd.server.registry import NO_TOKEN, Model
 
 _ID = re.compile(r"[0-9a-f]{32}")
 
@@ -51,11 +51,11 @@ class Session:
     def new(cls, model: Model, top_k: int, owner: str) -> Session:
         """A fresh session of ``model``, with a new random id."""
         state, prev_state, last_token = model.initial_state()
-        return cls(secrets.token_hex(16), model, top_k, state, prev_state, last_token, owner=owner)
+        return cls(new_id(), model, top_k, state, prev_state, last_token, owner=owner)
 
     def fork(self) -> Session:
         """A copy with a new id, owned by the same key."""
-        return Session(secrets.token_hex(16), self.model, self.top_k, self.state.copy(), self.prev_state.copy(),
+        return Session(new_id(), self.model, self.top_k, self.state.copy(), self.prev_state.copy(),
                        self.last_token, self.position, owner=self.owner)  # fmt: skip
 
     def copy(self) -> Session:
@@ -75,9 +75,38 @@ class Session:
         return self.users > 0 or self.lock.locked()
 
 
+def new_id() -> str:
+    """A new session's id: 128 random bits as 32 lowercase hex characters."""
+    return secrets.token_hex(16)
+
+
+def unfit(model: Model, shape: tuple[int, ...], last_token: int, position: int) -> str | None:
+    """Why a session's stored state (of ``shape``, after ``last_token`` at ``position``) cannot go on
+    on ``model`` (a snapshot's, an imported blob's), or None when it can."""
+    if shape != (2, model.layers, model.hidden):
+        return f"state shape {shape}, the served model's is {(2, model.layers, model.hidden)}"
+    if position < 0:
+        return f"position {position}"
+    if last_token == NO_TOKEN:  # nothing fed yet to a model that starts from zeros
+        if model.tokenizer.initial_id is not None or position != 0:
+            return (
+                f"no last token at position {position}: only a new session of a model that starts from zeros has none"
+            )
+    elif not 0 <= last_token < model.vocab_size:
+        return f"last token {last_token}, outside the served vocabulary"
+    return None
+
+
 def check_id(session_id: str) -> None:
     if not _ID.fullmatch(session_id):
         raise InvalidInput(f"malformed session id {echo(session_id)}: expected 32 lowercase hex characters")
+
+
+def id_taken(session_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"session {session_id} already exists here (imported before?): import without keep_id for a new id, or "
+        "delete that session first"
+    )
 
 
 def not_found(session_id: str, ttl_s: float) -> NotFound:
@@ -112,6 +141,11 @@ class SessionStore(ABC):
     @abstractmethod
     async def fork(self, source: Session) -> Session:
         """A new session with ``source``'s state, owned by the same key."""
+
+    @abstractmethod
+    async def insert(self, session: Session) -> None:
+        """Add ``session`` as it is, keeping its id and state (an imported one): AlreadyExists when a
+        session here holds its id; CapacityExceeded at the session limit or its owner's quota."""
 
     @abstractmethod
     async def delete(self, session_id: str, owner: str) -> None: ...

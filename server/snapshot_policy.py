@@ -22,8 +22,8 @@ from pathlib import Path
 from lstmd.server import metrics, snapshot_format
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.memory_store import MemorySessionStore
-from lstmd.server.registry import NO_TOKEN, ModelRegistry
-from lstmd.server.sessions import Session
+from lstmd.server.registry import ModelRegistry
+from lstmd.server.sessions import Session, unfit
 from lstmd.server.settings import Settings
 from lstmd.server.snapshot_format import SessionRecord, SnapshotError
 
@@ -110,16 +110,8 @@ class Snapshots:
             return f"{held}, which this server does not serve (it serves {', '.join(sorted(self._registry.models))})"
         if model.version != record.model_version:
             return f"{held}, this server serves {model.name!r} version {model.version!r}"
-        shape = (2, model.layers, model.hidden)
-        if record.state.shape != shape:
-            return f"{held} with state shape {record.state.shape}, the served model's is {shape}"
-        if record.last_token == NO_TOKEN:  # nothing fed yet to a model that starts from zeros
-            if model.tokenizer.initial_id is not None or record.position != 0:
-                return (f"{held} with no last token at position {record.position}: only a new session of a model "
-                        "that starts from zeros has none")  # fmt: skip
-        elif not 0 <= record.last_token < model.vocab_size:
-            return f"{held} with last token {record.last_token}, outside the served vocabulary"
-        return None
+        fault = unfit(model, record.state.shape, record.last_token, record.position)
+        return None if fault is None else f"{held} with {fault}"
 
     async def start(self) -> None:
         if self.interval_s > 0:

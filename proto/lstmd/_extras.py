@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 EXTRAS = {
-    "server": {"numpy", "onnxruntime", "prometheus_client", "grpc_reflection"},
+    "server": {"numpy", "onnxruntime", "prometheus_client", "grpc_reflection", "cryptography"},
     "export": {"torch", "onnx", "onnxscript", "tqdm", "numpy", "onnxruntime"},
 }
 
