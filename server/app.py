@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from lstmd.server import metrics, metrics_http, reflection
+from lstmd.server import metrics_http, reflection
 from lstmd.server.engine import Engine
 from lstmd.server.interceptors import (
     AdmissionInterceptor,
@@ -29,6 +29,7 @@ from lstmd.server.servicer import LstmdServicer
 from lstmd.server.sessions import SessionStore
 from lstmd.server.settings import Settings
 from lstmd.server.snapshot_policy import Snapshots
+from lstmd.server.versions import Versions
 from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     port: int
     metrics_http: MetricsServer | None
+    versions: Versions
     snapshots: Snapshots | None = None
     health_only: tuple[grpc.aio.Server, int] | None = None  # --health-port: the server and its port
 
@@ -65,6 +67,7 @@ class RunningServer:
             await self.health_only[0].stop(0)
         if self.snapshots:
             await self.snapshots.stop()
+        await self.versions.stop()
         await self.engine.stop()
         if self.metrics_http:
             self.metrics_http.close()
@@ -77,9 +80,12 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     keys = load_keys(settings)
     store, snapshots = open_store(settings, registry)
     engine = Engine(settings, registry, store)
+    admins = frozenset(filter(None, settings.admin_keys.split(","))) if keys else None
+    versions = Versions(settings, engine, admins)
     if snapshots:
-        snapshots.restore()
+        snapshots.restore(versions.load_draining)
     await engine.start()
+    await versions.start()
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -100,7 +106,7 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
         interceptors.append(AuthInterceptor(keys, keyless))
     interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine), server)
+    lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine, versions), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable((SERVICE_NAME, HEALTH_SERVICE_NAME), server)
@@ -111,15 +117,13 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     metrics_host, metrics_server = settings.metrics_host or settings.host, None
     if settings.metrics_port >= 0:
         metrics_server = metrics_http.start(metrics_host, settings.metrics_port)
-    for card, is_default in registry.cards():
-        metrics.model_info.labels(card.name, card.version, card.precision, str(is_default).lower()).set(1)
     await server.start()
     if snapshots:
         await snapshots.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_only = await _serve_health_only(settings, health_servicer) if settings.health_port >= 0 else None
-    running = RunningServer(server, engine, health_servicer, port, metrics_server, snapshots, health_only)
+    running = RunningServer(server, engine, health_servicer, port, metrics_server, versions, snapshots, health_only)
     names = ", ".join(registry.models)
     log.info("serving %s on %s:%d, metrics on :%d/metrics (%s)", names, settings.host, port, running.metrics_port,
              f"bound to {metrics_host}" if metrics_server else "off")  # fmt: skip
@@ -148,7 +152,8 @@ def open_store(settings: Settings, registry: ModelRegistry) -> tuple[SessionStor
     Snapshots are the memory store's alone: Redis keeps its sessions itself (the settings refuse both)."""
     if settings.session_store == "memory":
         memory = MemorySessionStore(settings.max_sessions, settings.at_capacity, settings.session_ttl_s,
-                                    settings.max_sessions_per_key, settings.sweep_interval_s)  # fmt: skip
+                                    settings.max_sessions_per_key, settings.sweep_interval_s,
+                                    settings.ended_sessions_kept)  # fmt: skip
         return memory, Snapshots(settings, memory, registry) if settings.snapshot_dir else None
     from lstmd.server.redis_store import RedisSessionStore  # the redis extra: only needed when configured
 
@@ -157,13 +162,22 @@ def open_store(settings: Settings, registry: ModelRegistry) -> tuple[SessionStor
 
 
 async def run(settings: Settings, registry: ModelRegistry) -> None:
-    """The server process: serve until SIGTERM or SIGINT, then stop gracefully."""
+    """The server process: serve until SIGTERM or SIGINT, then stop gracefully. SIGHUP reloads the
+    models folder (server.versions)."""
     sys.setswitchinterval(GIL_SWITCH_S)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     running = await start(settings, registry)
+    reloads: set[asyncio.Task[None]] = set()  # referenced until done
+
+    def reload() -> None:
+        task = loop.create_task(running.versions.reload_logged("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stopping.wait()
     log.info("shutting down: finishing in-flight calls (up to %g s)", settings.grace_s)
     await running.stop(settings.grace_s)
