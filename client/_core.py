@@ -270,7 +270,7 @@ class BaseSession(Generic[C]):
         old = self.id
         if plan.recreate:
             info = yield from self.client._create(self.info.model, self.info.top_k)
-            if info.model_version != self.info.model_version:  # token ids may mean other words now
+            if not _same_meaning(self.info, info, plan.reason):  # token ids may mean other words now
                 yield from self.client._delete(info.session_id)
                 return False
             self.info, self.id = info, info.session_id
@@ -304,3 +304,11 @@ class BaseSession(Generic[C]):
     def _delete(self) -> Flow[None]:
         self._deleted = True
         yield from self.client._delete(self.id)
+
+
+def _same_meaning(old: SessionInfo, new: SessionInfo, reason: str) -> bool:
+    """Whether the tail's token ids mean on ``new`` what they meant on ``old``: the same version, or,
+    for a session whose version was unloaded, a version with the same vocabulary."""
+    if new.model_version == old.model_version:
+        return True
+    return reason == "unloaded" and bool(old.vocabulary_sha256) and new.vocabulary_sha256 == old.vocabulary_sha256

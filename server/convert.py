@@ -7,7 +7,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lstmd.server.engine import FeedArgs, GenerateArgs, GeneratedWord, Prediction, Tokenization
-from lstmd.server.errors import LstmdError, PositionMismatch, status_of
+from lstmd.server.errors import LstmdError, PositionMismatch, SessionEnded, status_of
 from lstmd.server.sessions import Session
 from lstmd.server.versions import VersionInfo
 from lstmd.v1 import lstmd_pb2 as pb
@@ -108,6 +108,9 @@ def feed_many_response(answers: list[Prediction | Exception]) -> pb.FeedManyResp
             result.error.code, result.error.message = status_of(answer).value[0], str(answer)
             if isinstance(answer, PositionMismatch):
                 result.error.position = answer.actual
+            if isinstance(answer, SessionEnded):
+                result.error.session_end = pb.SessionEnd.Value(f"SESSION_END_{answer.reason.upper()}")
+                result.error.ended_at.CopyFrom(_timestamp(answer.when))
         else:  # a bug, logged with its traceback where it happened
             result.error.code = grpc.StatusCode.INTERNAL.value[0]
             result.error.message = "internal error in this item of FeedMany; the server log has the details"

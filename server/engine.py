@@ -173,6 +173,7 @@ class Engine:
         # long texts being tokenized hold at once; ONNX Runtime's threads never wait behind it
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._batchers: dict[Model, Batcher] = {}  # per loaded version
+        self._started = False
         for model in registry.loaded():
             self._add_batcher(model)
 
@@ -182,14 +183,17 @@ class Engine:
         return batcher
 
     async def start(self) -> None:
+        self._started = True
         for batcher in self._batchers.values():
             batcher.start()
         await self.store.start()
 
     def add_model(self, model: Model) -> None:
-        """Serve steps of a newly loaded version (its batcher runs from now)."""
+        """Serve steps of a newly loaded version (its batcher runs from now, or from ``start``)."""
         if model not in self._batchers:
-            self._add_batcher(model).start()
+            batcher = self._add_batcher(model)
+            if self._started:
+                batcher.start()
 
     async def remove_model(self, model: Model) -> None:
         """Stop the batcher of an unloaded version; with it goes the last reference to its ONNX Runtime session."""

@@ -139,7 +139,7 @@ for _, id in ipairs(ids) do
   if owner then
     redis.call('DEL', key)
     if owner ~= '' then redis.call('ZREM', KEYS[2] .. ':' .. owner, id) end
-    redis.call('SET', 'lstmd:ended:' .. id, owner .. '\n' .. ARGV[1] .. ARGV[3], 'PX', ARGV[2])
+    redis.call('SET', 'lstmd:ended:' .. id, owner .. '\\n' .. ARGV[1] .. ARGV[3], 'PX', ARGV[2])
   end
   redis.call('ZREM', KEYS[2], id)
 end

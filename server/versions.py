@@ -95,10 +95,10 @@ class Versions:
             for model in new:
                 self.engine.add_model(model)
                 self.publish(model)
+            by_folder = {m.folder: m for m in [*registry.loaded(), *new]}
             now, draining = time.time(), []
             for name, folder in chosen.items():
-                served = self._loaded(folder)
-                assert served is not None  # loaded above
+                served = by_folder[folder]
                 old = registry.serve(served, self.settings.version_drain_s, now)
                 if old is not None:
                     draining.append(f"{old.name}/{old.version}")
