@@ -22,8 +22,8 @@ from pathlib import Path
 
 from lstmd.server import metrics
 from lstmd.server.engine import Engine
-from lstmd.server.errors import FailedPrecondition, PermissionDenied, StoreUnavailable
-from lstmd.server.registry import Model, ModelError, choose, load_model
+from lstmd.server.errors import FailedPrecondition, InvalidInput, PermissionDenied, StoreUnavailable, echo
+from lstmd.server.registry import Model, ModelError, choose, load_model, version_folders
 from lstmd.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,13 @@ class Versions:
 
     async def reload(self, pins: dict[str, str] | None = None) -> Reloaded:
         """Choose, load and serve each model's version; ``pins`` ("" unpins) change the operator's
-        choice first. FailedPrecondition, with nothing changed, when a folder cannot be served."""
+        choice first (InvalidInput for a pin of a model or version the folder lacks). FailedPrecondition,
+        with nothing changed, when a folder cannot be served."""
         async with self._reloading:
-            registry = self.registry
+            registry, root = self.registry, Path(self.settings.models_dir)
+            for name, version in (pins or {}).items():
+                _check_pin(root, name, version)
             wanted = {name: version for name, version in {**registry.pins, **(pins or {})}.items() if version}
-            root = Path(self.settings.models_dir)
             try:
                 chosen = await asyncio.to_thread(choose, root, wanted)
                 missing = [folder for folder in chosen.values() if self._loaded(folder) is None]
@@ -184,3 +186,13 @@ class Versions:
             except Exception as e:  # a bug: logged, and the next round tries again
                 log.exception("checking the model versions failed", exc_info=e)
             await asyncio.sleep(CHECK_S if not poll_s else min(CHECK_S, poll_s))
+
+
+def _check_pin(root: Path, name: str, version: str) -> None:
+    """InvalidInput unless ``root`` holds model ``name`` and, unless unpinning (""), its ``version``."""
+    if not (root / name).is_dir():
+        raise InvalidInput(f"cannot pin {echo(name)}: the models folder holds no model of that name")
+    if version and (version.startswith(".") or "/" in version or not (root / name / version).is_dir()):
+        versions = ", ".join(p.name for p in version_folders(root, name))
+        raise InvalidInput(f"cannot pin {name} to version {echo(version)}: {root / name} holds no such folder "
+                           f"(it holds {versions})")  # fmt: skip

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from bench.cluster import Redis
-from lstmd.client import AsyncClient, Recovery
+from lstmd.client import AsyncClient, NotFound, Recovery
 from lstmd.export.model import LSTMLanguageModel, ModelConfig
 from lstmd.export.onnx_export import write_model_dir
 from lstmd.model.tokenizer import EOS, UNK, Vocab
@@ -41,17 +41,21 @@ from tests.test_server import assert_matches
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def version_2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Version 2 of "tiny": the same vocabulary, other weights."""
-    folder = tmp_path_factory.mktemp("v2") / "2"
+def tiny_version(folder: Path, words: list[str]) -> Path:
+    """Version 2 of "tiny" in ``folder``: other weights, the vocabulary ``words``."""
     torch.manual_seed(7)
-    lm = LSTMLanguageModel(ModelConfig(len(WORDS) + 2, HIDDEN, HIDDEN, LAYERS, dropout=0.0))
+    lm = LSTMLanguageModel(ModelConfig(len(words) + 2, HIDDEN, HIDDEN, LAYERS, dropout=0.0))
     with torch.no_grad():
         for p in lm.parameters():
             p.mul_(8)
-    write_model_dir(lm.eval(), Vocab([UNK, EOS, *WORDS]), folder, "tiny", "2")
+    write_model_dir(lm.eval(), Vocab([UNK, EOS, *words]), folder, "tiny", "2")
     return folder
+
+
+@pytest.fixture(scope="module")
+def version_2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Version 2 of "tiny": the same vocabulary, other weights."""
+    return tiny_version(tmp_path_factory.mktemp("v2") / "2", WORDS)
 
 
 @pytest.fixture
@@ -196,6 +200,27 @@ def _as_pb(prediction: Any) -> pb.Prediction:
     return message
 
 
+async def test_the_folder_poll_loads_a_version_and_no_session_is_recovered_onto_another_vocabulary(
+    root: Path, tmp_path: Path
+) -> None:
+    async with serve(root, models_poll_s=0.2, version_drain_s=0.3) as (running, stub):
+        async with AsyncClient(f"127.0.0.1:{running.port}") as c:
+            session = await c.create_session()
+            await session.feed("the cat")
+            tiny_version(root / "tiny" / "2", WORDS[::-1])  # the same words in another order: other ids
+
+            async def v1_unloaded() -> bool:
+                return list(await versions(stub)) == ["2"]
+
+            await eventually(v1_unloaded)
+            with pytest.raises(NotFound) as ended:
+                await session.feed("sat")
+            assert ended.value.reason == "unloaded" and not session.recoveries
+        info = (await versions(stub))["2"]
+        assert info.vocabulary_sha256 == vocabulary_sha256([UNK, EOS, *WORDS[::-1]]) != session.info.vocabulary_sha256
+        assert info.sessions == 0, "the trial session on version 2 was deleted"
+
+
 async def test_sighup_loads_a_new_version_and_a_broken_one_is_logged_and_changes_nothing(
     root: Path, version_2: Path, servers: list[ServerProcess]
 ) -> None:
@@ -242,9 +267,10 @@ async def test_pins_choose_the_served_version_and_pinning_back_drains_the_newer(
         assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "1"
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await stub.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": "9"}))
-        assert missing.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "tiny/9" in (
-            missing.value.details() or ""
-        )
+        assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tiny to version '9'" in (missing.value.details() or "")
+        assert "holds 1, 2" in (missing.value.details() or "")
+        assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "1", "nothing changed"
 
 
 async def test_reload_is_for_admin_keys_and_a_broken_folder_fails_it_and_changes_nothing(
