@@ -24,7 +24,7 @@ from lstmd.server.interceptors import (
 from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.metrics_http import MetricsServer
 from lstmd.server.registry import ModelRegistry
-from lstmd.server.security import load_keys, server_credentials
+from lstmd.server.security import KeyRing, load_keys, server_credentials
 from lstmd.server.servicer import LstmdServicer
 from lstmd.server.sessions import SessionStore
 from lstmd.server.settings import Settings
@@ -80,8 +80,7 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     keys = load_keys(settings)
     store, snapshots = open_store(settings, registry)
     engine = Engine(settings, registry, store)
-    admins = frozenset(filter(None, settings.admin_keys.split(","))) if keys else None
-    versions = Versions(settings, engine, admins)
+    versions = Versions(settings, engine, _admins(settings, keys))
     if snapshots:
         snapshots.restore(versions.load_draining)
     await engine.start()
@@ -131,6 +130,18 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     log.info("sessions in %s", store.describe())
     log.info("TLS %s; API keys %s", tls, f"on: {len(keys)} ({', '.join(k.id for k in keys.keys)})" if keys else "off")
     return running
+
+
+def _admins(settings: Settings, keys: KeyRing | None) -> frozenset[str] | None:
+    """The key ids that may make admin calls; None when keys are off (every caller may)."""
+    if keys is None:
+        return None
+    admins = frozenset(filter(None, settings.admin_keys.split(",")))
+    unknown = admins - {k.id for k in keys.keys}
+    if unknown:
+        log.warning("LSTMD_ADMIN_KEYS names %s, which no API key is named: no admin call can be made with them",
+                    ", ".join(sorted(unknown)))  # fmt: skip
+    return admins
 
 
 async def _serve_health_only(settings: Settings, servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:

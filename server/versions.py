@@ -58,7 +58,7 @@ class Versions:
         self.engine = engine
         self.registry = engine.registry
         self.admins = admins
-        self._reloading = asyncio.Lock()  # one reload at a time
+        self._changing = asyncio.Lock()  # one reload or check at a time: neither sees the other half done
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -81,7 +81,7 @@ class Versions:
         """Choose, load and serve each model's version; ``pins`` ("" unpins) change the operator's
         choice first (InvalidInput for a pin of a model or version the folder lacks). FailedPrecondition,
         with nothing changed, when a folder cannot be served."""
-        async with self._reloading:
+        async with self._changing:
             registry, root = self.registry, Path(self.settings.models_dir)
             for name, version in (pins or {}).items():
                 _check_pin(root, name, version)
@@ -142,16 +142,17 @@ class Versions:
     async def check(self) -> None:
         """Unload the draining versions whose sessions have all ended, ending those of a version past
         its deadline first; publish every version's session count."""
-        now = time.time()
-        for model, deadline in list(self.registry.draining.items()):
-            if deadline is not None and now >= deadline:
-                left = await self.engine.store.end_version(model, now)
-            else:
-                left = await self.engine.store.count(model)
-            if not left:
-                await self._unload(model)
-        for info in await self.infos():
-            metrics.model_sessions.labels(info.model.name, info.model.version).set(info.sessions)
+        async with self._changing:
+            now = time.time()
+            for model, deadline in list(self.registry.draining.items()):
+                if deadline is not None and now >= deadline:
+                    left = await self.engine.store.end_version(model, now)
+                else:
+                    left = await self.engine.store.count(model)
+                if not left:
+                    await self._unload(model)
+            for info in await self.infos():
+                metrics.model_sessions.labels(info.model.name, info.model.version).set(info.sessions)
 
     def publish(self, model: Model) -> None:
         """``lstmd_model_info`` of a loaded version."""
