@@ -192,6 +192,42 @@ async def test_at_the_drain_deadline_sessions_end_unloaded_and_the_client_recove
         assert_matches(_as_pb(prediction), v2.logprobs(v2.ids("the cat sat on")), TOLERANCE)
 
 
+async def test_a_session_streaming_at_the_deadline_ends_when_its_stream_ends(
+    root: Path, version_2: Path, models_dir: Path
+) -> None:
+    async with serve(root, version_drain_s=0.3) as (_, stub):
+        session = await stub.CreateSession(pb.CreateSessionRequest())
+        requests: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+
+        async def sent() -> Any:
+            while (request := await requests.get()) is not None:
+                yield request
+
+        stream = stub.Stream(sent())
+        await requests.put(pb.StreamRequest(session_id=session.session_id, text="the"))
+        assert (await stream.read()).position == 1
+        shutil.copytree(version_2, root / "tiny" / "2")
+        reloaded = await stub.ReloadModels(pb.ReloadModelsRequest())
+        unload_at = next(m for m in reloaded.models if m.version == "1").unload_at.ToNanoseconds() / 1e9
+        await asyncio.sleep(max(0.0, unload_at - time.time()) + 1.5)  # the deadline, and a check after it
+        assert (await versions(stub))["1"].sessions == 1, "a session in use is not ended under its stream"
+        await requests.put(pb.StreamRequest(text="cat"))
+        prediction = await stream.read()
+        v1 = Reference(models_dir / "tiny" / "1")
+        assert prediction.position == 2
+        assert_matches(prediction, v1.logprobs(v1.ids("the cat")), TOLERANCE)
+        await requests.put(None)
+        assert await stream.code() == grpc.StatusCode.OK
+
+        async def v1_unloaded() -> bool:
+            return list(await versions(stub)) == ["2"]
+
+        await eventually(v1_unloaded)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+        assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+
+
 def _as_pb(prediction: Any) -> pb.Prediction:
     """The client's Prediction as the message assert_matches reads."""
     message = pb.Prediction()
