@@ -124,8 +124,9 @@ class ModelRegistry:
         return model
 
     def find(self, name: str, version: str) -> Model | None:
-        """The loaded ``version`` of ``name`` (served or draining), or None."""
-        return next((m for m in self.loaded() if m.name == name and m.version == version), None)
+        """The loaded ``version`` of ``name`` (served or draining), or None. On every Redis read: no sorting."""
+        return next((m for m in (*self.models.values(), *self.draining) if (m.name, m.version) == (name, version)),
+                    None)  # fmt: skip
 
     def loaded(self) -> list[Model]:
         """Every loaded version, by name, oldest version first."""
