@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 import grpc
 
-from lstmd.client._errors import POSITION_KEY
+from lstmd.client._errors import END_KEY, ENDED_AT_KEY, POSITION_KEY
 from lstmd.v1 import lstmd_pb2 as pb
 
 IN_FLIGHT = 2  # FeedMany messages unanswered at once: one being answered while the next is sent
@@ -123,7 +124,12 @@ class FeedCoalescer:
 
 
 def _item_error(error: pb.FeedError) -> grpc.aio.AioRpcError:
-    """An item's error as the AioRpcError a Feed call with it would have raised."""
-    trailing = grpc.aio.Metadata(*(((POSITION_KEY, str(error.position)),) if error.HasField("position") else ()))
+    """An item's error as the AioRpcError a Feed call with it would have raised (its position, and
+    why and when its session ended, as Feed's trailing metadata)."""
+    metadata = [(POSITION_KEY, str(error.position))] if error.HasField("position") else []
+    if error.session_end:
+        metadata.append((END_KEY, pb.SessionEnd.Name(error.session_end).removeprefix("SESSION_END_").lower()))
+        metadata.append((ENDED_AT_KEY, error.ended_at.ToDatetime(UTC).isoformat()))
+    trailing = grpc.aio.Metadata(*metadata)
     code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, error.message)

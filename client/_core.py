@@ -282,7 +282,7 @@ class BaseSession(Generic[C]):
         old = self.id
         if plan.recreate:
             info = yield from self.client._create(self.info.model, self.info.top_k)
-            if info.model_version != self.info.model_version:  # token ids may mean other words now
+            if not _same_meaning(self.info, info, plan.reason):  # token ids may mean other words now
                 yield from self.client._delete(info.session_id)
                 return False
             self.info, self.id = info, info.session_id
@@ -321,3 +321,11 @@ class BaseSession(Generic[C]):
         blob = yield from self.client._export(self.id, encrypt, end_session)
         self._deleted = self._deleted or end_session  # moved into the blob: nothing here to recover
         return blob
+
+
+def _same_meaning(old: SessionInfo, new: SessionInfo, reason: str) -> bool:
+    """Whether the tail's token ids mean on ``new`` what they meant on ``old``: the same version, or,
+    for a session whose version was unloaded, a version with the same vocabulary."""
+    if new.model_version == old.model_version:
+        return True
+    return reason == "unloaded" and bool(old.vocabulary_sha256) and new.vocabulary_sha256 == old.vocabulary_sha256

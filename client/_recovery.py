@@ -7,9 +7,12 @@ The tail holds token ids (as the server applied them: text comes back tokenized 
 original feeds. A recovery is *exact* when the tail covers everything the server is missing: the
 server's state is then what it would have been without the failure. Otherwise it is
 *approximate*: a recreated session starts from a new session's state plus the tail, a session
-at an older position continues from that position plus the tail. A session is never recreated
-on another version of its model (the tail's token ids could mean other words there): the
-NOT_FOUND goes to the caller.
+at an older position continues from that position plus the tail. A session whose model version
+the server unloaded at the end of its drain (NOT_FOUND, reason "unloaded") is recreated on the
+version served now and its tail re-fed, always approximate (other weights), but only when both
+versions share their vocabulary (``vocabulary_sha256``). Otherwise a session is never recreated on
+another version of its model (the tail's token ids could mean other words there): the NOT_FOUND
+goes to the caller.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ class Recovery:
     """One recovery of a session (``Session.recoveries``).
 
     ``reason`` is ``"not_found"`` (the server had lost the session: restarted without it, expired or
-    evicted it; a new session was created, ``new_id``) or ``"behind"`` (the server held it at an
-    older position, ``server_position``, after restoring an older snapshot: it was caught up).
+    evicted it; a new session was created, ``new_id``), ``"unloaded"`` (its model version was
+    unloaded after its drain: a new session on the version served now, never exact), or
+    ``"behind"`` (the server held it at an older position, ``server_position``, after restoring an
+    older snapshot: it was caught up).
     ``refed`` tokens were sent again; ``position`` is the session's position afterwards. ``exact``
     says the tail covered everything the server had lost."""
 
@@ -115,6 +120,8 @@ class Tail:
         """How to recover a session the client holds at ``position`` from ``error``; None when it cannot."""
         if self.limit <= 0 or self.end != position:
             return None
+        if isinstance(error, NotFound) and error.reason == "unloaded":  # another version's weights: approximate
+            return Plan("unloaded", True, 0, self.since(self.start), False)
         if isinstance(error, NotFound):
             return Plan("not_found", True, 0, self.since(self.start), self.start == 0)
         if isinstance(error, PositionMismatch) and error.actual_position is not None:
@@ -129,12 +136,17 @@ class Tail:
 
 def report(recovery: Recovery) -> None:
     """The log line of a recovery: WARNING when it was approximate."""
-    what = (
-        f"was lost by the server; recreated as {recovery.new_id}"
-        if recovery.reason == "not_found"
-        else f"was at position {recovery.server_position} on the server; caught up"
+    what = {
+        "not_found": f"was lost by the server; recreated as {recovery.new_id}",
+        "unloaded": f"ended with its model version's unload; recreated on the version served now as {recovery.new_id}",
+    }.get(recovery.reason, f"was at position {recovery.server_position} on the server; caught up")
+    how = (
+        "exactly"
+        if recovery.exact
+        else "approximately (another model version)"
+        if recovery.reason == "unloaded"
+        else "approximately (its history was longer than the recovery tail)"
     )
-    how = "exactly" if recovery.exact else "approximately (its history was longer than the recovery tail)"
     log.log(logging.INFO if recovery.exact else logging.WARNING, "session %s %s by re-feeding %d tokens, %s; now at "
             "position %d", recovery.old_id, what, recovery.refed, how, recovery.position)  # fmt: skip
 

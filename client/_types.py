@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypedDict, TypeVar, Unpack
 
 from lstmd.v1 import lstmd_pb2 as pb
@@ -24,11 +25,18 @@ class ModelInfo:
         str  # the tokenizer's kind: "words", "whitespace", "characters", "hf", "sentencepiece"; "" from older servers
     )
     starts_from_zeros: bool = False  # a new session has no prediction before its first token
+    sessions: int = 0  # sessions of this version held now (with Redis: by all replicas)
+    serving: bool = True  # new sessions of this model go to this version
+    draining: bool = False  # no longer served: kept for its sessions until they end or ``unload_at``
+    unload_at: datetime | None = None  # a draining version's deadline (aware, UTC); None: none
+    vocabulary_sha256: str = ""  # equal for two versions whose token ids mean the same; "" from older servers
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
+        unload_at = m.unload_at.ToDatetime(UTC) if m.HasField("unload_at") else None
         return cls(m.name, m.version, m.vocab_size, m.num_layers, m.hidden_size, m.state_bytes, m.is_default,
-                   m.precision, m.test_perplexity, m.tokenizer, m.starts_from_zeros)  # fmt: skip
+                   m.precision, m.test_perplexity, m.tokenizer, m.starts_from_zeros, m.sessions, m.serving,
+                   m.draining, unload_at, m.vocabulary_sha256)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -38,10 +46,11 @@ class SessionInfo:
     model_version: str
     position: int
     top_k: int
+    vocabulary_sha256: str = ""  # of the session's model version (see ModelInfo); "" from older servers
 
     @classmethod
     def from_pb(cls, s: pb.Session) -> SessionInfo:
-        return cls(s.session_id, s.model, s.model_version, s.position, s.top_k)
+        return cls(s.session_id, s.model, s.model_version, s.position, s.top_k, s.vocabulary_sha256)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from lstmd.server import metrics, metrics_http, reflection
+from lstmd.server import metrics_http, reflection
 from lstmd.server.engine import Engine
 from lstmd.server.interceptors import (
     AdmissionInterceptor,
@@ -25,12 +25,13 @@ from lstmd.server.interceptors import (
 from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.metrics_http import MetricsServer
 from lstmd.server.registry import ModelRegistry
-from lstmd.server.security import load_keys, load_session_keys, server_credentials
+from lstmd.server.security import KeyRing, load_keys, load_session_keys, server_credentials
 from lstmd.server.servicer import LstmdServicer
 from lstmd.server.session_blob import SessionBlobs
 from lstmd.server.sessions import SessionStore
 from lstmd.server.settings import Settings
 from lstmd.server.snapshot_policy import Snapshots
+from lstmd.server.versions import Versions
 from lstmd.v1 import lstmd_pb2, lstmd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     port: int
     metrics_http: MetricsServer | None
+    versions: Versions
     snapshots: Snapshots | None = None
     health_only: tuple[grpc.aio.Server, int] | None = None  # --health-port: the server and its port
 
@@ -74,6 +76,7 @@ class RunningServer:
             await self.health_only[0].stop(0)
         if self.snapshots:
             await self.snapshots.stop()
+        await self.versions.stop()
         await self.engine.stop()
         if self.metrics_http:
             self.metrics_http.close()
@@ -87,9 +90,11 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     session_keys = load_session_keys(settings)
     store, snapshots = open_store(settings, registry)
     engine = Engine(settings, registry, store, SessionBlobs(session_keys) if session_keys else None)
+    versions = Versions(settings, engine, _admins(settings, keys))
     if snapshots:
-        snapshots.restore()
+        snapshots.restore(versions.load_draining)
     await engine.start()
+    await versions.start()
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -110,7 +115,7 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
         interceptors.append(AuthInterceptor(keys, keyless))
     interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine), server)
+    lstmd_pb2_grpc.add_LstmdServicer_to_server(LstmdServicer(engine, versions), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable((SERVICE_NAME, HEALTH_SERVICE_NAME), server)
@@ -121,15 +126,13 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     metrics_host, metrics_server = settings.metrics_host or settings.host, None
     if settings.metrics_port >= 0:
         metrics_server = metrics_http.start(metrics_host, settings.metrics_port)
-    for card, is_default in registry.cards():
-        metrics.model_info.labels(card.name, card.version, card.precision, str(is_default).lower()).set(1)
     await server.start()
     if snapshots:
         await snapshots.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_only = await _serve_health_only(settings, health_servicer) if settings.health_port >= 0 else None
-    running = RunningServer(server, engine, health_servicer, port, metrics_server, snapshots, health_only)
+    running = RunningServer(server, engine, health_servicer, port, metrics_server, versions, snapshots, health_only)
     names = ", ".join(registry.models)
     log.info("serving %s on %s:%d, metrics on :%d/metrics (%s)", names, settings.host, port, running.metrics_port,
              f"bound to {metrics_host}" if metrics_server else "off")  # fmt: skip
@@ -139,6 +142,18 @@ async def start(settings: Settings, registry: ModelRegistry) -> RunningServer:
     log.info("session export and import %s", f"on (session keys: {len(session_keys)})" if session_keys else
              "off (no LSTMD_SESSION_KEYS)")  # fmt: skip
     return running
+
+
+def _admins(settings: Settings, keys: KeyRing | None) -> frozenset[str] | None:
+    """The key ids that may make admin calls; None when keys are off (every caller may)."""
+    if keys is None:
+        return None
+    admins = frozenset(filter(None, settings.admin_keys.split(",")))
+    unknown = admins - {k.id for k in keys.keys}
+    if unknown:
+        log.warning("LSTMD_ADMIN_KEYS names %s, which no API key is named: no admin call can be made with them",
+                    ", ".join(sorted(unknown)))  # fmt: skip
+    return admins
 
 
 async def _serve_health_only(settings: Settings, servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
@@ -160,7 +175,8 @@ def open_store(settings: Settings, registry: ModelRegistry) -> tuple[SessionStor
     Snapshots are the memory store's alone: Redis keeps its sessions itself (the settings refuse both)."""
     if settings.session_store == "memory":
         memory = MemorySessionStore(settings.max_sessions, settings.at_capacity, settings.session_ttl_s,
-                                    settings.max_sessions_per_key, settings.sweep_interval_s)  # fmt: skip
+                                    settings.max_sessions_per_key, settings.sweep_interval_s,
+                                    settings.ended_sessions_kept)  # fmt: skip
         return memory, Snapshots(settings, memory, registry) if settings.snapshot_dir else None
     from lstmd.server.redis_store import RedisSessionStore  # the redis extra: only needed when configured
 
@@ -169,7 +185,8 @@ def open_store(settings: Settings, registry: ModelRegistry) -> tuple[SessionStor
 
 
 async def run(settings: Settings, registry: ModelRegistry) -> None:
-    """The server process: serve until SIGTERM or SIGINT, then stop gracefully."""
+    """The server process: serve until SIGTERM or SIGINT, then stop gracefully. SIGHUP reloads the
+    models folder (server.versions)."""
     sys.setswitchinterval(GIL_SWITCH_S)
     stopping, hurry = asyncio.Event(), asyncio.Event()  # the first signal, and a second one
 
@@ -180,6 +197,14 @@ async def run(settings: Settings, registry: ModelRegistry) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     running = await start(settings, registry)
+    reloads: set[asyncio.Task[None]] = set()  # referenced until done
+
+    def reload() -> None:
+        task = loop.create_task(running.versions.reload_logged("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stopping.wait()
     log.info("shutting down: health NOT_SERVING; in-flight calls get up to %g s once the listener closes",
              settings.grace_s)  # fmt: skip

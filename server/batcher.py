@@ -91,16 +91,17 @@ class Batcher:
         self._last_batch = 0
         self._worker: asyncio.Task[None] | None = None
         # labelled metric children, looked up once rather than per step
-        name = model.name
-        self._queue_wait = metrics.queue_wait.labels(name)
+        name, version = model.name, model.version
+        self._queue_wait = metrics.queue_wait.labels(name, version)
         self._metrics = {
-            phase: (metrics.inference_seconds.labels(name, phase), metrics.batch_size.labels(name, phase),
-                    metrics.tokens.labels(name, phase))
+            phase: (metrics.inference_seconds.labels(name, version, phase),
+                    metrics.batch_size.labels(name, version, phase), metrics.tokens.labels(name, version, phase))
             for phase in ("step", "prompt")
         }  # fmt: skip
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run_forever(), name=f"batcher-{self.model.name}")
+        name = f"batcher-{self.model.name}/{self.model.version}"
+        self._worker = asyncio.get_running_loop().create_task(self._run_forever(), name=name)
 
     async def stop(self) -> None:
         if self._worker:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from lstmd.model.folder import ModelCard
 from lstmd.server.engine import FeedArgs, GenerateArgs, GeneratedWord, Prediction, Tokenization
-from lstmd.server.errors import LstmdError, PositionMismatch, status_of
+from lstmd.server.errors import LstmdError, PositionMismatch, SessionEnded, status_of
 from lstmd.server.sessions import Session
+from lstmd.server.versions import VersionInfo
 from lstmd.v1 import lstmd_pb2 as pb
 
 _FINISH = {
@@ -21,20 +21,28 @@ _FINISH = {
 _KIND = {"word": pb.CANDIDATE_KIND_WORD, "token": pb.CANDIDATE_KIND_TOKEN}
 
 
-def model_info(card: ModelCard, is_default: bool) -> pb.ModelInfo:
-    return pb.ModelInfo(
+def model_info(v: VersionInfo) -> pb.ModelInfo:
+    card = v.model.card
+    message = pb.ModelInfo(
         name=card.name,
         version=card.version,
         vocab_size=card.vocab_size,
         num_layers=card.num_layers,
         hidden_size=card.hidden_size,
         state_bytes=2 * card.state_bytes,  # the state after and before the last token
-        is_default=is_default,
+        is_default=v.is_default,
         precision=card.precision,
         test_perplexity=card.perplexity.get("test", 0.0),
         tokenizer=card.tokenizer_spec.kind,
         starts_from_zeros=card.tokenizer_spec.initial == "zeros",
+        sessions=v.sessions,
+        serving=v.serving,
+        draining=not v.serving,
+        vocabulary_sha256=v.model.vocabulary_sha256,
     )
+    if v.unload_at is not None:
+        message.unload_at.CopyFrom(_timestamp(v.unload_at))
+    return message
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -52,6 +60,7 @@ def session(s: Session) -> pb.Session:
         top_k=s.top_k,
         created=_timestamp(s.created),
         last_used=_timestamp(s.last_used),
+        vocabulary_sha256=s.model.vocabulary_sha256,
     )
 
 
@@ -99,6 +108,9 @@ def feed_many_response(answers: list[Prediction | Exception]) -> pb.FeedManyResp
             result.error.code, result.error.message = status_of(answer).value[0], str(answer)
             if isinstance(answer, PositionMismatch):
                 result.error.position = answer.actual
+            if isinstance(answer, SessionEnded):
+                result.error.session_end = pb.SessionEnd.Value(f"SESSION_END_{answer.reason.upper()}")
+                result.error.ended_at.CopyFrom(_timestamp(answer.when))
         else:  # a bug, logged with its traceback where it happened
             result.error.code = grpc.StatusCode.INTERNAL.value[0]
             result.error.message = "internal error in this item of FeedMany; the server log has the details"

@@ -182,19 +182,46 @@ class Engine:
         self.registry = registry
         self.store = store
         self.blobs = blobs  # the session keys' sealer (ExportSession, ImportSession); None: no keys configured
-        self._executor = ThreadPoolExecutor(max_workers=len(registry.models), thread_name_prefix="onnxruntime")
+        # a thread per model name, and one more per name for a version loaded beside it (server.versions)
+        self._executor = ThreadPoolExecutor(max_workers=2 * len(registry.models), thread_name_prefix="onnxruntime")
         # one thread: tokenizing is Python, serialised by the GIL anyway, and one thread bounds what
         # long texts being tokenized hold at once; ONNX Runtime's threads never wait behind it
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-        self._batchers = {
-            name: Batcher(model, self._executor, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
-            for name, model in registry.models.items()
-        }
+        self._batchers: dict[Model, Batcher] = {}  # per loaded version
+        self._started = False
+        for model in registry.loaded():
+            self._add_batcher(model)
+
+    def _add_batcher(self, model: Model) -> Batcher:
+        batcher = Batcher(model, self._executor, self.settings.max_batch_size, self.settings.max_batch_wait_ms / 1000)
+        self._batchers[model] = batcher
+        return batcher
 
     async def start(self) -> None:
+        self._started = True
         for batcher in self._batchers.values():
             batcher.start()
         await self.store.start()
+
+    def add_model(self, model: Model) -> None:
+        """Serve steps of a newly loaded version (its batcher runs from now, or from ``start``)."""
+        if model not in self._batchers:
+            batcher = self._add_batcher(model)
+            if self._started:
+                batcher.start()
+
+    async def remove_model(self, model: Model) -> None:
+        """Stop the batcher of an unloaded version; with it goes the last reference to its ONNX Runtime session."""
+        batcher = self._batchers.pop(model, None)
+        if batcher is not None:
+            await batcher.stop()
+
+    def _batcher(self, model: Model) -> Batcher:
+        batcher = self._batchers.get(model)
+        if batcher is None:  # a call that held the session across the unload
+            raise NotFound(f"{model.name} version {model.version} was unloaded after its drain: create a new session "
+                           "(on the version served now)")  # fmt: skip
+        return batcher
 
     async def stop(self) -> None:
         for batcher in self._batchers.values():
@@ -270,9 +297,10 @@ class Engine:
 
     def _loaded_version(self, name: str, version: str) -> Model:
         """The loaded model ``name`` at ``version``, for an imported session; FailedPrecondition otherwise."""
-        model = self.registry.models.get(name)
-        if model is None or model.version != version:
-            loaded = f"loads version {model.version!r}" if model else f"serves no model {name!r}"
+        model = self.registry.find(name, version)
+        if model is None:
+            versions = [repr(m.version) for m in self.registry.loaded() if m.name == name]
+            loaded = f"has versions {', '.join(versions)} loaded" if versions else f"serves no model {name!r}"
             raise FailedPrecondition(
                 f"the blob's session is on model {name!r} version {version!r}, and this server {loaded}: import it "
                 "on a server that has that version loaded (a session never moves to another version)"
@@ -360,7 +388,7 @@ class Engine:
         by_session: dict[str, list[int]] = {}
         for i, (session_id, _) in enumerate(items):
             by_session.setdefault(session_id, []).append(i)
-        together: dict[str, list[_Quick]] = {}  # by model
+        together: dict[Model, list[_Quick]] = {}  # by model version
         one_by_one = []
         # Nothing below suspends until the gather (the quick check's store and tokenizer calls never do),
         # so every session's turn is claimed, and every quick item's lock taken, before any item runs.
@@ -371,7 +399,7 @@ class Engine:
             quick = None if before is not None else await self._quick(indices[0], items[indices[0]][1], session_id,
                                                                        owner, last)  # fmt: skip
             if quick is not None:
-                together.setdefault(quick.session.model.name, []).append(quick)
+                together.setdefault(quick.session.model, []).append(quick)
                 indices = indices[1:]
             if indices:
                 one_by_one.append(self._in_turn(session_id, indices, items, owner, answers, order, before, turn))
@@ -439,7 +467,7 @@ class Engine:
         """One-token feeds of distinct sessions of one model in one batcher request, each then stored
         like ``feed`` stores it (its exactly-once record included). Releases their locks and turns."""
         try:
-            batcher = self._batchers[items[0].session.model.name]
+            batcher = self._batcher(items[0].session.model)
             tokens = np.fromiter((q.token.id for q in items), np.int64, len(items))
             k = max(q.wanted.graph_k for q in items)
             rows = await batcher.run_rows(tokens, [q.session.state for q in items], k)
@@ -496,7 +524,7 @@ class Engine:
         if session.last_token == NO_TOKEN:
             raise InvalidInput(f"{remedy}: {session.model.name} starts from a zero state, so a session has no "
                                "next-word distribution before its first token")  # fmt: skip
-        batcher = self._batchers[session.model.name]
+        batcher = self._batcher(session.model)
         return await batcher.run([session.last_token], session.prev_state, top_k, sampling, logprobs=logprobs)
 
     async def _candidates(self, session: Session, result: StepResult, wanted: _Wanted) -> list[Candidate]:
@@ -504,7 +532,7 @@ class Engine:
         model, table = session.model, session.model.words
         kind = "token" if wanted.token_kind else "word"
         if wanted.search:
-            words = await search(table, functools.partial(self._steps, self._batchers[model.name]), result.logprobs,
+            words = await search(table, functools.partial(self._steps, self._batcher(model)), result.logprobs,
                                  session.state, session.last_token, wanted.prefix, wanted.k,
                                  self.settings.word_beam, self.settings.word_max_tokens)  # fmt: skip
             found = [(w.word, w.ids, w.probability) for w in words]
@@ -555,7 +583,7 @@ class Engine:
         before its first token, so that token gets no log-probability: one fewer than ``ids``.
         With ``full`` the result carries the whole distribution after the last token.
         """
-        batcher = self._batchers[session.model.name]
+        batcher = self._batcher(session.model)
         prev_state = session.state
         logprobs: list[float] = []
         if want_logprobs:

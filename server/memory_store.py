@@ -13,7 +13,7 @@ from typing import Any
 from lstmd.server import metrics
 from lstmd.server.errors import CapacityExceeded, NotFound
 from lstmd.server.registry import Model
-from lstmd.server.sessions import Session, SessionStore, check_id, id_taken, not_found
+from lstmd.server.sessions import Session, SessionStore, check_id, id_taken, not_found, unloaded
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ class MemorySessionStore(SessionStore):
     in_process = True
 
     def __init__(
-        self, max_sessions: int, at_capacity: str, ttl_s: float, max_per_owner: int = 0, sweep_interval_s: float = 10.0
-    ):
+        self, max_sessions: int, at_capacity: str, ttl_s: float, max_per_owner: int = 0, sweep_interval_s: float = 10.0,
+        ended_kept: int = 10_000,
+    ):  # fmt: skip
         self.max_sessions = max_sessions
         self.at_capacity = at_capacity
         self.ttl_s = ttl_s
@@ -41,6 +42,10 @@ class MemorySessionStore(SessionStore):
         self.sweep_interval_s = sweep_interval_s
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._owned: Counter[str] = Counter()  # sessions per owner
+        self._per_model: Counter[Model] = Counter()  # sessions per model version
+        # sessions ended by their version's unload: id -> (owner, model, version, when), the newest ``ended_kept``
+        self._ended: OrderedDict[str, tuple[str, str, str, float]] = OrderedDict()
+        self._ended_kept = ended_kept
         self._sweeper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -66,6 +71,9 @@ class MemorySessionStore(SessionStore):
         check_id(session_id)
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
+            ended = self._ended.get(session_id)
+            if session is None and ended is not None and ended[0] == owner:
+                raise unloaded(session_id, *ended[1:])
             raise not_found(session_id, self.ttl_s)
         return session
 
@@ -91,6 +99,22 @@ class MemorySessionStore(SessionStore):
         if session.id in self._sessions:
             self._sessions.move_to_end(session.id)
 
+    async def count(self, model: Model) -> int:
+        return self._per_model[model]
+
+    async def end_version(self, model: Model, when: float) -> int:
+        # A minimal record of why: the store's general record of ended sessions can take these over.
+        ending = [s for s in self._sessions.values() if s.model is model and not s.busy()]
+        for session in ending:
+            self._remove(session, metrics.sessions_unloaded)
+            self._ended[session.id] = (session.owner, model.name, model.version, when)
+        while len(self._ended) > self._ended_kept:
+            self._ended.popitem(last=False)
+        if ending:
+            log.warning("ended %d sessions of %s version %s: it was unloaded after its drain", len(ending), model.name,
+                        model.version)  # fmt: skip
+        return self._per_model[model]
+
     async def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="session-sweeper")
 
@@ -110,6 +134,7 @@ class MemorySessionStore(SessionStore):
             return False
         self._sessions[session.id] = session
         self._owned[session.owner] += 1
+        self._per_model[session.model] += 1
         metrics.sessions_active.set(len(self._sessions))
         return True
 
@@ -141,6 +166,7 @@ class MemorySessionStore(SessionStore):
     def _add(self, session: Session) -> Session:
         self._sessions[session.id] = session
         self._owned[session.owner] += 1
+        self._per_model[session.model] += 1
         metrics.sessions_created.inc()
         metrics.sessions_active.set(len(self._sessions))
         return session
@@ -148,6 +174,9 @@ class MemorySessionStore(SessionStore):
     def _remove(self, session: Session, counter: Any) -> None:
         del self._sessions[session.id]
         self._owned[session.owner] -= 1
+        self._per_model[session.model] -= 1
+        if not self._per_model[session.model]:
+            del self._per_model[session.model]  # an unloaded version is forgotten
         counter.inc()
         metrics.sessions_active.set(len(self._sessions))
 

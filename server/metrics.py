@@ -1,5 +1,6 @@
 """Every Prometheus metric the server exports, defined once. Labels are low-cardinality
-(model, method, code, phase): never a session id."""
+(model, version, method, code, phase): never a session id. A model version's label sets are
+removed when it unloads (``forget``)."""
 
 from __future__ import annotations
 
@@ -25,22 +26,33 @@ calls_refused = Counter(
     "lstmd_calls_refused_total", "Calls refused with RESOURCE_EXHAUSTED because --max-concurrent-calls were in flight."
 )
 
+_VERSION = ("model", "version")
 batch_size = Histogram(
-    "lstmd_batch_size", "Sequences per ONNX Runtime call.", ("model", "phase"), buckets=BATCH_BUCKETS
+    "lstmd_batch_size", "Sequences per ONNX Runtime call.", (*_VERSION, "phase"), buckets=BATCH_BUCKETS
 )
 queue_wait = Histogram(
-    "lstmd_queue_wait_seconds", "Time a step waited for its ONNX Runtime call.", ("model",), buckets=LATENCY_BUCKETS
+    "lstmd_queue_wait_seconds", "Time a step waited for its ONNX Runtime call.", _VERSION, buckets=LATENCY_BUCKETS
 )
 inference_seconds = Histogram(
-    "lstmd_inference_seconds", "Duration of one ONNX Runtime call.", ("model", "phase"), buckets=LATENCY_BUCKETS
+    "lstmd_inference_seconds", "Duration of one ONNX Runtime call.", (*_VERSION, "phase"), buckets=LATENCY_BUCKETS
 )
-tokens = Counter("lstmd_tokens_total", "Tokens run through a model, by phase (prompt or step).", ("model", "phase"))
+tokens = Counter(
+    "lstmd_tokens_total", "Tokens run through a model version, by phase (prompt or step).", (*_VERSION, "phase")
+)
 sessions_active = Gauge("lstmd_sessions_active", "Sessions held (with Redis: by all replicas together).")
 sessions_created = Counter("lstmd_sessions_created_total", "Sessions created (forks and stream sessions included).")
 sessions_deleted = Counter("lstmd_sessions_deleted_total", "Sessions deleted by clients or freed at stream end.")
 sessions_expired = Counter("lstmd_sessions_expired_total", "Sessions removed after their idle time-to-live.")
 sessions_evicted = Counter("lstmd_sessions_evicted_total", "Idle sessions evicted to make room at the session limit.")
-model_info = Gauge("lstmd_model_info", "Models served (value 1).", ("model", "version", "precision", "default"))
+sessions_unloaded = Counter(
+    "lstmd_sessions_unloaded_total", "Sessions ended because their model version was unloaded at its drain deadline."
+)
+model_info = Gauge(
+    "lstmd_model_info", "Model versions loaded (value 1), served or draining.", (*_VERSION, "precision", "default")
+)
+model_sessions = Gauge(
+    "lstmd_model_sessions", "Sessions of a loaded model version (with Redis: by all replicas together).", _VERSION
+)
 snapshot_write_seconds = Histogram(
     "lstmd_snapshot_write_seconds", "Time to write one session snapshot (serialise, fsync, rename).",
     buckets=LATENCY_BUCKETS,
@@ -71,3 +83,13 @@ store_conflicts = Counter(
     "Steps whose write lost the compare-and-set: another replica advanced the session first; discarded and re-read.",
 )
 store_errors = Counter("lstmd_store_errors_total", "Calls refused because the shared session store was unreachable.")
+
+
+def forget(name: str, version: str, precision: str, default: bool) -> None:
+    """Remove an unloaded model version's label sets: a scrape shows loaded versions only."""
+    model_info.remove(name, version, precision, str(default).lower())
+    model_sessions.remove(name, version)
+    queue_wait.remove(name, version)
+    for phase in ("step", "prompt"):
+        for metric in (batch_size, inference_seconds, tokens):
+            metric.remove(name, version, phase)

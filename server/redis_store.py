@@ -14,13 +14,19 @@ No pickle: a replica reads nothing but numbers, strings and JSON.
 
 The session limits hold across replicas: ``lstmd:index`` (every session) and ``lstmd:index:<owner>``
 (an API key's sessions) are sorted sets of session ids scored by when each expires (Unix ms),
-renewed with its TTL. A session is created by a Lua script that first drops the expired ids, then
-refuses when the index holds ``max_sessions`` (or the key's index ``max_sessions_per_key``), and
-otherwise writes the hash and both index entries, so concurrent creates on any number of replicas
-can never overshoot. At the limit the shared store refuses new sessions whatever
-``--at-capacity`` says: it cannot tell which sessions other replicas are streaming, so it evicts
-none. ``lstmd_sessions_active`` is the index's size, refreshed on every create and delete and
-every ``sweep_interval_s``, so every replica reports the shared count.
+renewed with its TTL, and so is ``lstmd:version:<model>/<version>`` (a model version's sessions:
+ListModels' counts, and the ones to end when that version unloads). A session is created by a Lua
+script that first drops the expired ids, then refuses when the index holds ``max_sessions`` (or
+the key's index ``max_sessions_per_key``), and otherwise writes the hash and the index entries,
+so concurrent creates on any number of replicas can never overshoot. At the limit the shared
+store refuses new sessions whatever ``--at-capacity`` says: it cannot tell which sessions other
+replicas are streaming, so it evicts none. ``lstmd_sessions_active`` is the index's size, refreshed
+on every create and delete and every ``sweep_interval_s``, so every replica reports the shared
+count.
+
+A version unloaded at its drain deadline ends its sessions on every replica: they are removed
+and ``lstmd:ended:<id>`` (owner, when, model, version; kept for the session TTL) tells a later
+lookup that the session ended ("unloaded").
 
 A step is written by one Lua script that compares ``pos`` with the position the step was computed
 from and writes the new state only if they are equal, so two replicas can never both apply a step
@@ -42,7 +48,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import redis.asyncio as redis
@@ -55,7 +61,7 @@ from lstmd.server import metrics
 from lstmd.server.errors import CapacityExceeded, NotFound, StoreUnavailable
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model, ModelRegistry
-from lstmd.server.sessions import Session, SessionStore, check_id, id_taken, not_found
+from lstmd.server.sessions import Session, SessionStore, check_id, id_taken, not_found, unloaded
 
 log = logging.getLogger(__name__)
 PREFIX = "lstmd:session:"
@@ -63,6 +69,8 @@ FORMAT = 1
 _HEADER = struct.Struct("<BiIdd")  # format, last token (signed: -1 is NO_TOKEN), top_k, created, last used
 
 INDEX = "lstmd:index"  # every session id, scored by when it expires (Unix ms); INDEX:<owner> per API key
+VERSION = "lstmd:version:"  # + "<model>/<version>": that version's session ids, scored likewise
+ENDED = "lstmd:ended:"  # + id: a session its version's unload ended, "<owner>\n<when, Unix ms>\n<model>\n<version>"
 # The scripts name the owner's index themselves (INDEX .. ':' .. owner): lstmd's Redis is one instance,
 # not a cluster, so keys computed in a script are fine.
 
@@ -81,14 +89,15 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 local id = string.sub(KEYS[1], #KEYS[1] - 31)
 redis.call('ZADD', KEYS[2], 'XX', ARGV[7], id)
-local owner = redis.call('HGET', KEYS[1], 'owner')
+local owner, model, ver = unpack(redis.call('HMGET', KEYS[1], 'owner', 'model', 'ver'))
 if owner ~= '' then redis.call('ZADD', KEYS[2] .. ':' .. owner, 'XX', ARGV[7], id) end
+redis.call('ZADD', 'lstmd:version:' .. model .. '/' .. ver, 'XX', ARGV[7], id)
 return -2
 """
-# KEYS[1] the session, KEYS[2] INDEX; ARGV: now (Unix ms), expiry (Unix ms), TTL in ms, max sessions,
-# max per owner (0: none), the session id, owner, then the hash's fields and values. Returns the number
-# of sessions after it, -3 when the owner holds its maximum, -4 when the store holds its maximum, -5 when
-# the id is taken (an imported session keeping its id).
+# KEYS[1] the session, KEYS[2] INDEX, KEYS[3] its version's index; ARGV: now (Unix ms), expiry (Unix ms),
+# TTL in ms, max sessions, max per owner (0: none), the session id, owner, then the hash's fields and values.
+# Returns the number of sessions after it, -3 when the owner holds its maximum, -4 when the store holds its
+# maximum, -5 when the id is taken (an imported session keeping its id).
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return -5 end
 local owned = KEYS[2] .. ':' .. ARGV[7]
@@ -101,22 +110,43 @@ if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return -4 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[6])
 if ARGV[7] ~= '' then redis.call('ZADD', owned, ARGV[2], ARGV[6]) end
 return redis.call('ZCARD', KEYS[2])
 """
 # KEYS[1] the session, KEYS[2] INDEX; ARGV[1] the caller's owner id, ARGV[2] the session id. Deletes it
 # only for its owner. Returns the number of sessions left, or -1 when it was not the owner's (or gone).
 _DELETE = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+local owner, model, ver = unpack(redis.call('HMGET', KEYS[1], 'owner', 'model', 'ver'))
+if owner ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[1])
+redis.call('ZREM', 'lstmd:version:' .. model .. '/' .. ver, ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[2])
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2] .. ':' .. ARGV[1], ARGV[2]) end
 return redis.call('ZCARD', KEYS[2])
 """
-# KEYS[1] INDEX; ARGV[1] now (Unix ms). The number of sessions that have not expired.
+# KEYS[1] INDEX (or a version's index); ARGV[1] now (Unix ms). The number of sessions that have not expired.
 _COUNT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 return redis.call('ZCARD', KEYS[1])
+"""
+# KEYS[1] a version's index, KEYS[2] INDEX; ARGV[1] now (Unix ms), ARGV[2] how long the records are kept
+# (ms), ARGV[3] "\n<model>\n<version>". Ends every session of the version: removed, and recorded under
+# ENDED. Returns how many.
+_END_VERSION = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, id in ipairs(ids) do
+  local key = 'lstmd:session:' .. id
+  local owner = redis.call('HGET', key, 'owner')
+  if owner then
+    redis.call('DEL', key)
+    if owner ~= '' then redis.call('ZREM', KEYS[2] .. ':' .. owner, id) end
+    redis.call('SET', 'lstmd:ended:' .. id, owner .. '\\n' .. ARGV[1] .. ARGV[3], 'PX', ARGV[2])
+  end
+  redis.call('ZREM', KEYS[2], id)
+end
+redis.call('DEL', KEYS[1])
+return #ids
 """
 _WRITTEN, _GONE = -2, -1
 _OWNER_FULL, _STORE_FULL, _TAKEN = -3, -4, -5
@@ -144,6 +174,7 @@ class RedisSessionStore(SessionStore):
         self._create = self._redis.register_script(_CREATE)
         self._delete = self._redis.register_script(_DELETE)
         self._count = self._redis.register_script(_COUNT)
+        self._end_version = self._redis.register_script(_END_VERSION)
         self._counter: asyncio.Task[None] | None = None
         self._pending: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
@@ -247,9 +278,20 @@ class RedisSessionStore(SessionStore):
     async def get(self, session_id: str, owner: str) -> Session:
         check_id(session_id)
         fields = await self._submit("read", lambda pipe: pipe.hgetall(PREFIX + session_id))
-        if not fields or fields.get(b"owner", b"").decode() != owner:
+        if not fields:
+            await self._raise_ended(session_id, owner)
+        if fields.get(b"owner", b"").decode() != owner:
             raise not_found(session_id, self.ttl_s)
         return self._decode(session_id, fields)
+
+    async def _raise_ended(self, session_id: str, owner: str) -> NoReturn:
+        """NotFound for a session Redis does not hold: ``unloaded`` when its version's unload ended it."""
+        ended = await self._submit("read", lambda pipe: pipe.get(ENDED + session_id))
+        if ended is not None:
+            who, when_ms, name, version = ended.decode().split("\n")
+            if who == owner:
+                raise unloaded(session_id, name, version, int(when_ms) / 1000)
+        raise not_found(session_id, self.ttl_s)
 
     async def load(self, session: Session) -> None:
         """Refresh ``session`` (this replica's copy) from Redis."""
@@ -282,7 +324,7 @@ class RedisSessionStore(SessionStore):
         args = (str(read_position), str(session.position), header, state, request, self._ttl_ms, self._expiry_ms())
         outcome = await self._submit("write", lambda pipe: _script(pipe, self._cas, (PREFIX + session.id, INDEX), args))
         if outcome == _GONE:
-            raise not_found(session.id, self.ttl_s)
+            await self._raise_ended(session.id, session.owner)
         if outcome != _WRITTEN:
             metrics.store_conflicts.inc()
             return False
@@ -296,6 +338,23 @@ class RedisSessionStore(SessionStore):
             raise not_found(session_id, self.ttl_s)
         metrics.sessions_deleted.inc()
         metrics.sessions_active.set(left)
+
+    async def count(self, model: Model) -> int:
+        keys, args = _version_key(model), (_now_ms(),)
+        count: int = await self._submit("count", lambda pipe: _script(pipe, self._count, keys, args))
+        return count
+
+    async def end_version(self, model: Model, when: float) -> int:
+        """Ends every session of the version on every replica: this replica cannot tell which ones others
+        are using (their next write finds the session gone and answers it ended)."""
+        # A minimal record of why: the store's general record of ended sessions can take these over.
+        keys, args = (_version_key(model), INDEX), (int(when * 1000), self._ttl_ms, f"\n{model.name}\n{model.version}")
+        ended = await self._submit("delete", lambda pipe: _script(pipe, self._end_version, keys, args))
+        if ended:
+            metrics.sessions_unloaded.inc(ended)
+            log.warning("ended %d sessions of %s version %s: it was unloaded after its drain", ended, model.name,
+                        model.version)  # fmt: skip
+        return 0
 
     async def discard(self, session: Session) -> None:
         try:
@@ -318,9 +377,8 @@ class RedisSessionStore(SessionStore):
             mapping["req"] = json.dumps(record_to_json(session.last_request))
         args = (_now_ms(), self._expiry_ms(), self._ttl_ms, self.max_sessions, self.max_per_owner, session.id,
                 session.owner, *(item for pair in mapping.items() for item in pair))  # fmt: skip
-        count = await self._submit(
-            "create", lambda pipe: _script(pipe, self._create, (PREFIX + session.id, INDEX), args)
-        )
+        keys = (PREFIX + session.id, INDEX, _version_key(session.model))
+        count = await self._submit("create", lambda pipe: _script(pipe, self._create, keys, args))
         if count == _TAKEN:
             raise id_taken(session.id)
         if count == _OWNER_FULL:
@@ -342,11 +400,11 @@ class RedisSessionStore(SessionStore):
 
     def _decode(self, session_id: str, fields: dict[bytes, bytes]) -> Session:
         name, version = fields[b"model"].decode(), fields[b"ver"].decode()
-        model = self._registry.models.get(name)
-        if model is None or model.version != version:
+        model = self._registry.find(name, version)
+        if model is None:
             raise NotFound(
-                f"session {session_id} belongs to model {name!r} version {version!r}, which this replica does not "
-                "serve: all replicas sharing a session store must serve the same models"
+                f"session {session_id} belongs to model {name!r} version {version!r}, which this replica has not "
+                "loaded: all replicas sharing a session store must load the same versions (reload each one)"
             )
         form, last_token, top_k, created, last_used = _HEADER.unpack(fields[b"hdr"])
         if form != FORMAT:
@@ -363,6 +421,10 @@ def _script(pipe: Any, script: Any, keys: str | tuple[str, ...], args: tuple[Any
     keys = (keys,) if isinstance(keys, str) else keys
     pipe.scripts.add(script)
     pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def _version_key(model: Model) -> str:
+    return f"{VERSION}{model.name}/{model.version}"
 
 
 def _now_ms() -> int:

@@ -22,6 +22,7 @@ from lstmd.server import convert
 from lstmd.server.engine import Engine, FeedOrder
 from lstmd.server.errors import DeadlineExceeded, InvalidInput, LstmdError, echo, status_of
 from lstmd.server.security import caller
+from lstmd.server.versions import Versions
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 
@@ -67,12 +68,20 @@ def streaming(method: F) -> F:
 
 
 class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, versions: Versions):
         self.engine = engine
+        self.versions = versions
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[convert.model_info(c, d) for c, d in self.engine.registry.cards()])
+        return pb.ListModelsResponse(models=[convert.model_info(v) for v in await self.versions.infos()])
+
+    @unary
+    async def ReloadModels(self, request: pb.ReloadModelsRequest, context: Context) -> pb.ReloadModelsResponse:
+        self.versions.allow(caller.get())
+        done = await self.versions.reload(dict(request.pins))
+        return pb.ReloadModelsResponse(models=[convert.model_info(v) for v in await self.versions.infos()],
+                                       loaded=done.loaded, draining=done.draining)  # fmt: skip
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:
@@ -178,10 +187,6 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
         return convert.tokenization(await self.engine.tokenize(request.model, request.text))
-
-    # in progress (issue 18): each is replaced by its implementation
-    async def ReloadModels(self, request: pb.ReloadModelsRequest, context: Context) -> pb.ReloadModelsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReloadModels is not implemented yet")
 
     @unary
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Context) -> pb.ExportSessionResponse:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lstmd.server.errors import AlreadyExists, InvalidInput, NotFound, echo
+from lstmd.server.errors import AlreadyExists, InvalidInput, NotFound, SessionEnded, echo, rfc3339
 from lstmd.server.registry import NO_TOKEN, Model
 
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -116,6 +116,16 @@ def not_found(session_id: str, ttl_s: float) -> NotFound:
     )
 
 
+def unloaded(session_id: str, model: str, version: str, when: float) -> SessionEnded:
+    """The answer for a session whose model version was unloaded at the end of its drain."""
+    return SessionEnded(
+        f"session {session_id} ended at {rfc3339(when)}: its model {model!r} version {version!r} was unloaded after "
+        "its drain (LSTMD_VERSION_DRAIN_S); create a new session, which goes to the version served now",
+        "unloaded",
+        when,
+    )
+
+
 class SessionStore(ABC):
     """Where sessions live. The Sessions a store hands out are what the engine steps: it computes a
     step on one, then ``commit``s it, which writes it only if the store still holds the position the
@@ -173,6 +183,15 @@ class SessionStore(ABC):
     def touch(self, session: Session) -> None:
         """Mark ``session`` as used now, also after a call that stepped nothing (idle expiry,
         least-recently-used eviction)."""
+
+    @abstractmethod
+    async def count(self, model: Model) -> int:
+        """Sessions of this model version held now (in a shared store: by every replica)."""
+
+    @abstractmethod
+    async def end_version(self, model: Model, when: float) -> int:
+        """End the sessions of this model version that no call is using (reason "unloaded": a later
+        lookup of one raises ``unloaded``); returns how many are left, in use (ended once free)."""
 
     @abstractmethod
     async def start(self) -> None:

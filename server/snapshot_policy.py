@@ -1,11 +1,13 @@
 """Durable sessions: every session goes to the snapshot at shutdown (and every
 ``snapshot_interval_s``) and comes back at start, with its id.
 
-The file format and the atomic write are in server.snapshot_format; this module decides what goes in
-and what may come back. A session snapshotted for a model this server does not serve, for
-another version of it, or with another state shape is refused, with a log line naming it,
-and the others load. No snapshot problem stops the server: a failed write is an ERROR log line
-and ``lstmd_snapshot_failures_total``, and a file that cannot be read, or a path that is not a
+The file format and the atomic write are in server.snapshot_format; this module decides what goes
+in and what may come back. A session comes back on the model version it was snapshotted on: one
+no longer served is loaded again from its folder, draining (server.versions), when the folder is
+still there. A session of a model this server does not serve, of a version whose folder is gone,
+or with another state shape is refused, with a log line naming it, and the others load. No
+snapshot problem stops the server: a failed write is an ERROR log line and
+``lstmd_snapshot_failures_total``, and a file that cannot be read, or a path that is not a
 regular file (a FIFO would block start-up), is set aside (``<name>.corrupt-<time>``,
 ``.unsupported-<time>``, ``.not-a-file-<time>``) and the server starts without sessions.
 """
@@ -16,13 +18,14 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from lstmd.server import metrics, snapshot_format
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.memory_store import MemorySessionStore
-from lstmd.server.registry import ModelRegistry
+from lstmd.server.registry import Model, ModelRegistry
 from lstmd.server.sessions import Session, unfit
 from lstmd.server.settings import Settings
 from lstmd.server.snapshot_format import SessionRecord, SnapshotError
@@ -40,19 +43,20 @@ class Snapshots:
         self._stopping = asyncio.Event()
         self._periodic: asyncio.Task[None] | None = None
 
-    def restore(self) -> int:
-        """Load the snapshot into the store, at start before serving. Returns how many sessions came back."""
+    def restore(self, load: Callable[[str, str], Model | None] = lambda name, version: None) -> int:
+        """Load the snapshot into the store, at start before serving; ``load(name, version)`` loads a
+        version not served (Versions.load_draining). Returns how many sessions came back."""
         # Nothing else runs yet, and the sessions are all long-lived: the garbage collector would
         # only rescan them again and again (measured: a quarter of the time for 50,000 sessions).
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._restore()
+            return self._restore(load)
         finally:
             if collecting:
                 gc.enable()
 
-    def _restore(self) -> int:
+    def _restore(self, load: Callable[[str, str], Model | None]) -> int:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -77,11 +81,16 @@ class Snapshots:
             log.error("cannot read the session snapshot %s: %s; starting without sessions", self.path, e)
             return 0
         accepted = []
+        loaded: dict[tuple[str, str], Model | None] = {}  # each version not loaded is tried once
         for record in records:
-            refusal = self._refusal(record)
-            if refusal is None:
+            key = (record.model, record.model_version)
+            if key not in loaded:
+                loaded[key] = self._registry.find(*key) or load(*key)
+            model = loaded[key]
+            refusal = self._refusal(record, model)
+            if refusal is None and model is not None:
                 try:
-                    accepted.append(_session(record, self._registry))
+                    accepted.append(_session(record, model))
                     continue
                 except (KeyError, TypeError, ValueError) as e:
                     refusal = f"malformed exactly-once record ({e!r})"
@@ -102,14 +111,15 @@ class Snapshots:
         log.info("restored %d of %d sessions from %s", restored, len(records), self.path)
         return restored
 
-    def _refusal(self, record: SessionRecord) -> str | None:
-        """Why a record must not be loaded into this server's model, or None."""
+    def _refusal(self, record: SessionRecord, model: Model | None) -> str | None:
+        """Why a record must not be loaded into ``model``, its version (None: not loaded), or None."""
         held = f"the snapshot holds it for model {record.model!r} version {record.model_version!r}"
-        model = self._registry.models.get(record.model)
-        if model is None:
+        served = self._registry.models.get(record.model)
+        if served is None:
             return f"{held}, which this server does not serve (it serves {', '.join(sorted(self._registry.models))})"
-        if model.version != record.model_version:
-            return f"{held}, this server serves {model.name!r} version {model.version!r}"
+        if model is None:
+            return (f"{held}, whose folder is not in the models directory (this server serves {served.name!r} "
+                    f"version {served.version!r})")  # fmt: skip
         fault = unfit(model, record.state.shape, record.last_token, record.position)
         return None if fault is None else f"{held} with {fault}"
 
@@ -168,6 +178,6 @@ def _record(s: Session) -> SessionRecord:
                          s.last_used, s.owner, s.state, s.prev_state, s.last_request)  # fmt: skip
 
 
-def _session(r: SessionRecord, registry: ModelRegistry) -> Session:
-    return Session(r.id, registry.models[r.model], r.top_k, r.state, r.prev_state, r.last_token, r.position, r.created,
+def _session(r: SessionRecord, model: Model) -> Session:
+    return Session(r.id, model, r.top_k, r.state, r.prev_state, r.last_token, r.position, r.created,
                    r.last_used, record_from_json(r.last_request, r.id), owner=r.owner)  # fmt: skip

@@ -153,7 +153,8 @@ def test_a_deleted_session_is_not_recreated(server_target: str) -> None:
 
 
 async def test_a_session_is_not_recreated_on_another_model_version(make_server: ServerFactory, tmp_path: Path) -> None:
-    """After a model upgrade the tail's token ids may mean other words: NOT_FOUND goes to the caller."""
+    """After a model upgrade the tail's token ids may mean other words: a plain NOT_FOUND (not "unloaded",
+    for which see test_versions.py) goes to the caller."""
     async with make_server() as (running, _), AsyncClient(f"127.0.0.1:{running.port}") as c:
         session = await c.create_session()
         await session.feed("the cat")

@@ -61,7 +61,7 @@ async def test_every_dashboard_query_uses_metrics_the_server_exports(shared: tup
             used |= names
     wanted = {"grpc_server_handled_total", "lstmd_inference_seconds_bucket", "lstmd_batch_size_bucket",
               "lstmd_queue_wait_seconds_bucket", "lstmd_sessions_active", "lstmd_sessions_evicted_total",
-              "lstmd_sessions_expired_total", "lstmd_tokens_total", "process_cpu_seconds_total",
+              "lstmd_sessions_expired_total", "lstmd_tokens_total", "lstmd_model_sessions", "process_cpu_seconds_total",
               "process_resident_memory_bytes"}  # fmt: skip
     assert wanted <= used
 

@@ -260,7 +260,7 @@ async def test_a_snapshot_path_that_is_not_a_regular_file_is_set_aside_and_the_s
     assert [p.name.startswith(f"{FILE_NAME}.not-a-file-") for p in tmp_path.iterdir() if p != path] == [True]
 
 
-async def test_a_session_of_another_model_version_is_refused_and_the_others_load(
+async def test_a_session_of_a_version_whose_folder_is_gone_is_refused_and_the_others_load(
     models_dir: Path, tmp_path: Path, servers: list[ServerProcess]
 ) -> None:
     snapshots = tmp_path / "snapshots"
@@ -272,7 +272,7 @@ async def test_a_session_of_another_model_version_is_refused_and_the_others_load
     first.process.send_signal(signal.SIGTERM)
     assert first.wait() == 0
 
-    upgraded = tmp_path / "models"  # tiny2 is now version 2; tiny is unchanged
+    upgraded = tmp_path / "models"  # tiny2 is now version 2 (version 1's folder gone); tiny is unchanged
     shutil.copytree(models_dir / "tiny", upgraded / "tiny")
     shutil.copytree(models_dir / "tiny2" / "1", upgraded / "tiny2" / "2")
     card = json.loads((upgraded / "tiny2/2/model.json").read_text())
@@ -288,8 +288,8 @@ async def test_a_session_of_another_model_version_is_refused_and_the_others_load
                 assert info.position == client.confirmed == 12
                 continue
             line = next(line for line in second.lines if client.session_id in line)
-            assert " WARNING " in line and "not restored: the snapshot holds it for model 'tiny2' version '1', " \
-                "this server serves 'tiny2' version '2'" in line  # fmt: skip
+            assert " WARNING " in line and "not restored: the snapshot holds it for model 'tiny2' version '1', whose " \
+                "folder is not in the models directory (this server serves 'tiny2' version '2')" in line  # fmt: skip
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.GetSession(pb.GetSessionRequest(session_id=client.session_id))
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND

@@ -50,12 +50,12 @@ async def test_rpc_and_model_metrics_count_what_happened(shared: tuple[RunningSe
     assert delta(before, after, "grpc_server_handled_total", **rpc, grpc_code="INVALID_ARGUMENT") == 1
     assert delta(before, after, "grpc_server_handling_seconds_count", **rpc) == 6
     # "the big mat" ran as a prompt call ("the big") and then a single-token step ("mat")
-    assert delta(before, after, "lstmd_tokens_total", model="tiny", phase="step") == 5
-    assert delta(before, after, "lstmd_tokens_total", model="tiny", phase="prompt") == 2
-    assert delta(before, after, "lstmd_batch_size_count", model="tiny", phase="prompt") == 1
-    assert delta(before, after, "lstmd_batch_size_count", model="tiny", phase="step") == 5
-    assert delta(before, after, "lstmd_batch_size_bucket", model="tiny", phase="step", le="1.0") == 5
-    assert delta(before, after, "lstmd_queue_wait_seconds_count", model="tiny") == 6
+    assert delta(before, after, "lstmd_tokens_total", model="tiny", version="1", phase="step") == 5
+    assert delta(before, after, "lstmd_tokens_total", model="tiny", version="1", phase="prompt") == 2
+    assert delta(before, after, "lstmd_batch_size_count", model="tiny", version="1", phase="prompt") == 1
+    assert delta(before, after, "lstmd_batch_size_count", model="tiny", version="1", phase="step") == 5
+    assert delta(before, after, "lstmd_batch_size_bucket", model="tiny", version="1", phase="step", le="1.0") == 5
+    assert delta(before, after, "lstmd_queue_wait_seconds_count", model="tiny", version="1") == 6
     assert after[("lstmd_model_info", frozenset({"model": "tiny", "version": "1", "precision": "fp32",
                                                   "default": "true"}.items()))] == 1  # fmt: skip
 

@@ -42,7 +42,7 @@ async def code_of(call: Any) -> tuple[grpc.StatusCode, str]:
 def sample(name: str, **labels: str) -> float:
     """A metric's current value in this process (the steps counters are labelled model=tiny, phase=step)."""
     if name.startswith("lstmd_batch_size"):
-        labels = {"model": "tiny", "phase": "step", **labels}
+        labels = {"model": "tiny", "version": "1", "phase": "step", **labels}
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 

@@ -312,7 +312,7 @@ async def test_a_blob_of_a_model_version_not_loaded_is_failed_precondition(
     async with serve(other_models, session_keys=KEY) as (_, elsewhere):
         code, message = await code_of(import_(elsewhere, blob))
         assert code == grpc.StatusCode.FAILED_PRECONDITION
-        assert "model 'tiny' version '1'" in message and "loads version '2'" in message
+        assert "model 'tiny' version '1'" in message and "has versions '2' loaded" in message
         code, message = await code_of(import_(elsewhere, of_tiny2))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "serves no model 'tiny2'" in message
 

@@ -239,11 +239,11 @@ class LstmdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReloadModels(self, request, context):
-        """Admin: reads the models folder again and applies the operator's pins. Every version folder not
-        yet loaded is loaded (checked as at start-up; a broken one fails the call with
-        FAILED_PRECONDITION naming it, and nothing changes); then for each model new sessions go to its
-        pinned version (`pins`, or LSTMD_MODEL_VERSIONS at start) or else its newest, and every other
-        loaded version drains (see *versions* above). Sessions are never dropped by a reload. SIGHUP
+        """Admin: reads the models folder again and applies the operator's pins. For each model the version
+        new sessions go to is its pinned one (`pins`, or LSTMD_MODEL_VERSIONS at start) or else its newest
+        folder; when it is not loaded yet it is loaded (checked as at start-up; one that cannot be served
+        fails the call with FAILED_PRECONDITION naming it, and nothing changes), and every other loaded
+        version of the model drains (see *versions* above). Sessions are never dropped by a reload. SIGHUP
         does the same without pins (the pins already set stay), and so does the folder watch
         (LSTMD_MODELS_POLL_S). With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
         Errors: PERMISSION_DENIED, FAILED_PRECONDITION, INVALID_ARGUMENT (a pin of an unknown model or a

@@ -1,0 +1,199 @@
+"""New model versions while sessions live: reloading the models folder, draining the versions no
+longer served, and unloading them.
+
+A reload (SIGHUP, the admin call ReloadModels, or the poll every ``models_poll_s``) chooses each
+model's version again (its pin, else its newest folder) and loads the new ones in a thread, so the
+event loop keeps serving. All or nothing: a folder that cannot be served fails the whole reload
+(FAILED_PRECONDITION naming it; on SIGHUP or the poll an ERROR log line) and nothing changes. A
+version that stops being served drains: new sessions go to the served one, its own sessions (and
+their forks) stay on it. Every CHECK_S it unloads when it holds no session, or, at its deadline
+(``version_drain_s`` after it stopped being served), its sessions no call is using end ("unloaded")
+and any in use end as soon as their call or stream ends; then it unloads, freeing its batcher and
+its ONNX Runtime session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lstmd.server import metrics
+from lstmd.server.engine import Engine
+from lstmd.server.errors import FailedPrecondition, InvalidInput, PermissionDenied, StoreUnavailable, echo
+from lstmd.server.registry import Model, ModelError, choose, load_model, version_folders
+from lstmd.server.settings import Settings
+
+log = logging.getLogger(__name__)
+CHECK_S = 1.0  # how often draining versions are checked (and their session counts published)
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What a reload did, each as "name/version"."""
+
+    loaded: list[str]
+    draining: list[str]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A loaded version as ListModels shows it."""
+
+    model: Model
+    is_default: bool
+    sessions: int
+    serving: bool
+    unload_at: float | None  # draining: when it unloads (None: no deadline)
+
+
+class Versions:
+    """The loaded versions of an Engine's registry, changed only here. ``admins``: the API key ids
+    that may reload (None: keys are off, and every caller may)."""
+
+    def __init__(self, settings: Settings, engine: Engine, admins: frozenset[str] | None):
+        self.settings = settings
+        self.engine = engine
+        self.registry = engine.registry
+        self.admins = admins
+        self._changing = asyncio.Lock()  # one reload or check at a time: neither sees the other half done
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for model in self.registry.loaded():
+            self.publish(model)
+        self._task = asyncio.get_running_loop().create_task(self._check_forever(), name="model-versions")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def allow(self, caller: str) -> None:
+        """PermissionDenied unless ``caller`` may make admin calls."""
+        if self.admins is not None and caller not in self.admins:
+            raise PermissionDenied(f"API key {caller!r} may not make admin calls (ReloadModels): name it in "
+                                   "LSTMD_ADMIN_KEYS (--admin-keys)")  # fmt: skip
+
+    async def reload(self, pins: dict[str, str] | None = None) -> Reloaded:
+        """Choose, load and serve each model's version; ``pins`` ("" unpins) change the operator's
+        choice first (InvalidInput for a pin of a model or version the folder lacks). FailedPrecondition,
+        with nothing changed, when a folder cannot be served."""
+        async with self._changing:
+            registry, root = self.registry, Path(self.settings.models_dir)
+            for name, version in (pins or {}).items():
+                _check_pin(root, name, version)
+            wanted = {name: version for name, version in {**registry.pins, **(pins or {})}.items() if version}
+            try:
+                chosen = await asyncio.to_thread(choose, root, wanted)
+                missing = [folder for folder in chosen.values() if self._loaded(folder) is None]
+                new = await asyncio.to_thread(lambda: [load_model(folder, self.settings) for folder in missing])
+            except ModelError as e:
+                raise FailedPrecondition(f"{e}: nothing was reloaded; fix or remove that folder (or the pin) and "
+                                         "reload again") from None  # fmt: skip
+            registry.pins = wanted
+            for model in new:
+                self.engine.add_model(model)
+                self.publish(model)
+            by_folder = {m.folder: m for m in [*registry.loaded(), *new]}
+            now, draining = time.time(), []
+            for name, folder in chosen.items():
+                served = by_folder[folder]
+                old = registry.serve(served, self.settings.version_drain_s, now)
+                if old is not None:
+                    draining.append(f"{old.name}/{old.version}")
+                    log.info("serving %s version %s; version %s drains (unloads when its last session ends, at "
+                             "the latest in %g s)", name, served.version, old.version,
+                             self.settings.version_drain_s)  # fmt: skip
+            return Reloaded([f"{m.name}/{m.version}" for m in new], draining)
+
+    async def reload_logged(self, why: str) -> None:
+        """A reload nobody waits for (SIGHUP, the poll): a failure is an ERROR log line, and the server serves on."""
+        try:
+            done = await self.reload()
+        except FailedPrecondition as e:
+            log.error("reload of the models folder on %s failed: %s", why, e)
+            return
+        if done.loaded or done.draining:
+            log.info("reload on %s: loaded %s; draining %s", why, ", ".join(done.loaded) or "nothing",
+                     ", ".join(done.draining) or "nothing")  # fmt: skip
+
+    def _loaded(self, folder: Path) -> Model | None:
+        return next((m for m in self.registry.loaded() if m.folder == folder), None)
+
+    def load_draining(self, name: str, version: str) -> Model | None:
+        """At start, before serving: the draining version ``version`` of ``name`` loaded from its
+        folder, for sessions a snapshot holds on it; None when the folder is gone or broken (logged)."""
+        folder = Path(self.settings.models_dir) / name / version
+        if not folder.is_dir() or name not in self.registry.models:
+            return None
+        try:
+            model = load_model(folder, self.settings)
+        except ModelError as e:
+            log.error("cannot load %s for the snapshot's sessions on it: %s", folder, e)
+            return None
+        self.registry.draining[model] = time.time() + self.settings.version_drain_s
+        self.engine.add_model(model)
+        self.publish(model)
+        return model
+
+    async def check(self) -> None:
+        """Unload the draining versions whose sessions have all ended, ending those of a version past
+        its deadline first; publish every version's session count."""
+        async with self._changing:
+            now = time.time()
+            for model, deadline in list(self.registry.draining.items()):
+                if deadline is not None and now >= deadline:
+                    left = await self.engine.store.end_version(model, now)
+                else:
+                    left = await self.engine.store.count(model)
+                if not left:
+                    await self._unload(model)
+            for info in await self.infos():
+                metrics.model_sessions.labels(info.model.name, info.model.version).set(info.sessions)
+
+    def publish(self, model: Model) -> None:
+        """``lstmd_model_info`` of a loaded version."""
+        default = str(model.name == self.registry.default).lower()
+        metrics.model_info.labels(model.name, model.version, model.card.precision, default).set(1)
+
+    async def _unload(self, model: Model) -> None:
+        self.registry.unload(model)
+        await self.engine.remove_model(model)
+        metrics.forget(model.name, model.version, model.card.precision, model.name == self.registry.default)
+        log.info("unloaded %s version %s: its sessions have ended", model.name, model.version)
+
+    async def infos(self) -> list[VersionInfo]:
+        """Every loaded version, by name, oldest first."""
+        registry, infos = self.registry, []
+        for m in registry.loaded():
+            sessions = await self.engine.store.count(m)
+            infos.append(VersionInfo(m, m.name == registry.default, sessions, registry.models[m.name] is m,
+                                     registry.draining.get(m)))  # fmt: skip
+        return infos
+
+    async def _check_forever(self) -> None:
+        poll_s, polled = self.settings.models_poll_s, time.monotonic()
+        while True:
+            try:
+                if poll_s and time.monotonic() - polled >= poll_s:
+                    polled = time.monotonic()
+                    await self.reload_logged("the folder poll")
+                await self.check()
+            except StoreUnavailable as e:  # counted in lstmd_store_errors_total; the next round tries again
+                log.warning("cannot count the sessions of the model versions: %s", e)
+            except Exception as e:  # a bug: logged, and the next round tries again
+                log.exception("checking the model versions failed", exc_info=e)
+            await asyncio.sleep(CHECK_S if not poll_s else min(CHECK_S, poll_s))
+
+
+def _check_pin(root: Path, name: str, version: str) -> None:
+    """InvalidInput unless ``root`` holds model ``name`` and, unless unpinning (""), its ``version``."""
+    if not (root / name).is_dir():
+        raise InvalidInput(f"cannot pin {echo(name)}: the models folder holds no model of that name")
+    if version and (version.startswith(".") or "/" in version or not (root / name / version).is_dir()):
+        versions = ", ".join(p.name for p in version_folders(root, name))
+        raise InvalidInput(f"cannot pin {name} to version {echo(version)}: {root / name} holds no such folder "
+                           f"(it holds {versions})")  # fmt: skip

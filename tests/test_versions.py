@@ -1,0 +1,393 @@
+"""New model versions while sessions live: a version added (ReloadModels, SIGHUP) serves new
+sessions while old sessions and their forks stay on theirs; a drained version unloads when its last
+session ends or at its deadline (its sessions then NOT_FOUND "unloaded", recovered by the client onto
+the served version); pins; the admin guard; snapshots and Redis keep each session on its version.
+
+Expected predictions come from the model files run directly (tests.conftest.Reference), never from
+the server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from bench.cluster import Redis
+from lstmd.client import AsyncClient, NotFound, Recovery
+from lstmd.export.model import LSTMLanguageModel, ModelConfig
+from lstmd.export.onnx_export import write_model_dir
+from lstmd.model.tokenizer import EOS, UNK, Vocab
+from lstmd.server.errors import END_KEY
+from lstmd.server.registry import vocabulary_sha256
+from lstmd.v1 import lstmd_pb2 as pb
+from lstmd.v1 import lstmd_pb2_grpc
+from tests.conftest import HIDDEN, LAYERS, WORDS, Reference, ServerFactory, ServerProcess, serve
+from tests.test_metrics import scrape
+from tests.test_server import assert_matches
+
+# Batching: a session's step may run in one ONNX Runtime call with other sessions' steps, whose
+# matrix products may round differently from the reference's call of one row; the two versions'
+# distributions differ by far more (checked below), so a session stepped on the wrong version, or
+# from another session's state, cannot pass.
+TOLERANCE = 1e-5
+
+
+def tiny_version(folder: Path, words: list[str]) -> Path:
+    """Version 2 of "tiny" in ``folder``: other weights, the vocabulary ``words``."""
+    torch.manual_seed(7)
+    lm = LSTMLanguageModel(ModelConfig(len(words) + 2, HIDDEN, HIDDEN, LAYERS, dropout=0.0))
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.mul_(8)
+    write_model_dir(lm.eval(), Vocab([UNK, EOS, *words]), folder, "tiny", "2")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def version_2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Version 2 of "tiny": the same vocabulary, other weights."""
+    return tiny_version(tmp_path_factory.mktemp("v2") / "2", WORDS)
+
+
+@pytest.fixture
+def root(models_dir: Path, tmp_path: Path) -> Path:
+    """A models folder holding "tiny" version 1 only."""
+    shutil.copytree(models_dir / "tiny" / "1", tmp_path / "models" / "tiny" / "1")
+    return tmp_path / "models"
+
+
+def refs(root: Path, version_2: Path, models_dir: Path) -> dict[str, Reference]:
+    return {"1": Reference(models_dir / "tiny" / "1"), "2": Reference(version_2)}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.1)
+
+
+async def versions(stub: Any) -> dict[str, pb.ModelInfo]:
+    return {m.version: m for m in (await stub.ListModels(pb.ListModelsRequest())).models if m.name == "tiny"}
+
+
+def assert_history(ref: Reference, history: list[int], predictions: list[pb.Prediction]) -> None:
+    """Each prediction is what the model computes after the session's tokens up to it."""
+    for n, prediction in enumerate(predictions, start=len(history) - len(predictions) + 1):
+        assert_matches(prediction, ref.logprobs(history[:n]), TOLERANCE)
+
+
+class Streamer:
+    """A session fed one token at a time with expected_position, recording what it was fed."""
+
+    def __init__(self, stub: Any, session: pb.Session, history: list[int], rng: np.random.Generator):
+        self.stub, self.id, self.version = stub, session.session_id, session.model_version
+        self.history = list(history)  # every token of the session (a fork's: its source's, then its own)
+        self.predictions: list[pb.Prediction] = []  # one per token it fed itself
+        self.rng = rng
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            token = int(self.rng.integers(2, len(WORDS) + 2))
+            self.history.append(token)
+            request = pb.FeedRequest(session_id=self.id, tokens=pb.TokenIds(ids=[token]),
+                                     expected_position=len(self.history) - 1, top_k=5)  # fmt: skip
+            prediction = await self.stub.Feed(request)
+            assert prediction.position == len(self.history) and not prediction.replayed
+            self.predictions.append(prediction)
+
+
+async def test_a_version_added_under_streaming_load_serves_new_sessions_and_the_old_one_drains(
+    root: Path, version_2: Path, models_dir: Path
+) -> None:
+    rng = np.random.default_rng(0)
+    async with serve(root) as (running, stub):
+        stop = asyncio.Event()
+        streamers = [Streamer(stub, await stub.CreateSession(pb.CreateSessionRequest()), [], rng) for _ in range(4)]
+        tasks = [asyncio.create_task(s.run(stop)) for s in streamers]
+        await asyncio.sleep(0.3)
+        shutil.copytree(version_2, root / "tiny" / "2")
+        reloaded = await stub.ReloadModels(pb.ReloadModelsRequest())
+        assert (list(reloaded.loaded), list(reloaded.draining)) == (["tiny/2"], ["tiny/1"])
+        info = {m.version: m for m in reloaded.models}
+        assert (info["1"].serving, info["1"].draining, info["1"].sessions) == (False, True, 4)
+        assert (info["2"].serving, info["2"].draining, info["2"].sessions) == (True, False, 0)
+        assert info["1"].HasField("unload_at") and not info["2"].HasField("unload_at")
+        assert info["1"].vocabulary_sha256 == info["2"].vocabulary_sha256 == vocabulary_sha256([UNK, EOS, *WORDS])
+        new = [Streamer(stub, await stub.CreateSession(pb.CreateSessionRequest()), [], rng) for _ in range(2)]
+        source = streamers[0]
+        fork = await stub.ForkSession(pb.ForkSessionRequest(session_id=source.id))
+        forked = Streamer(stub, fork, source.history[: fork.position], rng)
+        more = [*new, forked]
+        tasks += [asyncio.create_task(s.run(stop)) for s in more]
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks)  # any failed call fails the test here
+
+        assert [s.version for s in new] == ["2", "2"] and forked.version == "1"
+        assert [s.version for s in streamers] == ["1"] * 4
+        reference = refs(root, version_2, models_dir)
+        for s in [*streamers, *more]:
+            assert len(s.predictions) >= 3, "every session streamed on both sides of the reload"
+            assert_history(reference[s.version], s.history, s.predictions)
+        other = {"1": "2", "2": "1"}  # the versions differ far beyond the tolerance: a mix-up cannot pass
+        for s in [*streamers, *more]:
+            gap = np.abs(reference[other[s.version]].logprobs(s.history) - reference[s.version].logprobs(s.history))
+            assert gap.max() > 100 * TOLERANCE
+
+        assert (await versions(stub))["1"].sessions == 5
+        for s in [*streamers, forked]:
+            await stub.DeleteSession(pb.DeleteSessionRequest(session_id=s.id))
+
+        async def v1_unloaded() -> bool:
+            return list(await versions(stub)) == ["2"]
+
+        await eventually(v1_unloaded)
+        metrics = scrape(running.metrics_port)
+        labels = [dict(labels) for name, labels in metrics if name.startswith("lstmd_")]
+        assert not [x for x in labels if x.get("model") == "tiny" and x.get("version") == "1"], "v1's metrics are gone"
+        assert metrics[("lstmd_model_sessions", frozenset({"model": "tiny", "version": "2"}.items()))] == 2
+        assert metrics[("lstmd_tokens_total", frozenset({"model": "tiny", "version": "2", "phase": "step"}.items()))]
+
+
+async def test_at_the_drain_deadline_sessions_end_unloaded_and_the_client_recovers_them(
+    root: Path, version_2: Path, models_dir: Path
+) -> None:
+    async with serve(root, version_drain_s=0.5) as (running, stub), AsyncClient(f"127.0.0.1:{running.port}") as c:
+        raw = await stub.CreateSession(pb.CreateSessionRequest())
+        await stub.Feed(pb.FeedRequest(session_id=raw.session_id, text="the cat"))
+        session = await c.create_session()
+        await session.feed("the cat sat")
+        assert session.info.vocabulary_sha256 == raw.vocabulary_sha256 != ""
+        shutil.copytree(version_2, root / "tiny" / "2")
+        await stub.ReloadModels(pb.ReloadModelsRequest())
+
+        async def v1_unloaded() -> bool:
+            return list(await versions(stub)) == ["2"]
+
+        await eventually(v1_unloaded)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await stub.Feed(pb.FeedRequest(session_id=raw.session_id, text="sat", expected_position=3))
+        assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+        assert "unloaded after its drain" in (ended.value.details() or "") and "create a new session" in (
+            ended.value.details() or ""
+        )
+
+        old = session.id
+        prediction = await session.feed("on")
+        assert session.info.model_version == "2" and session.id != old
+        [recovery] = session.recoveries
+        assert recovery == Recovery("unloaded", old, session.id, 0, 3, 3, False) and not session.exact
+        v2 = Reference(version_2)
+        assert_matches(_as_pb(prediction), v2.logprobs(v2.ids("the cat sat on")), TOLERANCE)
+
+
+async def test_a_session_streaming_at_the_deadline_ends_when_its_stream_ends(
+    root: Path, version_2: Path, models_dir: Path
+) -> None:
+    async with serve(root, version_drain_s=0.3) as (_, stub):
+        session = await stub.CreateSession(pb.CreateSessionRequest())
+        requests: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+
+        async def sent() -> Any:
+            while (request := await requests.get()) is not None:
+                yield request
+
+        stream = stub.Stream(sent())
+        await requests.put(pb.StreamRequest(session_id=session.session_id, text="the"))
+        assert (await stream.read()).position == 1
+        shutil.copytree(version_2, root / "tiny" / "2")
+        reloaded = await stub.ReloadModels(pb.ReloadModelsRequest())
+        unload_at = next(m for m in reloaded.models if m.version == "1").unload_at.ToNanoseconds() / 1e9
+        await asyncio.sleep(max(0.0, unload_at - time.time()) + 1.5)  # the deadline, and a check after it
+        assert (await versions(stub))["1"].sessions == 1, "a session in use is not ended under its stream"
+        await requests.put(pb.StreamRequest(text="cat"))
+        prediction = await stream.read()
+        v1 = Reference(models_dir / "tiny" / "1")
+        assert prediction.position == 2
+        assert_matches(prediction, v1.logprobs(v1.ids("the cat")), TOLERANCE)
+        await requests.put(None)
+        assert await stream.code() == grpc.StatusCode.OK
+
+        async def v1_unloaded() -> bool:
+            return list(await versions(stub)) == ["2"]
+
+        await eventually(v1_unloaded)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+        assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+
+
+def _as_pb(prediction: Any) -> pb.Prediction:
+    """The client's Prediction as the message assert_matches reads."""
+    message = pb.Prediction()
+    for c in prediction.candidates:
+        message.candidates.add(token_id=c.token_id, probability=c.probability)
+    return message
+
+
+async def test_the_folder_poll_loads_a_version_and_no_session_is_recovered_onto_another_vocabulary(
+    root: Path, tmp_path: Path
+) -> None:
+    async with serve(root, models_poll_s=0.2, version_drain_s=0.3) as (running, stub):
+        async with AsyncClient(f"127.0.0.1:{running.port}") as c:
+            session = await c.create_session()
+            await session.feed("the cat")
+            tiny_version(root / "tiny" / "2", WORDS[::-1])  # the same words in another order: other ids
+
+            async def v1_unloaded() -> bool:
+                return list(await versions(stub)) == ["2"]
+
+            await eventually(v1_unloaded)
+            with pytest.raises(NotFound) as ended:
+                await session.feed("sat")
+            assert ended.value.reason == "unloaded" and not session.recoveries
+        info = (await versions(stub))["2"]
+        assert info.vocabulary_sha256 == vocabulary_sha256([UNK, EOS, *WORDS[::-1]]) != session.info.vocabulary_sha256
+        assert info.sessions == 0, "the trial session on version 2 was deleted"
+
+
+async def test_sighup_loads_a_new_version_and_a_broken_one_is_logged_and_changes_nothing(
+    root: Path, version_2: Path, servers: list[ServerProcess]
+) -> None:
+    servers.append(server := ServerProcess(root))
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = lstmd_pb2_grpc.LstmdStub(channel)
+        old = await stub.CreateSession(pb.CreateSessionRequest())
+        (root / "tiny" / "3").mkdir()
+        (root / "tiny" / "3" / "model.json").write_text("{not json")
+        server.process.send_signal(signal.SIGHUP)
+
+        async def logged() -> bool:
+            return " ERROR " in server.log() and str(root / "tiny" / "3") in server.log()
+
+        await eventually(logged)
+        assert list(await versions(stub)) == ["1"]
+        shutil.rmtree(root / "tiny" / "3")
+        shutil.copytree(version_2, root / "tiny" / "2")
+        server.process.send_signal(signal.SIGHUP)
+
+        async def serving_2() -> bool:
+            return (await versions(stub)).get("2", pb.ModelInfo()).serving
+
+        await eventually(serving_2)
+        assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "2"
+        assert (await stub.GetSession(pb.GetSessionRequest(session_id=old.session_id))).model_version == "1"
+        await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="the"))
+
+
+async def test_pins_choose_the_served_version_and_pinning_back_drains_the_newer(
+    root: Path, version_2: Path, make_server: ServerFactory
+) -> None:
+    shutil.copytree(version_2, root / "tiny" / "2")
+    async with serve(root, model_versions="tiny=1") as (_, stub):
+        assert {v: m.serving for v, m in (await versions(stub)).items()} == {"1": True}
+        assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "1"
+        unpinned = await stub.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": ""}))
+        assert (list(unpinned.loaded), list(unpinned.draining)) == (["tiny/2"], ["tiny/1"])
+        assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "2"
+        back = await stub.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": "1"}))
+        assert (list(back.loaded), list(back.draining)) == ([], ["tiny/2"])
+        info = {m.version: m for m in back.models}
+        assert (info["1"].serving, info["2"].draining, info["2"].sessions) == (True, True, 1)
+        assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "1"
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": "9"}))
+        assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tiny to version '9'" in (missing.value.details() or "")
+        assert "holds 1, 2" in (missing.value.details() or "")
+        assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "1", "nothing changed"
+
+
+async def test_reload_is_for_admin_keys_and_a_broken_folder_fails_it_and_changes_nothing(
+    root: Path, version_2: Path
+) -> None:
+    keys = "admin:admin-key-9f8e7d6c5b4a3210,user:user-key-0123456789abcdef"
+    async with (
+        serve(root, api_keys=keys, admin_keys="admin") as (running, _),
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = lstmd_pb2_grpc.LstmdStub(channel)
+        user = (("authorization", "Bearer user-key-0123456789abcdef"),)
+        admin = (("authorization", "Bearer admin-key-9f8e7d6c5b4a3210"),)
+        session = await stub.CreateSession(pb.CreateSessionRequest(), metadata=user)
+        shutil.copytree(version_2, root / "tiny" / "2")
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.ReloadModels(pb.ReloadModelsRequest(), metadata=user)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "LSTMD_ADMIN_KEYS" in (denied.value.details() or "")
+        (root / "tiny" / "3").mkdir()
+        (root / "tiny" / "3" / "model.onnx").write_bytes(b"not a model")
+        with pytest.raises(grpc.aio.AioRpcError) as broken:
+            await stub.ReloadModels(pb.ReloadModelsRequest(), metadata=admin)
+        assert broken.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert str(root / "tiny" / "3") in (broken.value.details() or "")
+        listed = (await stub.ListModels(pb.ListModelsRequest(), metadata=user)).models
+        assert [(m.version, m.serving) for m in listed if m.name == "tiny"] == [("1", True)]
+        await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the"), metadata=user)
+        shutil.rmtree(root / "tiny" / "3")
+        reloaded = await stub.ReloadModels(pb.ReloadModelsRequest(), metadata=admin)
+        assert list(reloaded.loaded) == ["tiny/2"]
+
+
+async def test_a_snapshot_with_sessions_of_two_versions_restores_both(
+    root: Path, version_2: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    snapshots = str(tmp_path / "snapshots")
+    async with serve(root, snapshot_dir=snapshots) as (_, stub):
+        one = await stub.CreateSession(pb.CreateSessionRequest())
+        await stub.Feed(pb.FeedRequest(session_id=one.session_id, text="the cat"))
+        shutil.copytree(version_2, root / "tiny" / "2")
+        await stub.ReloadModels(pb.ReloadModelsRequest())
+        two = await stub.CreateSession(pb.CreateSessionRequest())
+        await stub.Feed(pb.FeedRequest(session_id=two.session_id, text="the dog"))
+    async with serve(root, snapshot_dir=snapshots) as (_, stub):
+        info = await versions(stub)
+        assert (info["1"].draining, info["1"].sessions, info["2"].serving, info["2"].sessions) == (True, 1, True, 1)
+        reference = refs(root, version_2, models_dir)
+        for session, text, version in ((one, "the cat sat", "1"), (two, "the dog sat", "2")):
+            got = await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+            assert (got.model_version, got.position) == (version, 2)
+            prediction = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="sat"))
+            assert_matches(prediction, reference[version].logprobs(reference[version].ids(text)), TOLERANCE)
+
+
+async def test_with_redis_sessions_of_both_versions_are_served_and_counted(
+    root: Path, version_2: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "redis").mkdir()
+    redis = Redis(tmp_path / "redis")
+    try:
+        async with serve(root, session_store=redis.url, version_drain_s=2.0) as (_, stub):
+            one = await stub.CreateSession(pb.CreateSessionRequest())
+            shutil.copytree(version_2, root / "tiny" / "2")
+            await stub.ReloadModels(pb.ReloadModelsRequest())
+            two = await stub.CreateSession(pb.CreateSessionRequest())
+            reference = refs(root, version_2, models_dir)
+            for session, version in ((one, "1"), (two, "2")):
+                prediction = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat"))
+                assert_matches(prediction, reference[version].logprobs(reference[version].ids("the cat")), TOLERANCE)
+            info = await versions(stub)
+            assert (info["1"].sessions, info["1"].draining, info["2"].sessions) == (1, True, 1)
+
+            async def v1_unloaded() -> bool:
+                return list(await versions(stub)) == ["2"]
+
+            await eventually(v1_unloaded)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await stub.GetSession(pb.GetSessionRequest(session_id=one.session_id))
+            assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+            assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+            await stub.Feed(pb.FeedRequest(session_id=two.session_id, text="sat"))
+    finally:
+        redis.stop()
