@@ -36,7 +36,9 @@ class Recovery:
     evicted it; a new session was created, ``new_id``) or ``"behind"`` (the server held it at an
     older position, ``server_position``, after restoring an older snapshot: it was caught up).
     ``refed`` tokens were sent again; ``position`` is the session's position afterwards. ``exact``
-    says the tail covered everything the server had lost."""
+    says the tail covered everything the server had lost. ``ended`` is why the server said the session
+    ended, for a ``"not_found"`` from a server that said (``NotFound.reason``: "expired", "evicted",
+    "restart", ...), else None."""
 
     reason: str
     old_id: str
@@ -45,6 +47,7 @@ class Recovery:
     position: int
     refed: int
     exact: bool
+    ended: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Plan:
     start: int
     chunks: list[list[int]]
     exact: bool
+    ended: str | None = None  # the server's reason for a NotFound
 
 
 class Tail:
@@ -116,7 +120,7 @@ class Tail:
         if self.limit <= 0 or self.end != position:
             return None
         if isinstance(error, NotFound):
-            return Plan("not_found", True, 0, self.since(self.start), self.start == 0)
+            return Plan("not_found", True, 0, self.since(self.start), self.start == 0, error.reason)
         if isinstance(error, PositionMismatch) and error.actual_position is not None:
             behind = error.actual_position
             if behind >= position:  # ahead: fed by someone else; not ours to undo
@@ -130,7 +134,7 @@ class Tail:
 def report(recovery: Recovery) -> None:
     """The log line of a recovery: WARNING when it was approximate."""
     what = (
-        f"was lost by the server; recreated as {recovery.new_id}"
+        f"was lost by the server ({recovery.ended or 'reason not given'}); recreated as {recovery.new_id}"
         if recovery.reason == "not_found"
         else f"was at position {recovery.server_position} on the server; caught up"
     )

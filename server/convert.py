@@ -8,7 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lstmd.model.folder import ModelCard
 from lstmd.server.engine import FeedArgs, GenerateArgs, GeneratedWord, Prediction, Tokenization
-from lstmd.server.errors import LstmdError, PositionMismatch, status_of
+from lstmd.server.errors import LstmdError, PositionMismatch, SessionEnded, status_of
 from lstmd.server.sessions import Session
 from lstmd.v1 import lstmd_pb2 as pb
 
@@ -43,8 +43,9 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def session(s: Session) -> pb.Session:
-    return pb.Session(
+def session(s: Session, lifetime_s: float = 0.0) -> pb.Session:
+    """``lifetime_s``: the server's maximum session lifetime (0: none), which sets ``expires``."""
+    message = pb.Session(
         session_id=s.id,
         model=s.model.name,
         model_version=s.model.version,
@@ -53,6 +54,9 @@ def session(s: Session) -> pb.Session:
         created=_timestamp(s.created),
         last_used=_timestamp(s.last_used),
     )
+    if lifetime_s > 0:
+        message.expires.CopyFrom(_timestamp(s.created + lifetime_s))
+    return message
 
 
 def feed_args(request: pb.FeedRequest | pb.StreamRequest) -> FeedArgs:
@@ -99,6 +103,9 @@ def feed_many_response(answers: list[Prediction | Exception]) -> pb.FeedManyResp
             result.error.code, result.error.message = status_of(answer).value[0], str(answer)
             if isinstance(answer, PositionMismatch):
                 result.error.position = answer.actual
+            if isinstance(answer, SessionEnded):
+                result.error.session_end = pb.SessionEnd.Value("SESSION_END_" + answer.reason.upper())
+                result.error.ended_at.CopyFrom(_timestamp(answer.when))
         else:  # a bug, logged with its traceback where it happened
             result.error.code = grpc.StatusCode.INTERNAL.value[0]
             result.error.message = "internal error in this item of FeedMany; the server log has the details"

@@ -18,7 +18,15 @@ import numpy as np
 
 from lstmd.model.tokenizer import Encoding, TextTooLong, Tokenizer
 from lstmd.server.batcher import Batcher, Sampling, StepResult
-from lstmd.server.errors import InvalidInput, LstmdError, NotFound, PositionMismatch, StoreUnavailable, echo
+from lstmd.server.errors import (
+    InvalidInput,
+    LstmdError,
+    NotFound,
+    PositionMismatch,
+    SessionEnded,
+    StoreUnavailable,
+    echo,
+)
 from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
 from lstmd.server.settings import Settings
@@ -576,6 +584,13 @@ class Engine:
         """Whether the store still holds the session a generation started from, where it started."""
         position = await self.store.position(session)
         if position is None:
+            try:
+                await self.store.load(session)  # raises the NOT_FOUND that says why, when the store knows
+            except SessionEnded as e:
+                raise SessionEnded(f"{e} (it ended during the generation: nothing of the generation was applied)",
+                                   e.reason, e.when) from None  # fmt: skip
+            except NotFound:
+                pass
             raise NotFound(
                 f"session {session.id} was deleted during the generation (or, in a shared store, "
                 "expired); nothing of the generation was applied"

@@ -40,6 +40,19 @@ sessions_created = Counter("lstmd_sessions_created_total", "Sessions created (fo
 sessions_deleted = Counter("lstmd_sessions_deleted_total", "Sessions deleted by clients or freed at stream end.")
 sessions_expired = Counter("lstmd_sessions_expired_total", "Sessions removed after their idle time-to-live.")
 sessions_evicted = Counter("lstmd_sessions_evicted_total", "Idle sessions evicted to make room at the session limit.")
+sessions_ended = Counter(
+    "lstmd_sessions_ended_total", "Sessions ended, by the reason their NOT_FOUND reports.", ("reason",)
+)
+_BY_REASON = {"deleted": sessions_deleted, "expired": sessions_expired, "evicted": sessions_evicted}
+
+
+def count_ending(reason: str) -> None:
+    """A session ended: lstmd_sessions_ended_total, and the older counter of its reason where it has one."""
+    sessions_ended.labels(reason).inc()
+    if reason in _BY_REASON:
+        _BY_REASON[reason].inc()
+
+
 model_info = Gauge("lstmd_model_info", "Models served (value 1).", ("model", "version", "precision", "default"))
 snapshot_write_seconds = Histogram(
     "lstmd_snapshot_write_seconds", "Time to write one session snapshot (serialise, fsync, rename).",

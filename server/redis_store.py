@@ -29,6 +29,18 @@ feed with ``expected_position``, answers FAILED_PRECONDITION or replays the winn
 see Engine.feed). Reads and writes issued in one turn of the event loop (the sessions of
 one batch) go to Redis together, in one pipelined round trip.
 
+Why a session ended (server.endings has the memory store's record) is a hash ``lstmd:ended:<id>``
+(reason, when in Unix seconds, owner) with a time-to-live of ``ENDED_TTL_S`` or the session TTL,
+whichever is longer: long enough that a client coming back to a session it left idle up to the TTL
+hears the true reason, and bounded in time (Redis holds a record per session ended in that window,
+about 200 bytes each) rather than in number. DeleteSession and ``end`` write it in the script that
+deletes the hash. A session whose hash Redis itself expired leaves no record; the scripts that drop
+expired ids from the index write one for each (reason "expired", when its index score says),
+without an owner, so it is shown only to a caller for whom the id's MAC verifies
+(server.session_ids). An id the caller was issued, with neither hash nor record but still in the
+index past its expiry, is "expired" too: the shared store never evicts, every other ending writes
+its record, and a replica restarting loses nothing in Redis, so idle expiry is the only way left.
+
 The Session objects this store hands out are the replica's cache of a session it is streaming:
 a stream keeps its Session, so a step needs only the write; the write's compare-and-set catches
 a stale cache, which is then re-read. Correctness never depends on the cache.
@@ -55,10 +67,13 @@ from lstmd.server import metrics
 from lstmd.server.errors import CapacityExceeded, NotFound, StoreUnavailable
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model, ModelRegistry
-from lstmd.server.sessions import Session, SessionStore, check_id, not_found
+from lstmd.server.session_ids import SessionIds
+from lstmd.server.sessions import Session, SessionStore, check_id, not_found, session_ended
 
 log = logging.getLogger(__name__)
 PREFIX = "lstmd:session:"
+ENDED = "lstmd:ended:"  # why a session ended: reason, when, owner (absent: one Redis expired)
+ENDED_TTL_S = 86_400.0
 FORMAT = 1
 _HEADER = struct.Struct("<BiIdd")  # format, last token (signed: -1 is NO_TOKEN), top_k, created, last used
 
@@ -85,35 +100,55 @@ local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner ~= '' then redis.call('ZADD', KEYS[2] .. ':' .. owner, 'XX', ARGV[7], id) end
 return -2
 """
+# Drops the ids whose expiry (score) is before ``now`` from INDEX, leaving an "expired" record for each
+# that has none (a deleted one has, and left the index then). Put before _CREATE and _COUNT.
+_PRUNE = """
+local function prune(index, now, ended_ttl)
+  local gone = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'WITHSCORES')
+  for i = 1, #gone, 2 do
+    local ended = 'lstmd:ended:' .. gone[i]
+    if redis.call('EXISTS', ended) == 0 then
+      redis.call('HSET', ended, 'reason', 'expired', 'when', tostring(tonumber(gone[i + 1]) / 1000))
+      redis.call('PEXPIRE', ended, ended_ttl)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+end
+"""
 # KEYS[1] the session, KEYS[2] INDEX; ARGV: now (Unix ms), expiry (Unix ms), TTL in ms, max sessions,
-# max per owner (0: none), the session id, owner, then the hash's fields and values. Returns the number
-# of sessions after it, -3 when the owner holds its maximum, -4 when the store holds its maximum.
+# max per owner (0: none), the session id, owner, the records' TTL in ms, then the hash's fields and
+# values. Returns the number of sessions after it, -3 when the owner holds its maximum, -4 when the
+# store holds its maximum.
 _CREATE = """
 local owned = KEYS[2] .. ':' .. ARGV[7]
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+prune(KEYS[2], ARGV[1], ARGV[8])
 if ARGV[7] ~= '' then
   redis.call('ZREMRANGEBYSCORE', owned, '-inf', ARGV[1])
   if tonumber(ARGV[5]) > 0 and redis.call('ZCARD', owned) >= tonumber(ARGV[5]) then return -3 end
 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return -4 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
 if ARGV[7] ~= '' then redis.call('ZADD', owned, ARGV[2], ARGV[6]) end
 return redis.call('ZCARD', KEYS[2])
 """
-# KEYS[1] the session, KEYS[2] INDEX; ARGV[1] the caller's owner id, ARGV[2] the session id. Deletes it
-# only for its owner. Returns the number of sessions left, or -1 when it was not the owner's (or gone).
+# KEYS[1] the session, KEYS[2] INDEX, KEYS[3] its ended record; ARGV: the caller's owner id, the session
+# id, the reason, when (Unix seconds), the record's TTL in ms. Deletes it only for its owner, recording
+# why. Returns the number of sessions left, or -1 when it was not the owner's (or gone).
 _DELETE = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[3], 'reason', ARGV[3], 'when', ARGV[4], 'owner', ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[2])
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2] .. ':' .. ARGV[1], ARGV[2]) end
 return redis.call('ZCARD', KEYS[2])
 """
-# KEYS[1] INDEX; ARGV[1] now (Unix ms). The number of sessions that have not expired.
+# KEYS[1] INDEX; ARGV[1] now (Unix ms), ARGV[2] the records' TTL in ms. The number of sessions that
+# have not expired.
 _COUNT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+prune(KEYS[1], ARGV[1], ARGV[2])
 return redis.call('ZCARD', KEYS[1])
 """
 _WRITTEN, _GONE = -2, -1
@@ -126,12 +161,14 @@ class RedisSessionStore(SessionStore):
 
     def __init__(
         self, url: str, registry: ModelRegistry, ttl_s: float, max_sessions: int = 100_000, max_per_owner: int = 0,
-        count_interval_s: float = 10.0, timeout_s: float = 2.0,
+        count_interval_s: float = 10.0, timeout_s: float = 2.0, lifetime_s: float = 0.0, ids: SessionIds | None = None,
     ):  # fmt: skip
         self.url = url
         self._registry = registry
-        self.ttl_s = ttl_s
+        self.ttl_s, self.lifetime_s = ttl_s, lifetime_s
+        self.ids = ids or SessionIds.per_process()
         self._ttl_ms = str(int(ttl_s * 1000))
+        self._ended_ttl_ms = str(int(max(ttl_s, ENDED_TTL_S) * 1000))
         self.max_sessions, self.max_per_owner, self._count_interval_s = max_sessions, max_per_owner, count_interval_s
         # One immediate retry on a fresh connection (pooled ones die when Redis restarts); no backoff,
         # so an unreachable Redis answers UNAVAILABLE within ``timeout_s``, not after a minute.
@@ -139,9 +176,9 @@ class RedisSessionStore(SessionStore):
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1)
         )
         self._cas = self._redis.register_script(_CAS)
-        self._create = self._redis.register_script(_CREATE)
+        self._create = self._redis.register_script(_PRUNE + _CREATE)
         self._delete = self._redis.register_script(_DELETE)
-        self._count = self._redis.register_script(_COUNT)
+        self._count = self._redis.register_script(_PRUNE + _COUNT)
         self._counter: asyncio.Task[None] | None = None
         self._pending: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
@@ -159,11 +196,14 @@ class RedisSessionStore(SessionStore):
         """Keep ``lstmd_sessions_active`` at the shared count (sessions other replicas created, or that expired)."""
         while True:
             try:
-                count = await self._submit("count", lambda pipe: _script(pipe, self._count, INDEX, (_now_ms(),)))
+                count = await self._submit("count", self._queue_count)
                 metrics.sessions_active.set(count)
             except StoreUnavailable:
                 pass  # counted in lstmd_store_errors_total; the next round tries again
             await asyncio.sleep(self._count_interval_s)
+
+    def _queue_count(self, pipe: Any) -> None:
+        _script(pipe, self._count, INDEX, (_now_ms(), self._ended_ttl_ms))
 
     def touch(self, session: Session) -> None:
         pass  # every commit renews the session's time-to-live in Redis
@@ -229,13 +269,13 @@ class RedisSessionStore(SessionStore):
     # the interface the engine uses
 
     async def create(self, model: Model, top_k: int, owner: str) -> Session:
-        session = Session.new(model, top_k, owner)
+        session = Session.new(self.ids.new(owner), model, top_k, owner)
         await self._insert(session)
         return session
 
     async def fork(self, source: Session) -> Session:
         await self.load(source)  # the newest state, not this replica's copy
-        copy = source.fork()
+        copy = source.fork(self.ids.new(source.owner))
         await self._insert(copy)
         return copy
 
@@ -243,8 +283,31 @@ class RedisSessionStore(SessionStore):
         check_id(session_id)
         fields = await self._submit("read", lambda pipe: pipe.hgetall(PREFIX + session_id))
         if not fields or fields.get(b"owner", b"").decode() != owner:
-            raise not_found(session_id, self.ttl_s)
-        return self._decode(session_id, fields)
+            raise await self._gone(session_id, owner, held=bool(fields))
+        session = self._decode(session_id, fields)
+        await self._check_lifetime(session)
+        return session
+
+    async def _gone(self, session_id: str, owner: str, held: bool = False) -> NotFound:
+        """The NOT_FOUND of an id Redis holds no session of ``owner``'s under (``held``: another key's):
+        why it ended when that is the caller's own session and known, else the plain one."""
+        record, expiry = await asyncio.gather(
+            self._submit("read", lambda pipe: pipe.hgetall(ENDED + session_id)),
+            self._submit("read", lambda pipe: pipe.zscore(INDEX, session_id)),
+        )
+        issued = not held and self.ids.issued(session_id, owner)
+        if record and (record.get(b"owner", b"").decode() == owner if b"owner" in record else issued):
+            when = float(record[b"when"])
+            return session_ended(session_id, record[b"reason"].decode(), when, self.ttl_s, self.lifetime_s)
+        if not record and issued and expiry is not None:  # expired by Redis, not yet dropped from the index
+            return session_ended(session_id, "expired", expiry / 1000, self.ttl_s, self.lifetime_s)
+        return not_found(session_id, self.ttl_s)
+
+    async def _check_lifetime(self, session: Session) -> None:
+        """End ``session`` if it is past the maximum lifetime, and raise its NOT_FOUND."""
+        if session.past_lifetime(self.lifetime_s, time.time()):
+            await self.end(session, "lifetime")
+            raise await self._gone(session.id, session.owner)
 
     async def load(self, session: Session) -> None:
         """Refresh ``session`` (this replica's copy) from Redis."""
@@ -253,6 +316,9 @@ class RedisSessionStore(SessionStore):
         session.position, session.last_used, session.last_request = fresh.position, fresh.last_used, fresh.last_request
 
     async def position(self, session: Session) -> int | None:
+        if session.past_lifetime(self.lifetime_s, time.time()):
+            await self.end(session, "lifetime")
+            return None
         stored = await self._submit("read", lambda pipe: pipe.hget(PREFIX + session.id, "pos"))
         return None if stored is None else int(stored)
 
@@ -270,6 +336,7 @@ class RedisSessionStore(SessionStore):
         return False
 
     async def _write(self, session: Session, read_position: int, with_request: bool) -> bool:
+        await self._check_lifetime(session)
         session.last_used = time.time()
         header = _HEADER.pack(FORMAT, session.last_token, session.top_k, session.created, session.last_used)
         state = np.stack((session.state, session.prev_state)).tobytes()  # (2, 2, layers, hidden) float32
@@ -277,7 +344,7 @@ class RedisSessionStore(SessionStore):
         args = (str(read_position), str(session.position), header, state, request, self._ttl_ms, self._expiry_ms())
         outcome = await self._submit("write", lambda pipe: _script(pipe, self._cas, (PREFIX + session.id, INDEX), args))
         if outcome == _GONE:
-            raise not_found(session.id, self.ttl_s)
+            raise await self._gone(session.id, session.owner)
         if outcome != _WRITTEN:
             metrics.store_conflicts.inc()
             return False
@@ -285,17 +352,27 @@ class RedisSessionStore(SessionStore):
 
     async def delete(self, session_id: str, owner: str) -> None:
         check_id(session_id)
-        keys, args = (PREFIX + session_id, INDEX), (owner, session_id)
+        if not await self._end(session_id, owner, "deleted"):
+            raise await self._gone(session_id, owner)
+
+    async def end(self, session: Session, reason: str) -> None:
+        await self._end(session.id, session.owner, reason)
+
+    async def _end(self, session_id: str, owner: str, reason: str) -> bool:
+        """Delete the session if ``owner``'s, writing why; False when it was not there."""
+        keys = (PREFIX + session_id, INDEX, ENDED + session_id)
+        args = (owner, session_id, reason, repr(time.time()), self._ended_ttl_ms)
         left = await self._submit("delete", lambda pipe: _script(pipe, self._delete, keys, args))
         if left < 0:
-            raise not_found(session_id, self.ttl_s)
-        metrics.sessions_deleted.inc()
+            return False
+        metrics.count_ending(reason)
         metrics.sessions_active.set(left)
+        return True
 
     async def discard(self, session: Session) -> None:
         try:
-            await self.delete(session.id, session.owner)
-        except (NotFound, StoreUnavailable) as e:  # gone already, or its TTL removes it
+            await self.end(session, "deleted")
+        except StoreUnavailable as e:  # its TTL removes it
             log.info("ephemeral session %s… not deleted at stream end: %s", session.id[:8], e)
 
     # encoding
@@ -310,7 +387,7 @@ class RedisSessionStore(SessionStore):
             "st": np.stack((session.state, session.prev_state)).astype(np.float32).tobytes(),
         }
         args = (_now_ms(), self._expiry_ms(), self._ttl_ms, self.max_sessions, self.max_per_owner, session.id,
-                session.owner, *(item for pair in mapping.items() for item in pair))  # fmt: skip
+                session.owner, self._ended_ttl_ms, *(item for pair in mapping.items() for item in pair))  # fmt: skip
         count = await self._submit(
             "create", lambda pipe: _script(pipe, self._create, (PREFIX + session.id, INDEX), args)
         )

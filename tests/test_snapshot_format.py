@@ -79,15 +79,15 @@ def test_other_files_and_versions_are_refused() -> None:
     with pytest.raises(SnapshotError, match="not an lstmd snapshot"):
         snapshot_format.decode(b"PK\x03\x04" + data[4:])
     newer = snapshot_format.MAGIC + struct.pack("<I", snapshot_format.FORMAT_VERSION + 1) + data[12:]
-    with pytest.raises(UnsupportedVersion, match="format version 2; this lstmd reads version 1") as refused:
+    with pytest.raises(UnsupportedVersion, match="format version 3; this lstmd reads versions 1 to 2") as refused:
         snapshot_format.decode(newer)
     assert refused.value.kind == "unsupported"
 
 
 def test_a_payload_that_lies_about_its_shape_is_refused_even_with_a_valid_checksum() -> None:
     header = 8 + 4 + 8 + 32  # magic, version, length, sha256
-    payload = snapshot_format.encode(records()[1:])[header:-4]  # the last array cut short
-    forged = snapshot_format.MAGIC + struct.pack("<IQ", 1, len(payload)) + hashlib.sha256(payload).digest() + payload
+    payload = snapshot_format.encode(records()[1:])[header:-8]  # no ended records' count, the last array cut short
+    forged = snapshot_format.MAGIC + struct.pack("<IQ", 2, len(payload)) + hashlib.sha256(payload).digest() + payload
     with pytest.raises(SnapshotError, match="malformed payload: the payload ends inside a state array"):
         snapshot_format.decode(forged)
 
