@@ -105,7 +105,7 @@ def feed_many_response(answers: list[Prediction | Exception]) -> pb.FeedManyResp
                 result.error.position = answer.actual
             if isinstance(answer, SessionEnded):
                 result.error.session_end = pb.SessionEnd.Value("SESSION_END_" + answer.reason.upper())
-                result.error.ended_at.CopyFrom(_timestamp(answer.when))
+                result.error.ended_at.FromMilliseconds(round(answer.when * 1000))  # as the metadata: to the ms
         else:  # a bug, logged with its traceback where it happened
             result.error.code = grpc.StatusCode.INTERNAL.value[0]
             result.error.message = "internal error in this item of FeedMany; the server log has the details"

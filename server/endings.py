@@ -2,8 +2,8 @@
 for one of the caller's own can say why and when (server.sessions.session_ended words it).
 
 Each record is an ``Ending``; at most ``ended_sessions_kept`` are held, the oldest forgotten first.
-Measured with tracemalloc (tests/test_session_end.py prints it): about 300 bytes a record with its
-32-character id, so the default 100,000 records hold about 30 MB. Snapshots keep them across a
+Measured with tracemalloc (tests/test_session_end.py prints it): about 250 bytes a record with its
+32-character id, so the default 100,000 records hold about 25 MB. Snapshots keep them across a
 graceful restart (server.snapshot_format, version 2).
 """
 
