@@ -28,6 +28,7 @@ from lstmd.server.session_ids import SECRET_FILE, SessionIds
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 from tests.conftest import ServerFactory, ServerProcess, memory_sessions, serve
+from tests.test_metrics import delta, scrape
 
 ALICE, BOB = "alice-key-Qm4v8Tz1pXw3", "bob-key-Hn6r2Ks9Ld5c"
 API_KEYS = f"alice:{ALICE},bob:{BOB}"
@@ -112,12 +113,16 @@ async def test_idle_sessions_say_expired(make_server: ServerFactory) -> None:
 
 
 async def test_the_least_recently_used_says_evicted(make_server: ServerFactory) -> None:
-    async with make_server(max_sessions=2, at_capacity="evict") as (_, stub):
+    async with make_server(max_sessions=2, at_capacity="evict") as (running, stub):
         first = await create(stub)
         await create(stub)
+        counted = scrape(running.metrics_port)
         before = time.time()
         await create(stub)
         assert "was evicted" in await assert_ended(stub, first, "evicted", before)
+        now = scrape(running.metrics_port)
+        assert delta(counted, now, "lstmd_sessions_ended_total", reason="evicted") == 1
+        assert delta(counted, now, "lstmd_sessions_evicted_total") == 1
 
 
 async def test_a_session_ends_at_its_lifetime_however_it_is_used(make_server: ServerFactory) -> None:

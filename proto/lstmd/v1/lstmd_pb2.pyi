@@ -303,7 +303,9 @@ class Session(_message.Message):
     VOCABULARY_SHA256_FIELD_NUMBER: _builtins.int
     EXPIRES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """128-bit random id, 32 lowercase hex characters."""
+    """32 lowercase hex characters: 72 random bits, the server run that issued it and a MAC binding it
+    to the caller's API key (so a restarted server can tell an id it lost from one it never issued).
+    """
     model: _builtins.str
     model_version: _builtins.str
     position: _builtins.int
