@@ -33,7 +33,7 @@ Why a session ended (server.endings has the memory store's record) is a hash ``l
 (reason, when in Unix seconds, owner) with a time-to-live of ``ENDED_TTL_S`` or the session TTL,
 whichever is longer: long enough that a client coming back to a session it left idle up to the TTL
 hears the true reason, and bounded in time (Redis holds a record per session ended in that window,
-about 200 bytes each) rather than in number. DeleteSession and ``end`` write it in the script that
+about 220 bytes each) rather than in number. DeleteSession and ``end`` write it in the script that
 deletes the hash. A session whose hash Redis itself expired leaves no record; the scripts that drop
 expired ids from the index write one for each (reason "expired", when its index score says),
 without an owner, so it is shown only to a caller for whom the id's MAC verifies
