@@ -299,7 +299,7 @@ class RedisSessionStore(SessionStore):
         if record and (record.get(b"owner", b"").decode() == owner if b"owner" in record else issued):
             when = float(record[b"when"])
             return session_ended(session_id, record[b"reason"].decode(), when, self.ttl_s, self.lifetime_s)
-        if not record and issued and expiry is not None:  # expired by Redis, not yet dropped from the index
+        if not record and issued and expiry is not None and expiry <= _now_ms():  # not yet dropped from the index
             return session_ended(session_id, "expired", expiry / 1000, self.ttl_s, self.lifetime_s)
         return not_found(session_id, self.ttl_s)
 
