@@ -22,7 +22,7 @@ import pytest
 
 from bench.cluster import Redis
 from lstmd import client
-from lstmd.client import AsyncClient
+from lstmd.client import AsyncClient, Client
 from lstmd.server.endings import Ending, Endings
 from lstmd.server.session_ids import SECRET_FILE, SessionIds
 from lstmd.v1 import lstmd_pb2 as pb
@@ -276,6 +276,11 @@ def test_a_session_lost_at_a_restart_says_restart_with_a_session_key(models_dir:
             await assert_plain(stub, await create(stub, auth(ALICE)), auth(BOB))
 
     asyncio.run(after_restart())
+    with Client(servers[1].target, api_key=ALICE, retries=0) as blocking:  # the blocking client says it too
+        with pytest.raises(client.NotFound) as error:
+            blocking.feed(session_id, "the")
+        assert error.value.reason == "restart" and error.value.ended_at is not None
+        assert started - 0.001 <= error.value.ended_at.timestamp() <= time.time()
 
 
 def test_with_a_snapshot_dir_records_survive_a_graceful_restart_and_a_crash_says_restart(
