@@ -5,8 +5,9 @@ Feed calls, each costs a gRPC call on both sides; ``FeedCoalescer`` instead queu
 issued while the previous message is on its way and sends them as one FeedManyRequest on one
 FeedMany stream (at most ``IN_FLIGHT`` messages unanswered), then hands each caller its own
 item's answer. It has a unary stub method's signature and raises ``grpc.aio.AioRpcError`` for an
-item's error (with ``lstmd-position`` in its trailing metadata, as Feed's), so the client's
-retries and session recovery work on it unchanged. A server without FeedMany (UNIMPLEMENTED) is
+item's error (with the trailing metadata a Feed's would carry: ``lstmd-position``,
+``lstmd-session-end``, ``lstmd-session-ended-at``), so the client's retries and session recovery
+work on it unchanged. A server without FeedMany (UNIMPLEMENTED) is
 fed with Feed from then on.
 """
 
@@ -124,12 +125,11 @@ class FeedCoalescer:
 
 
 def _item_error(error: pb.FeedError) -> grpc.aio.AioRpcError:
-    """An item's error as the AioRpcError a Feed call with it would have raised (its position, and
-    why and when its session ended, as Feed's trailing metadata)."""
-    metadata = [(POSITION_KEY, str(error.position))] if error.HasField("position") else []
-    if error.session_end:
-        metadata.append((END_KEY, pb.SessionEnd.Name(error.session_end).removeprefix("SESSION_END_").lower()))
-        metadata.append((ENDED_AT_KEY, error.ended_at.ToDatetime(UTC).isoformat()))
-    trailing = grpc.aio.Metadata(*metadata)
+    """An item's error as the AioRpcError a Feed call with it would have raised."""
+    pairs = [(POSITION_KEY, str(error.position))] if error.HasField("position") else []
+    if error.session_end:  # the metadata of a Feed's NOT_FOUND for a session that ended
+        pairs += [(END_KEY, pb.SessionEnd.Name(error.session_end).removeprefix("SESSION_END_").lower()),
+                  (ENDED_AT_KEY, error.ended_at.ToDatetime(UTC).isoformat())]  # fmt: skip
+    trailing = grpc.aio.Metadata(*pairs)
     code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, error.message)

@@ -296,7 +296,7 @@ class BaseSession(Generic[C]):
 
     def _recovered(self, plan: Plan, old_id: str, position: int) -> None:
         recovery = Recovery(plan.reason, old_id, self.id, plan.start, position, sum(map(len, plan.chunks)),
-                            plan.exact)  # fmt: skip
+                            plan.exact, plan.ended)  # fmt: skip
         self.recoveries.append(recovery)
         self._tail.end = self.position = position
         report(recovery)

@@ -41,7 +41,9 @@ class Recovery:
     ``"behind"`` (the server held it at an older position, ``server_position``, after restoring an
     older snapshot: it was caught up).
     ``refed`` tokens were sent again; ``position`` is the session's position afterwards. ``exact``
-    says the tail covered everything the server had lost."""
+    says the tail covered everything the server had lost. ``ended`` is why the server said the session
+    ended, for a ``"not_found"`` from a server that said (``NotFound.reason``: "expired", "evicted",
+    "restart", ...), else None."""
 
     reason: str
     old_id: str
@@ -50,6 +52,7 @@ class Recovery:
     position: int
     refed: int
     exact: bool
+    ended: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Plan:
     start: int
     chunks: list[list[int]]
     exact: bool
+    ended: str | None = None  # the server's reason for a NotFound
 
 
 class Tail:
@@ -123,7 +127,7 @@ class Tail:
         if isinstance(error, NotFound) and error.reason == "unloaded":  # another version's weights: approximate
             return Plan("unloaded", True, 0, self.since(self.start), False)
         if isinstance(error, NotFound):
-            return Plan("not_found", True, 0, self.since(self.start), self.start == 0)
+            return Plan("not_found", True, 0, self.since(self.start), self.start == 0, error.reason)
         if isinstance(error, PositionMismatch) and error.actual_position is not None:
             behind = error.actual_position
             if behind >= position:  # ahead: fed by someone else; not ours to undo
@@ -137,7 +141,7 @@ class Tail:
 def report(recovery: Recovery) -> None:
     """The log line of a recovery: WARNING when it was approximate."""
     what = {
-        "not_found": f"was lost by the server; recreated as {recovery.new_id}",
+        "not_found": f"was lost by the server ({recovery.ended or 'reason not given'}); recreated as {recovery.new_id}",
         "unloaded": f"ended with its model version's unload; recreated on the version served now as {recovery.new_id}",
     }.get(recovery.reason, f"was at position {recovery.server_position} on the server; caught up")
     how = (

@@ -28,6 +28,7 @@ from lstmd.server.registry import ModelRegistry
 from lstmd.server.security import KeyRing, load_keys, load_session_keys, server_credentials
 from lstmd.server.servicer import LstmdServicer
 from lstmd.server.session_blob import SessionBlobs
+from lstmd.server.session_ids import load_ids
 from lstmd.server.sessions import SessionStore
 from lstmd.server.settings import Settings
 from lstmd.server.snapshot_policy import Snapshots
@@ -173,15 +174,17 @@ async def _serve_health_only(settings: Settings, servicer: health.aio.HealthServ
 def open_store(settings: Settings, registry: ModelRegistry) -> tuple[SessionStore, Snapshots | None]:
     """The session store the settings name, and the snapshots of the memory store when configured.
     Snapshots are the memory store's alone: Redis keeps its sessions itself (the settings refuse both)."""
+    ids = load_ids(settings)
     if settings.session_store == "memory":
         memory = MemorySessionStore(settings.max_sessions, settings.at_capacity, settings.session_ttl_s,
                                     settings.max_sessions_per_key, settings.sweep_interval_s,
-                                    settings.ended_sessions_kept)  # fmt: skip
+                                    settings.session_max_lifetime_s, ids, settings.ended_sessions_kept)  # fmt: skip
         return memory, Snapshots(settings, memory, registry) if settings.snapshot_dir else None
     from lstmd.server.redis_store import RedisSessionStore  # the redis extra: only needed when configured
 
     return RedisSessionStore(settings.session_store, registry, settings.session_ttl_s, settings.max_sessions,
-                             settings.max_sessions_per_key, settings.sweep_interval_s), None  # fmt: skip
+                             settings.max_sessions_per_key, settings.sweep_interval_s,
+                             lifetime_s=settings.session_max_lifetime_s, ids=ids), None  # fmt: skip
 
 
 async def run(settings: Settings, registry: ModelRegistry) -> None:

@@ -51,8 +51,9 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def session(s: Session) -> pb.Session:
-    return pb.Session(
+def session(s: Session, lifetime_s: float = 0.0) -> pb.Session:
+    """``lifetime_s``: the server's maximum session lifetime (0: none), which sets ``expires``."""
+    message = pb.Session(
         session_id=s.id,
         model=s.model.name,
         model_version=s.model.version,
@@ -62,6 +63,9 @@ def session(s: Session) -> pb.Session:
         last_used=_timestamp(s.last_used),
         vocabulary_sha256=s.model.vocabulary_sha256,
     )
+    if lifetime_s > 0:
+        message.expires.CopyFrom(_timestamp(s.created + lifetime_s))
+    return message
 
 
 def feed_args(request: pb.FeedRequest | pb.StreamRequest) -> FeedArgs:
@@ -109,8 +113,8 @@ def feed_many_response(answers: list[Prediction | Exception]) -> pb.FeedManyResp
             if isinstance(answer, PositionMismatch):
                 result.error.position = answer.actual
             if isinstance(answer, SessionEnded):
-                result.error.session_end = pb.SessionEnd.Value(f"SESSION_END_{answer.reason.upper()}")
-                result.error.ended_at.CopyFrom(_timestamp(answer.when))
+                result.error.session_end = pb.SessionEnd.Value("SESSION_END_" + answer.reason.upper())
+                result.error.ended_at.FromMilliseconds(round(answer.when * 1000))  # as the metadata: to the ms
         else:  # a bug, logged with its traceback where it happened
             result.error.code = grpc.StatusCode.INTERNAL.value[0]
             result.error.message = "internal error in this item of FeedMany; the server log has the details"

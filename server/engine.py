@@ -26,6 +26,7 @@ from lstmd.server.errors import (
     NotFound,
     PermissionDenied,
     PositionMismatch,
+    SessionEnded,
     StoreUnavailable,
     echo,
 )
@@ -257,27 +258,32 @@ class Engine:
     async def export_session(self, session_id: str, owner: str, encrypt: bool, end: bool) -> tuple[bytes, Session]:
         """The session's blob, and the session as exported. Under the session's lock, so a feed or a
         generation in flight here finishes first and the blob holds a state some call left (a shared
-        store: the newest stored state; see docs/reliability.md for what can come between). With
-        ``end`` the session is removed once sealed: the blob is its only copy."""
+        store: the newest stored state). With ``end`` the session is removed once sealed, and only at
+        the position sealed (a feed through another replica meanwhile: sealed again), so the blob is
+        its only copy and holds its every feed."""
         blobs = self._blobs()
         session = await self.store.get(session_id, owner)
         session.users += 1
         try:
             async with session.lock:
-                await self.store.load(session)  # a shared store's newest state, not this replica's copy
-                blob = blobs.seal(session, encrypt)
-                if end:
-                    # issue 18: the lead reconciles this with the stores' recorded end reasons (reason "exported")
-                    await self.store.delete(session.id, owner)
-                return blob, session
+                for _ in range(MAX_CONFLICTS):
+                    await self.store.load(session)  # a shared store's newest state, not this replica's copy
+                    blob = blobs.seal(session, encrypt)
+                    # ended only at the position sealed: a feed through another replica meanwhile means sealing again
+                    if not end or await self.store.end(session, "exported", at_position=session.position):
+                        return blob, session
         finally:
             session.users -= 1
             self.store.touch(session)
+        raise StoreUnavailable(
+            f"session {session_id} was advanced by other calls {MAX_CONFLICTS} times while it was exported; it was "
+            "not ended: retry"
+        )
 
     async def import_session(self, blob: bytes, keep_id: bool, owner: str) -> Session:
         """A session made from an exported blob: the caller's own (its API key exported it), on the
         model version it was exported from, with its id when ``keep_id``."""
-        session = self._blobs().open(blob, self._loaded_version, keep_id)
+        session = self._blobs().open(blob, self._loaded_version, None if keep_id else lambda: self.store.ids.new(owner))
         if session.owner != owner:  # the message names the caller's key only: the blob's holder learns nothing
             caller = f"API key {owner!r}" if owner else "no API key (keys are off here)"
             raise PermissionDenied(
@@ -673,6 +679,13 @@ class Engine:
         """Whether the store still holds the session a generation started from, where it started."""
         position = await self.store.position(session)
         if position is None:
+            try:
+                await self.store.load(session)  # raises the NOT_FOUND that says why, when the store knows
+            except SessionEnded as e:
+                raise SessionEnded(f"{e} (it ended during the generation: nothing of the generation was applied)",
+                                   e.reason, e.when) from None  # fmt: skip
+            except NotFound:
+                pass
             raise NotFound(
                 f"session {session.id} was deleted during the generation (or, in a shared store, "
                 "expired); nothing of the generation was applied"

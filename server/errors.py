@@ -55,7 +55,8 @@ class SessionEnded(NotFound):
 
 def rfc3339(seconds: float) -> str:
     """Unix seconds as RFC 3339 in UTC, to the millisecond: 2026-12-02T06:00:00.123Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds * 1000) % 1000:03d}Z"
+    ms = round(seconds * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 class FailedPrecondition(LstmdError):

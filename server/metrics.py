@@ -47,6 +47,20 @@ sessions_evicted = Counter("lstmd_sessions_evicted_total", "Idle sessions evicte
 sessions_unloaded = Counter(
     "lstmd_sessions_unloaded_total", "Sessions ended because their model version was unloaded at its drain deadline."
 )
+sessions_ended = Counter(
+    "lstmd_sessions_ended_total", "Sessions ended, by the reason their NOT_FOUND reports.", ("reason",)
+)
+_BY_REASON = {"deleted": sessions_deleted, "expired": sessions_expired, "evicted": sessions_evicted,
+              "unloaded": sessions_unloaded}  # fmt: skip
+
+
+def count_ending(reason: str) -> None:
+    """A session ended: lstmd_sessions_ended_total, and the older counter of its reason where it has one."""
+    sessions_ended.labels(reason).inc()
+    if reason in _BY_REASON:
+        _BY_REASON[reason].inc()
+
+
 model_info = Gauge(
     "lstmd_model_info", "Model versions loaded (value 1), served or draining.", (*_VERSION, "precision", "default")
 )

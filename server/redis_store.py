@@ -18,15 +18,12 @@ renewed with its TTL, and so is ``lstmd:version:<model>/<version>`` (a model ver
 ListModels' counts, and the ones to end when that version unloads). A session is created by a Lua
 script that first drops the expired ids, then refuses when the index holds ``max_sessions`` (or
 the key's index ``max_sessions_per_key``), and otherwise writes the hash and the index entries,
-so concurrent creates on any number of replicas can never overshoot. At the limit the shared
-store refuses new sessions whatever ``--at-capacity`` says: it cannot tell which sessions other
-replicas are streaming, so it evicts none. ``lstmd_sessions_active`` is the index's size, refreshed
-on every create and delete and every ``sweep_interval_s``, so every replica reports the shared
-count.
-
-A version unloaded at its drain deadline ends its sessions on every replica: they are removed
-and ``lstmd:ended:<id>`` (owner, when, model, version; kept for the session TTL) tells a later
-lookup that the session ended ("unloaded").
+so concurrent creates on any number of replicas can never overshoot. At the limit the shared store
+refuses new sessions whatever ``--at-capacity`` says: it cannot tell which sessions other replicas
+are streaming, so it evicts none. ``lstmd_sessions_active`` is the index's size, refreshed on every
+create and delete and every ``sweep_interval_s``, so every replica reports the shared count. A
+version unloaded at its drain deadline ends its sessions on every replica at once (one script;
+reason "unloaded").
 
 A step is written by one Lua script that compares ``pos`` with the position the step was computed
 from and writes the new state only if they are equal, so two replicas can never both apply a step
@@ -34,6 +31,18 @@ to one session: the loser's result is discarded, it re-reads the session and ret
 feed with ``expected_position``, answers FAILED_PRECONDITION or replays the winner's answer:
 see Engine.feed). Reads and writes issued in one turn of the event loop (the sessions of
 one batch) go to Redis together, in one pipelined round trip.
+
+Why a session ended (server.endings has the memory store's record) is a hash ``lstmd:ended:<id>``
+(reason, when in Unix seconds, owner) with a time-to-live of ``ENDED_TTL_S`` or the session TTL,
+whichever is longer: long enough that a client coming back to a session it left idle up to the TTL
+hears the true reason, and bounded in time (Redis holds a record per session ended in that window,
+about 220 bytes each) rather than in number. DeleteSession and ``end`` write it in the script that
+deletes the hash. A session whose hash Redis itself expired leaves no record; the scripts that drop
+expired ids from the index write one for each (reason "expired", when its index score says),
+without an owner, so it is shown only to a caller for whom the id's MAC verifies
+(server.session_ids). An id the caller was issued, with neither hash nor record but still in the
+index past its expiry, is "expired" too: the shared store never evicts, every other ending writes
+its record, and a replica restarting loses nothing in Redis, so idle expiry is the only way left.
 
 The Session objects this store hands out are the replica's cache of a session it is streaming:
 a stream keeps its Session, so a step needs only the write; the write's compare-and-set catches
@@ -48,7 +57,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import redis.asyncio as redis
@@ -61,16 +70,18 @@ from lstmd.server import metrics
 from lstmd.server.errors import CapacityExceeded, NotFound, StoreUnavailable
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model, ModelRegistry
-from lstmd.server.sessions import Session, SessionStore, check_id, id_taken, not_found, unloaded
+from lstmd.server.session_ids import SessionIds
+from lstmd.server.sessions import Session, SessionStore, check_id, id_taken, not_found, session_ended
 
 log = logging.getLogger(__name__)
 PREFIX = "lstmd:session:"
+ENDED = "lstmd:ended:"  # why a session ended: reason, when, owner (absent: one Redis expired)
+ENDED_TTL_S = 86_400.0
 FORMAT = 1
 _HEADER = struct.Struct("<BiIdd")  # format, last token (signed: -1 is NO_TOKEN), top_k, created, last used
 
 INDEX = "lstmd:index"  # every session id, scored by when it expires (Unix ms); INDEX:<owner> per API key
 VERSION = "lstmd:version:"  # + "<model>/<version>": that version's session ids, scored likewise
-ENDED = "lstmd:ended:"  # + id: a session its version's unload ended, "<owner>\n<when, Unix ms>\n<model>\n<version>"
 # The scripts name the owner's index themselves (INDEX .. ':' .. owner): lstmd's Redis is one instance,
 # not a cluster, so keys computed in a script are fine.
 
@@ -94,62 +105,85 @@ if owner ~= '' then redis.call('ZADD', KEYS[2] .. ':' .. owner, 'XX', ARGV[7], i
 redis.call('ZADD', 'lstmd:version:' .. model .. '/' .. ver, 'XX', ARGV[7], id)
 return -2
 """
+# Drops the ids whose expiry (score) is before ``now`` from INDEX, leaving an "expired" record for each
+# that has none (a deleted one has, and left the index then). Put before _CREATE and _COUNT.
+_PRUNE = """
+local function prune(index, now, ended_ttl)
+  local gone = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'WITHSCORES')
+  for i = 1, #gone, 2 do
+    local ended = 'lstmd:ended:' .. gone[i]
+    if redis.call('EXISTS', ended) == 0 then
+      redis.call('HSET', ended, 'reason', 'expired', 'when', tostring(tonumber(gone[i + 1]) / 1000))
+      redis.call('PEXPIRE', ended, ended_ttl)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+end
+"""
 # KEYS[1] the session, KEYS[2] INDEX, KEYS[3] its version's index; ARGV: now (Unix ms), expiry (Unix ms),
-# TTL in ms, max sessions, max per owner (0: none), the session id, owner, then the hash's fields and values.
-# Returns the number of sessions after it, -3 when the owner holds its maximum, -4 when the store holds its
-# maximum, -5 when the id is taken (an imported session keeping its id).
+# TTL in ms, max sessions, max per owner (0: none), the session id, owner, the records' TTL in ms, then
+# the hash's fields and values. Returns the number of sessions after it, -3 when the owner holds its
+# maximum, -4 when the store holds its maximum, -5 when the id is taken (an imported session keeping it).
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return -5 end
 local owned = KEYS[2] .. ':' .. ARGV[7]
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+prune(KEYS[2], ARGV[1], ARGV[8])
 if ARGV[7] ~= '' then
   redis.call('ZREMRANGEBYSCORE', owned, '-inf', ARGV[1])
   if tonumber(ARGV[5]) > 0 and redis.call('ZCARD', owned) >= tonumber(ARGV[5]) then return -3 end
 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return -4 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[6])
 if ARGV[7] ~= '' then redis.call('ZADD', owned, ARGV[2], ARGV[6]) end
 return redis.call('ZCARD', KEYS[2])
 """
-# KEYS[1] the session, KEYS[2] INDEX; ARGV[1] the caller's owner id, ARGV[2] the session id. Deletes it
-# only for its owner. Returns the number of sessions left, or -1 when it was not the owner's (or gone).
+# KEYS[1] the session, KEYS[2] INDEX, KEYS[3] its ended record; ARGV: the caller's owner id, the session
+# id, the reason, when (Unix seconds), the record's TTL in ms, the position it must be at ("": any).
+# Deletes it only for its owner, recording why. Returns the number of sessions left, -1 when it was not
+# the owner's (or gone), -6 when it was at another position.
 _DELETE = """
-local owner, model, ver = unpack(redis.call('HMGET', KEYS[1], 'owner', 'model', 'ver'))
+local owner, model, ver, pos = unpack(redis.call('HMGET', KEYS[1], 'owner', 'model', 'ver', 'pos'))
 if owner ~= ARGV[1] then return -1 end
+if ARGV[6] ~= '' and pos ~= ARGV[6] then return -6 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', 'lstmd:version:' .. model .. '/' .. ver, ARGV[2])
+redis.call('HSET', KEYS[3], 'reason', ARGV[3], 'when', ARGV[4], 'owner', ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[2])
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2] .. ':' .. ARGV[1], ARGV[2]) end
 return redis.call('ZCARD', KEYS[2])
 """
-# KEYS[1] INDEX (or a version's index); ARGV[1] now (Unix ms). The number of sessions that have not expired.
+# KEYS[1] INDEX (or a version's index); ARGV[1] now (Unix ms), ARGV[2] the records' TTL in ms. The number
+# of sessions that have not expired.
 _COUNT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+prune(KEYS[1], ARGV[1], ARGV[2])
 return redis.call('ZCARD', KEYS[1])
 """
-# KEYS[1] a version's index, KEYS[2] INDEX; ARGV[1] now (Unix ms), ARGV[2] how long the records are kept
-# (ms), ARGV[3] "\n<model>\n<version>". Ends every session of the version: removed, and recorded under
-# ENDED. Returns how many.
+# KEYS[1] a version's index, KEYS[2] INDEX; ARGV[1] when (Unix seconds), ARGV[2] the records' TTL in ms.
+# Ends every session of the version, recording why ("unloaded"). Returns how many.
 _END_VERSION = """
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local ended = 0
 for _, id in ipairs(ids) do
   local key = 'lstmd:session:' .. id
   local owner = redis.call('HGET', key, 'owner')
   if owner then
     redis.call('DEL', key)
     if owner ~= '' then redis.call('ZREM', KEYS[2] .. ':' .. owner, id) end
-    redis.call('SET', 'lstmd:ended:' .. id, owner .. '\\n' .. ARGV[1] .. ARGV[3], 'PX', ARGV[2])
+    redis.call('HSET', 'lstmd:ended:' .. id, 'reason', 'unloaded', 'when', ARGV[1], 'owner', owner)
+    redis.call('PEXPIRE', 'lstmd:ended:' .. id, ARGV[2])
+    ended = ended + 1
   end
   redis.call('ZREM', KEYS[2], id)
 end
 redis.call('DEL', KEYS[1])
-return #ids
+return ended
 """
 _WRITTEN, _GONE = -2, -1
-_OWNER_FULL, _STORE_FULL, _TAKEN = -3, -4, -5
+_OWNER_FULL, _STORE_FULL, _TAKEN, _MOVED = -3, -4, -5, -6
 
 
 class RedisSessionStore(SessionStore):
@@ -158,12 +192,14 @@ class RedisSessionStore(SessionStore):
 
     def __init__(
         self, url: str, registry: ModelRegistry, ttl_s: float, max_sessions: int = 100_000, max_per_owner: int = 0,
-        count_interval_s: float = 10.0, timeout_s: float = 2.0,
+        count_interval_s: float = 10.0, timeout_s: float = 2.0, lifetime_s: float = 0.0, ids: SessionIds | None = None,
     ):  # fmt: skip
         self.url = url
         self._registry = registry
-        self.ttl_s = ttl_s
+        self.ttl_s, self.lifetime_s = ttl_s, lifetime_s
+        self.ids = ids or SessionIds.per_process()
         self._ttl_ms = str(int(ttl_s * 1000))
+        self._ended_ttl_ms = str(int(max(ttl_s, ENDED_TTL_S) * 1000))
         self.max_sessions, self.max_per_owner, self._count_interval_s = max_sessions, max_per_owner, count_interval_s
         # One immediate retry on a fresh connection (pooled ones die when Redis restarts); no backoff,
         # so an unreachable Redis answers UNAVAILABLE within ``timeout_s``, not after a minute.
@@ -171,9 +207,9 @@ class RedisSessionStore(SessionStore):
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1)
         )
         self._cas = self._redis.register_script(_CAS)
-        self._create = self._redis.register_script(_CREATE)
+        self._create = self._redis.register_script(_PRUNE + _CREATE)
         self._delete = self._redis.register_script(_DELETE)
-        self._count = self._redis.register_script(_COUNT)
+        self._count = self._redis.register_script(_PRUNE + _COUNT)
         self._end_version = self._redis.register_script(_END_VERSION)
         self._counter: asyncio.Task[None] | None = None
         self._pending: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]] = []
@@ -192,11 +228,14 @@ class RedisSessionStore(SessionStore):
         """Keep ``lstmd_sessions_active`` at the shared count (sessions other replicas created, or that expired)."""
         while True:
             try:
-                count = await self._submit("count", lambda pipe: _script(pipe, self._count, INDEX, (_now_ms(),)))
+                count = await self._submit("count", self._queue_count)
                 metrics.sessions_active.set(count)
             except StoreUnavailable:
                 pass  # counted in lstmd_store_errors_total; the next round tries again
             await asyncio.sleep(self._count_interval_s)
+
+    def _queue_count(self, pipe: Any) -> None:
+        _script(pipe, self._count, INDEX, (_now_ms(), self._ended_ttl_ms))
 
     def touch(self, session: Session) -> None:
         pass  # every commit renews the session's time-to-live in Redis
@@ -262,36 +301,48 @@ class RedisSessionStore(SessionStore):
     # the interface the engine uses
 
     async def create(self, model: Model, top_k: int, owner: str) -> Session:
-        session = Session.new(model, top_k, owner)
+        session = Session.new(self.ids.new(owner), model, top_k, owner)
         await self._insert(session)
         return session
+
+    async def fork(self, source: Session) -> Session:
+        await self.load(source)  # the newest state, not this replica's copy
+        copy = source.fork(self.ids.new(source.owner))
+        await self._insert(copy)
+        return copy
 
     async def insert(self, session: Session) -> None:
         await self._insert(session)
 
-    async def fork(self, source: Session) -> Session:
-        await self.load(source)  # the newest state, not this replica's copy
-        copy = source.fork()
-        await self._insert(copy)
-        return copy
-
     async def get(self, session_id: str, owner: str) -> Session:
         check_id(session_id)
         fields = await self._submit("read", lambda pipe: pipe.hgetall(PREFIX + session_id))
-        if not fields:
-            await self._raise_ended(session_id, owner)
-        if fields.get(b"owner", b"").decode() != owner:
-            raise not_found(session_id, self.ttl_s)
-        return self._decode(session_id, fields)
+        if not fields or fields.get(b"owner", b"").decode() != owner:
+            raise await self._gone(session_id, owner, held=bool(fields))
+        session = self._decode(session_id, fields)
+        await self._check_lifetime(session)
+        return session
 
-    async def _raise_ended(self, session_id: str, owner: str) -> NoReturn:
-        """NotFound for a session Redis does not hold: ``unloaded`` when its version's unload ended it."""
-        ended = await self._submit("read", lambda pipe: pipe.get(ENDED + session_id))
-        if ended is not None:
-            who, when_ms, name, version = ended.decode().split("\n")
-            if who == owner:
-                raise unloaded(session_id, name, version, int(when_ms) / 1000)
-        raise not_found(session_id, self.ttl_s)
+    async def _gone(self, session_id: str, owner: str, held: bool = False) -> NotFound:
+        """The NOT_FOUND of an id Redis holds no session of ``owner``'s under (``held``: another key's):
+        why it ended when that is the caller's own session and known, else the plain one."""
+        record, expiry = await asyncio.gather(
+            self._submit("read", lambda pipe: pipe.hgetall(ENDED + session_id)),
+            self._submit("read", lambda pipe: pipe.zscore(INDEX, session_id)),
+        )
+        issued = not held and self.ids.issued(session_id, owner)
+        if record and (record.get(b"owner", b"").decode() == owner if b"owner" in record else issued):
+            when = float(record[b"when"])
+            return session_ended(session_id, record[b"reason"].decode(), when, self.ttl_s, self.lifetime_s)
+        if not record and issued and expiry is not None and expiry <= _now_ms():  # not yet dropped from the index
+            return session_ended(session_id, "expired", expiry / 1000, self.ttl_s, self.lifetime_s)
+        return not_found(session_id, self.ttl_s)
+
+    async def _check_lifetime(self, session: Session) -> None:
+        """End ``session`` if it is past the maximum lifetime, and raise its NOT_FOUND."""
+        if session.past_lifetime(self.lifetime_s, time.time()):
+            await self.end(session, "lifetime")
+            raise await self._gone(session.id, session.owner)
 
     async def load(self, session: Session) -> None:
         """Refresh ``session`` (this replica's copy) from Redis."""
@@ -300,6 +351,9 @@ class RedisSessionStore(SessionStore):
         session.position, session.last_used, session.last_request = fresh.position, fresh.last_used, fresh.last_request
 
     async def position(self, session: Session) -> int | None:
+        if session.past_lifetime(self.lifetime_s, time.time()):
+            await self.end(session, "lifetime")
+            return None
         stored = await self._submit("read", lambda pipe: pipe.hget(PREFIX + session.id, "pos"))
         return None if stored is None else int(stored)
 
@@ -317,6 +371,7 @@ class RedisSessionStore(SessionStore):
         return False
 
     async def _write(self, session: Session, read_position: int, with_request: bool) -> bool:
+        await self._check_lifetime(session)
         session.last_used = time.time()
         header = _HEADER.pack(FORMAT, session.last_token, session.top_k, session.created, session.last_used)
         state = np.stack((session.state, session.prev_state)).tobytes()  # (2, 2, layers, hidden) float32
@@ -324,7 +379,7 @@ class RedisSessionStore(SessionStore):
         args = (str(read_position), str(session.position), header, state, request, self._ttl_ms, self._expiry_ms())
         outcome = await self._submit("write", lambda pipe: _script(pipe, self._cas, (PREFIX + session.id, INDEX), args))
         if outcome == _GONE:
-            await self._raise_ended(session.id, session.owner)
+            raise await self._gone(session.id, session.owner)
         if outcome != _WRITTEN:
             metrics.store_conflicts.inc()
             return False
@@ -332,25 +387,39 @@ class RedisSessionStore(SessionStore):
 
     async def delete(self, session_id: str, owner: str) -> None:
         check_id(session_id)
-        keys, args = (PREFIX + session_id, INDEX), (owner, session_id)
+        if await self._end(session_id, owner, "deleted") != "ended":
+            raise await self._gone(session_id, owner)
+
+    async def end(self, session: Session, reason: str, at_position: int | None = None) -> bool:
+        return await self._end(session.id, session.owner, reason, at_position) != "moved"
+
+    async def _end(self, session_id: str, owner: str, reason: str, at_position: int | None = None) -> str:
+        """Delete the session if ``owner``'s (and at ``at_position``, when given), writing why: "ended",
+        "gone" when it was not there, "moved" when it was at another position."""
+        keys = (PREFIX + session_id, INDEX, ENDED + session_id)
+        args = (owner, session_id, reason, repr(time.time()), self._ended_ttl_ms,
+                "" if at_position is None else str(at_position))  # fmt: skip
         left = await self._submit("delete", lambda pipe: _script(pipe, self._delete, keys, args))
+        if left == _MOVED:
+            return "moved"
         if left < 0:
-            raise not_found(session_id, self.ttl_s)
-        metrics.sessions_deleted.inc()
+            return "gone"
+        metrics.count_ending(reason)
         metrics.sessions_active.set(left)
+        return "ended"
 
     async def count(self, model: Model) -> int:
-        keys, args = _version_key(model), (_now_ms(),)
+        keys, args = _version_key(model), (_now_ms(), self._ended_ttl_ms)
         count: int = await self._submit("count", lambda pipe: _script(pipe, self._count, keys, args))
         return count
 
     async def end_version(self, model: Model, when: float) -> int:
         """Ends every session of the version on every replica: this replica cannot tell which ones others
-        are using (their next write finds the session gone and answers it ended)."""
-        # A minimal record of why: the store's general record of ended sessions can take these over.
-        keys, args = (_version_key(model), INDEX), (int(when * 1000), self._ttl_ms, f"\n{model.name}\n{model.version}")
+        are using (their next write finds the session gone and answers that it ended)."""
+        keys, args = (_version_key(model), INDEX), (repr(when), self._ended_ttl_ms)
         ended = await self._submit("delete", lambda pipe: _script(pipe, self._end_version, keys, args))
         if ended:
+            metrics.sessions_ended.labels("unloaded").inc(ended)
             metrics.sessions_unloaded.inc(ended)
             log.warning("ended %d sessions of %s version %s: it was unloaded after its drain", ended, model.name,
                         model.version)  # fmt: skip
@@ -358,8 +427,8 @@ class RedisSessionStore(SessionStore):
 
     async def discard(self, session: Session) -> None:
         try:
-            await self.delete(session.id, session.owner)
-        except (NotFound, StoreUnavailable) as e:  # gone already, or its TTL removes it
+            await self.end(session, "deleted")
+        except StoreUnavailable as e:  # its TTL removes it
             log.info("ephemeral session %s… not deleted at stream end: %s", session.id[:8], e)
 
     # encoding
@@ -376,7 +445,7 @@ class RedisSessionStore(SessionStore):
         if session.last_request is not None:  # an imported session's exactly-once record
             mapping["req"] = json.dumps(record_to_json(session.last_request))
         args = (_now_ms(), self._expiry_ms(), self._ttl_ms, self.max_sessions, self.max_per_owner, session.id,
-                session.owner, *(item for pair in mapping.items() for item in pair))  # fmt: skip
+                session.owner, self._ended_ttl_ms, *(item for pair in mapping.items() for item in pair))  # fmt: skip
         keys = (PREFIX + session.id, INDEX, _version_key(session.model))
         count = await self._submit("create", lambda pipe: _script(pipe, self._create, keys, args))
         if count == _TAKEN:

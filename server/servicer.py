@@ -22,6 +22,7 @@ from lstmd.server import convert
 from lstmd.server.engine import Engine, FeedOrder
 from lstmd.server.errors import DeadlineExceeded, InvalidInput, LstmdError, echo, status_of
 from lstmd.server.security import caller
+from lstmd.server.sessions import Session
 from lstmd.server.versions import Versions
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
@@ -72,6 +73,9 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
         self.engine = engine
         self.versions = versions
 
+    def _session(self, session: Session) -> pb.Session:
+        return convert.session(session, self.engine.settings.session_max_lifetime_s)
+
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.model_info(v) for v in await self.versions.infos()])
@@ -85,11 +89,11 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:
-        return convert.session(await self.engine.create_session(request.model, request.top_k, caller.get()))
+        return self._session(await self.engine.create_session(request.model, request.top_k, caller.get()))
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
-        return convert.session(await self.engine.get_session(request.session_id, caller.get()))
+        return self._session(await self.engine.get_session(request.session_id, caller.get()))
 
     @unary
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Context) -> pb.DeleteSessionResponse:
@@ -98,7 +102,7 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
 
     @unary
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Context) -> pb.Session:
-        return convert.session(await self.engine.fork_session(request.session_id, caller.get()))
+        return self._session(await self.engine.fork_session(request.session_id, caller.get()))
 
     @unary
     async def Feed(self, request: pb.FeedRequest, context: Context) -> pb.Prediction:

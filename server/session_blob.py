@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from lstmd.server.errors import InvalidInput
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model
-from lstmd.server.sessions import Session, check_id, new_id, unfit
+from lstmd.server.sessions import Session, check_id, unfit
 
 MAGIC = b"LSTMDSES"
 FORMAT_VERSION = 1
@@ -128,9 +128,9 @@ class SessionBlobs:
         signed = header + body
         return signed + hmac.digest(key.mac, signed, "sha256")
 
-    def open(self, blob: bytes, find_model: Callable[[str, str], Model], keep_id: bool) -> Session:
+    def open(self, blob: bytes, find_model: Callable[[str, str], Model], new_id: Callable[[], str] | None) -> Session:
         """The session in ``blob``, on the model ``find_model(name, version)`` returns (it raises when
-        this server has not loaded that version), with the blob's id, or a new one unless ``keep_id``.
+        this server has not loaded that version), with the id ``new_id()`` makes, or the blob's id when None.
         Raises BlobError for anything that is not a blob sealed by one of the keys."""
         key, header, body = self._verified(blob)
         flags = _HEADER.unpack_from(header)[2]
@@ -151,7 +151,7 @@ class SessionBlobs:
             fault = f"top_k {meta['top_k']}"
         if fault is not None:  # only a writer's bug gets here past the MAC
             raise BlobError(f"the blob's session does not fit {model.name} version {model.version}: {fault}")
-        session_id = meta["id"] if keep_id else new_id()
+        session_id = meta["id"] if new_id is None else new_id()
         try:
             last_request = record_from_json(meta.get("last_request"), session_id)
         except (KeyError, TypeError, ValueError) as e:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 
 from lstmd.server.errors import AlreadyExists, InvalidInput, NotFound, SessionEnded, echo, rfc3339
 from lstmd.server.registry import NO_TOKEN, Model
+from lstmd.server.session_ids import SessionIds
 
 _ID = re.compile(r"[0-9a-f]{32}")
 
@@ -48,14 +48,14 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # feeds apply one at a time, in order
 
     @classmethod
-    def new(cls, model: Model, top_k: int, owner: str) -> Session:
-        """A fresh session of ``model``, with a new random id."""
+    def new(cls, session_id: str, model: Model, top_k: int, owner: str) -> Session:
+        """A fresh session of ``model`` (its id from server.session_ids)."""
         state, prev_state, last_token = model.initial_state()
-        return cls(new_id(), model, top_k, state, prev_state, last_token, owner=owner)
+        return cls(session_id, model, top_k, state, prev_state, last_token, owner=owner)
 
-    def fork(self) -> Session:
+    def fork(self, session_id: str) -> Session:
         """A copy with a new id, owned by the same key."""
-        return Session(new_id(), self.model, self.top_k, self.state.copy(), self.prev_state.copy(),
+        return Session(session_id, self.model, self.top_k, self.state.copy(), self.prev_state.copy(),
                        self.last_token, self.position, owner=self.owner)  # fmt: skip
 
     def copy(self) -> Session:
@@ -74,10 +74,9 @@ class Session:
     def busy(self) -> bool:
         return self.users > 0 or self.lock.locked()
 
-
-def new_id() -> str:
-    """A new session's id: 128 random bits as 32 lowercase hex characters."""
-    return secrets.token_hex(16)
+    def past_lifetime(self, lifetime_s: float, now: float) -> bool:
+        """Whether the maximum session lifetime (0: none) has passed since it was created."""
+        return lifetime_s > 0 and now >= self.created + lifetime_s
 
 
 def unfit(model: Model, shape: tuple[int, ...], last_token: int, position: int) -> str | None:
@@ -110,20 +109,30 @@ def id_taken(session_id: str) -> AlreadyExists:
 
 
 def not_found(session_id: str, ttl_s: float) -> NotFound:
+    """The plain NOT_FOUND: the same for an id never issued, one forgotten, and another key's session."""
     return NotFound(
         f"session {session_id} not found: it was deleted, expired after {ttl_s:g} s idle, or was evicted; "
         "create a new one"
     )
 
 
-def unloaded(session_id: str, model: str, version: str, when: float) -> SessionEnded:
-    """The answer for a session whose model version was unloaded at the end of its drain."""
-    return SessionEnded(
-        f"session {session_id} ended at {rfc3339(when)}: its model {model!r} version {version!r} was unloaded after "
-        "its drain (LSTMD_VERSION_DRAIN_S); create a new session, which goes to the version served now",
-        "unloaded",
-        when,
-    )
+def session_ended(session_id: str, reason: str, when: float, ttl_s: float, lifetime_s: float) -> SessionEnded:
+    """The NOT_FOUND of a caller's own session that ended: why, when, and what to do."""
+    what = {
+        "deleted": "was deleted (DeleteSession, or the end of the stream or generation it was made for)",
+        "expired": f"expired after {ttl_s:g} s idle",
+        "evicted": "was evicted to make room for a new one (the server was at its session limit, and it was the "
+        "least recently used idle session)",
+        "lifetime": f"reached the server's maximum session lifetime of {lifetime_s:g} s",
+        "restart": "was lost when the server restarted (it was not in a snapshot the server came back from)",
+        "unloaded": "ended when its model version was unloaded after its drain (LSTMD_VERSION_DRAIN_S)",
+        "exported": "was ended by ExportSession (its blob holds it now)",
+    }[reason]
+    remedy = {
+        "exported": "import its blob (ImportSession) to continue it",
+        "unloaded": "create a new one: it goes to the version served now",
+    }.get(reason, "create a new one")
+    return SessionEnded(f"session {session_id} {what} at {rfc3339(when)}; {remedy}", reason, when)
 
 
 class SessionStore(ABC):
@@ -135,11 +144,17 @@ class SessionStore(ABC):
     another replica.
 
     A caller sees only the sessions its ``owner`` (API key id, "" when keys are off) created: to
-    anyone else a session does not exist."""
+    anyone else a session does not exist. Its own session that ended is a SessionEnded (why and when)
+    while the store remembers the ending; anything else the plain ``not_found``. Ids come from
+    server.session_ids, so a store can tell an id lost at a restart from one it never issued.
+
+    ``lifetime_s`` (0: none): a session ends that long after it was created. Every call that finds
+    one past it (``get``, ``load``, ``position``, ``commit``) ends it, reason "lifetime"."""
 
     # The Sessions it hands out are the stored ones and none of its calls suspends (the memory
     # store): the engine may then step many sessions' feeds together (Engine.feed_many).
     in_process: bool = False
+    ids: SessionIds  # where its sessions' ids come from
 
     @abstractmethod
     async def create(self, model: Model, top_k: int, owner: str) -> Session: ...
@@ -159,6 +174,13 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def delete(self, session_id: str, owner: str) -> None: ...
+
+    @abstractmethod
+    async def end(self, session: Session, reason: str, at_position: int | None = None) -> bool:
+        """End ``session`` for ``reason`` (one of server.errors.END_REASONS), recording why and when, so its
+        owner's next call on it gets that NOT_FOUND; does nothing when it is gone already. With
+        ``at_position``, only if the store holds it at that position: False when it moved (another
+        replica fed it), and it is left as it is."""
 
     @abstractmethod
     async def discard(self, session: Session) -> None:

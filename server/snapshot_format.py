@@ -3,7 +3,7 @@
 Layout (all integers little-endian)::
 
     header   magic        8 bytes   b"LSTMDSNP"
-             version      u32       FORMAT_VERSION (1); a reader refuses any other
+             version      u32       FORMAT_VERSION (2); a reader takes 1 and 2, refuses any other
              length       u64       payload length in bytes
              sha256       32 bytes  SHA-256 of the payload
     payload  count        u32       number of sessions
@@ -15,6 +15,11 @@ Layout (all integers little-endian)::
                           epoch), owner, shape ([2, layers, hidden]) and last_request (JSON or null)
                state      float32 array of that shape, C order: h and c after the last token
                prev_state float32 array of that shape: h and c before the last token
+             ended        u32       number of ended-session records (version 2; version 1 ends above)
+             ended times:
+               meta_len   u32       length of meta
+               meta       meta_len bytes of UTF-8 JSON: id, reason, when (seconds since the epoch),
+                          owner: why a session ended (server.endings), oldest first
 
 The header is checked before anything else (magic, version, then that the file holds exactly
 ``length`` payload bytes and that their SHA-256 matches), so a truncated, extended or
@@ -43,11 +48,16 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from lstmd.server.endings import Ending
+from lstmd.server.errors import END_REASONS
+
 MAGIC = b"LSTMDSNP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # version 1: sessions only
 _PREFIX = struct.Struct("<8sI")  # magic, version
 _HEADER = struct.Struct("<8sIQ32s")  # magic, version, payload length, sha256 of the payload
 _U32 = struct.Struct("<I")
@@ -56,6 +66,7 @@ _META: dict[str, type | tuple[type, ...]] = {  # field: accepted types
     "id": str, "model": str, "model_version": str, "top_k": int, "last_token": int, "position": int,
     "created": (int, float), "last_used": (int, float), "owner": str, "shape": list,
 }  # fmt: skip
+_ENDED: dict[str, type | tuple[type, ...]] = {"id": str, "reason": str, "when": (int, float), "owner": str}
 
 
 class SnapshotError(Exception):
@@ -92,28 +103,38 @@ class SessionRecord:
     last_request: object = None  # JSON-able: the exactly-once record, or None
 
 
-def encode(records: Sequence[SessionRecord]) -> bytes:
+class Contents(NamedTuple):
+    sessions: list[SessionRecord]
+    endings: list[Ending]  # oldest first; none in a version 1 file
+
+
+def encode(records: Sequence[SessionRecord], endings: Sequence[Ending] = ()) -> bytes:
     """The whole file's bytes."""
-    payload = b"".join(_payload(records, len(records)))
+    payload = b"".join(_payload(records, len(records), endings))
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
 
 
 def decode(data: bytes) -> list[SessionRecord]:
-    """The records of a file's bytes. Raises SnapshotError (UnsupportedVersion for another format)."""
-    length, digest = _check_header(data[: _HEADER.size], len(data))
-    return _check_payload(memoryview(data)[_HEADER.size : _HEADER.size + length], digest)
+    """The session records of a file's bytes. Raises SnapshotError (UnsupportedVersion for another format)."""
+    return decode_all(data).sessions
 
 
-def _check_header(head: bytes, size: int) -> tuple[int, bytes]:
-    """The payload length and SHA-256 from ``head``, the first bytes of a file of ``size`` bytes,
-    checked against that size. Raises SnapshotError (UnsupportedVersion for another format)."""
+def decode_all(data: bytes) -> Contents:
+    """The sessions and ended-session records of a file's bytes; raises as ``decode``."""
+    version, length, digest = _check_header(data[: _HEADER.size], len(data))
+    return _check_payload(memoryview(data)[_HEADER.size : _HEADER.size + length], digest, version)
+
+
+def _check_header(head: bytes, size: int) -> tuple[int, int, bytes]:
+    """The version, payload length and SHA-256 from ``head``, the first bytes of a file of ``size``
+    bytes, checked against that size. Raises SnapshotError (UnsupportedVersion for another format)."""
     if len(head) < _PREFIX.size:
         raise SnapshotError(f"truncated: {size} bytes, shorter than the header")
     magic, version = _PREFIX.unpack_from(head)
     if magic != MAGIC:
         raise SnapshotError(f"not an lstmd snapshot (starts with {magic!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersion(f"format version {version}; this lstmd reads version {FORMAT_VERSION}")
+    if version not in READS:
+        raise UnsupportedVersion(f"format version {version}; this lstmd reads versions {READS[0]} to {READS[-1]}")
     if len(head) < _HEADER.size:
         raise SnapshotError(f"truncated: {size} bytes, shorter than the header")
     _, _, length, digest = _HEADER.unpack_from(head)
@@ -121,22 +142,22 @@ def _check_header(head: bytes, size: int) -> tuple[int, bytes]:
     if held != length:
         what = "truncated" if held < length else "extra bytes"
         raise SnapshotError(f"{what}: the header announces {length} payload bytes, the file holds {held}")
-    return length, digest
+    return version, length, digest
 
 
-def _check_payload(payload: memoryview, digest: bytes) -> list[SessionRecord]:
+def _check_payload(payload: memoryview, digest: bytes, version: int) -> Contents:
     if hashlib.sha256(payload).digest() != digest:
         raise SnapshotError("checksum mismatch: the payload is not what was written")
     try:
-        return _parse(payload)
+        return _parse(payload, version)
     except (ValueError, TypeError, KeyError, struct.error) as e:  # only a writer bug gets here past the checksum
         raise SnapshotError(f"malformed payload: {e}") from e
 
 
-def write(path: Path, records: Iterable[SessionRecord], count: int) -> int:
-    """Write the ``count`` records atomically (temporary file, fsync, rename, fsync of the folder).
-    Returns the file's size in bytes. Raises OSError and leaves the previous snapshot in place.
-    ``records`` may be a generator: each record is encoded and dropped in turn."""
+def write(path: Path, records: Iterable[SessionRecord], count: int, endings: Sequence[Ending] = ()) -> int:
+    """Write the ``count`` records and the ``endings`` atomically (temporary file, fsync, rename, fsync
+    of the folder). Returns the file's size in bytes. Raises OSError and leaves the previous snapshot
+    in place. ``records`` may be a generator: each record is encoded and dropped in turn."""
     temporary = path.with_name(path.name + ".tmp")
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()  # a leftover, or a FIFO that would block the open below until a reader came
@@ -145,7 +166,7 @@ def write(path: Path, records: Iterable[SessionRecord], count: int) -> int:
         with open(fd, "wb", buffering=1 << 20) as f:
             f.write(bytes(_HEADER.size))  # filled in once the payload's length and checksum are known
             digest, length = hashlib.sha256(), 0
-            for chunk in _payload(records, count):
+            for chunk in _payload(records, count, endings):
                 f.write(chunk)
                 digest.update(chunk)
                 length += len(chunk)
@@ -167,7 +188,12 @@ def write(path: Path, records: Iterable[SessionRecord], count: int) -> int:
 
 
 def read(path: Path) -> list[SessionRecord]:
-    """The records in ``path``. Raises FileNotFoundError, other OSErrors, or SnapshotError:
+    """The session records in ``path``; raises as ``read_all``."""
+    return read_all(path).sessions
+
+
+def read_all(path: Path) -> Contents:
+    """The sessions and ended-session records in ``path``. Raises FileNotFoundError, other OSErrors, or SnapshotError:
     NotRegularFile for a path that is not a regular file. The header is read and checked against
     the file's size first, so a file that is not a snapshot is refused without reading the rest."""
     _check_regular(os.stat(path).st_mode)
@@ -179,13 +205,13 @@ def read(path: Path) -> list[SessionRecord]:
         os.close(fd)
         raise
     with open(fd, "rb") as f:
-        length, digest = _check_header(f.read(_HEADER.size), info.st_size)
+        version, length, digest = _check_header(f.read(_HEADER.size), info.st_size)
         payload = f.read(length)
         extra = len(f.read(1))  # the file changed since fstat: refused like any other size mismatch
     if len(payload) != length or extra:
         what = "truncated" if len(payload) < length else "extra bytes"
         raise SnapshotError(f"{what}: the header announces {length} payload bytes, the file changed while read")
-    return _check_payload(memoryview(payload), digest)
+    return _check_payload(memoryview(payload), digest, version)
 
 
 def _check_regular(mode: int) -> None:
@@ -204,7 +230,7 @@ def set_aside(path: Path, kind: str) -> Path:
     return aside
 
 
-def _payload(records: Iterable[SessionRecord], count: int) -> Iterator[bytes]:
+def _payload(records: Iterable[SessionRecord], count: int, endings: Sequence[Ending]) -> Iterator[bytes]:
     yield _U32.pack(count)
     written = 0
     for r in records:
@@ -221,19 +247,28 @@ def _payload(records: Iterable[SessionRecord], count: int) -> Iterator[bytes]:
         yield np.ascontiguousarray(r.prev_state, _FLOAT32).tobytes()
     if written != count:
         raise ValueError(f"{written} records, {count} announced")
+    yield _U32.pack(len(endings))
+    for e in endings:
+        meta = json.dumps({"id": e.id, "reason": e.reason, "when": e.when, "owner": e.owner}).encode()
+        yield _U32.pack(len(meta)) + meta
 
 
-def _parse(payload: memoryview) -> list[SessionRecord]:
+def _meta(payload: memoryview, offset: int, fields: dict[str, type | tuple[type, ...]]) -> tuple[dict[str, Any], int]:
+    """The JSON object at ``offset`` (its length first), checked to hold ``fields``; and the offset after it."""
+    (meta_len,) = _U32.unpack_from(payload, offset)
+    offset += _U32.size
+    meta = json.loads(bytes(payload[offset : offset + meta_len]))
+    for name, kind in fields.items():
+        if not isinstance(meta[name], kind) or isinstance(meta[name], bool):
+            raise TypeError(f"{name} is {meta[name]!r}")
+    return meta, offset + meta_len
+
+
+def _parse(payload: memoryview, version: int) -> Contents:
     (count,) = _U32.unpack_from(payload)
     offset, records = _U32.size, []
     for _ in range(count):
-        (meta_len,) = _U32.unpack_from(payload, offset)
-        offset += _U32.size
-        meta = json.loads(bytes(payload[offset : offset + meta_len]))
-        offset += meta_len
-        for name, kind in _META.items():
-            if not isinstance(meta[name], kind) or isinstance(meta[name], bool):
-                raise TypeError(f"{name} is {meta[name]!r}")
+        meta, offset = _meta(payload, offset, _META)
         shape = tuple(meta["shape"])
         if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
             raise ValueError(f"state shape {shape}")
@@ -249,6 +284,15 @@ def _parse(payload: memoryview) -> list[SessionRecord]:
             float(meta["created"]), float(meta["last_used"]), meta["owner"],
             arrays[0].astype(np.float32), arrays[1].astype(np.float32), meta.get("last_request"),
         ))  # fmt: skip
+    endings = []
+    if version >= 2:
+        (count,) = _U32.unpack_from(payload, offset)
+        offset += _U32.size
+        for _ in range(count):
+            meta, offset = _meta(payload, offset, _ENDED)
+            if meta["reason"] not in END_REASONS:
+                raise ValueError(f"ended session {meta['id']!r}: unknown reason {meta['reason']!r}")
+            endings.append(Ending(meta["id"], meta["reason"], float(meta["when"]), meta["owner"]))
     if offset != len(payload):
-        raise ValueError(f"{len(payload) - offset} bytes after the last session")
-    return records
+        raise ValueError(f"{len(payload) - offset} bytes after the last record")
+    return Contents(records, endings)

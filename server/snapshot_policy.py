@@ -1,5 +1,6 @@
 """Durable sessions: every session goes to the snapshot at shutdown (and every
-``snapshot_interval_s``) and comes back at start, with its id.
+``snapshot_interval_s``) and comes back at start, with its id; so do the records of why sessions
+ended (server.endings), or a session deleted before a restart would be reported lost at it.
 
 The file format and the atomic write are in server.snapshot_format; this module decides what goes
 in and what may come back. A session comes back on the model version it was snapshotted on: one
@@ -23,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lstmd.server import metrics, snapshot_format
+from lstmd.server.endings import Ending
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.memory_store import MemorySessionStore
 from lstmd.server.registry import Model, ModelRegistry
@@ -64,7 +66,7 @@ class Snapshots:
                       "survive a restart", self.path.parent, e)  # fmt: skip
             return 0
         try:
-            records = snapshot_format.read(self.path)
+            records, endings = snapshot_format.read_all(self.path)
         except FileNotFoundError:
             log.info("no session snapshot at %s: starting without sessions", self.path)
             return 0
@@ -100,6 +102,8 @@ class Snapshots:
             log.warning("the session snapshot holds %d sessions this server can take, more than --max-sessions %d: "
                         "the %d least recently used are not restored", len(accepted), self._store.max_sessions,
                         excess)  # fmt: skip
+        for ending in endings:
+            self._store.endings.add(ending)
         restored = 0
         for session in accepted[excess:]:
             if self._store.restore(session):
@@ -108,7 +112,8 @@ class Snapshots:
                 log.warning("session %s not restored: a session with this id is already here", session.id)
         metrics.snapshot_sessions_restored.inc(restored)
         metrics.snapshot_sessions_refused.inc(len(records) - restored)
-        log.info("restored %d of %d sessions from %s", restored, len(records), self.path)
+        log.info("restored %d of %d sessions (and %d records of ended ones) from %s", restored, len(records),
+                 len(endings), self.path)  # fmt: skip
         return restored
 
     def _refusal(self, record: SessionRecord, model: Model | None) -> str | None:
@@ -148,8 +153,9 @@ class Snapshots:
         is logged and counted, never raised: the server keeps serving."""
         started = time.perf_counter()
         records = [_record(s) for s in self._store.all()]
+        endings = self._store.endings.all()
         try:
-            size = await asyncio.get_running_loop().run_in_executor(None, _write, self.path, records)
+            size = await asyncio.get_running_loop().run_in_executor(None, _write, self.path, records, endings)
         except Exception as e:
             metrics.snapshot_failures.inc()
             log.error("cannot write the session snapshot %s: %s; still serving, but %d sessions would not survive "
@@ -164,12 +170,12 @@ class Snapshots:
         return True
 
 
-def _write(path: Path, records: list[SessionRecord]) -> int:
+def _write(path: Path, records: list[SessionRecord], endings: list[Ending]) -> int:
     """In a thread: write the file, turning each exactly-once record into JSON just before it is
     encoded (so the JSON objects never pile up and make the garbage collector scan every object
     while it holds the GIL: measured, that stalled the event loop for over 100 ms)."""
     with_json = (replace(r, last_request=record_to_json(r.last_request)) for r in records)
-    return snapshot_format.write(path, with_json, len(records))
+    return snapshot_format.write(path, with_json, len(records), endings)
 
 
 def _record(s: Session) -> SessionRecord:

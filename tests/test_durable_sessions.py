@@ -31,6 +31,7 @@ import pytest
 
 from lstmd.server import snapshot_format
 from lstmd.server.app import RunningServer
+from lstmd.server.session_ids import SECRET_FILE
 from lstmd.server.settings import Settings
 from lstmd.server.snapshot_format import SessionRecord
 from lstmd.server.snapshot_policy import FILE_NAME
@@ -213,7 +214,7 @@ def tiny_record(session_id: str, model: str = "tiny", version: str = "1", shape:
     [
         (lambda data: data[:-100], "corrupt", "truncated"),
         (lambda data: data[:60] + bytes([data[60] ^ 1]) + data[61:], "corrupt", "checksum mismatch"),
-        (lambda data: data[:8] + struct.pack("<I", 2) + data[12:], "unsupported", "format version 2"),
+        (lambda data: data[:8] + struct.pack("<I", 3) + data[12:], "unsupported", "format version 3"),
     ],
     ids=["truncated", "corrupted", "newer-format"],
 )
@@ -257,7 +258,8 @@ async def test_a_snapshot_path_that_is_not_a_regular_file_is_set_aside_and_the_s
     server.process.send_signal(signal.SIGTERM)
     assert server.wait() == 0
     assert [r.id for r in snapshot_format.read(path)] == [new.session_id]
-    assert [p.name.startswith(f"{FILE_NAME}.not-a-file-") for p in tmp_path.iterdir() if p != path] == [True]
+    others = [p for p in tmp_path.iterdir() if p not in (path, tmp_path / SECRET_FILE)]  # the id secret stays
+    assert [p.name.startswith(f"{FILE_NAME}.not-a-file-") for p in others] == [True]
 
 
 async def test_a_session_of_a_version_whose_folder_is_gone_is_refused_and_the_others_load(

@@ -234,7 +234,7 @@ async def test_a_generation_in_redis_is_all_or_nothing(make_server: ServerFactor
                 async for _ in call:
                     pass
             assert gone.value.code() == grpc.StatusCode.NOT_FOUND
-            assert "was deleted during the generation" in (gone.value.details() or "")
+            assert "nothing of the generation was applied" in (gone.value.details() or "")
 
         await three_tokens_then(delete_through_b)
         with pytest.raises(grpc.aio.AioRpcError) as deleted:

@@ -495,7 +495,8 @@ async def test_deleting_the_session_ends_its_generation_with_not_found(make_serv
                 if read == 3:
                     await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
         assert ended.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "was deleted during the generation" in (ended.value.details() or "")
+        assert "it ended during the generation: nothing of the generation was applied" in (ended.value.details() or "")
+        assert dict(ended.value.trailing_metadata() or ())["lstmd-session-end"] == "deleted"
         assert read < 10_000, "it ended soon after the delete, not at max_tokens"
         code, _ = await code_of(stub.GetSession(pb.GetSessionRequest(session_id=sid)))
         assert code == grpc.StatusCode.NOT_FOUND

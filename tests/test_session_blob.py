@@ -393,6 +393,10 @@ async def test_end_session_moves_the_session_into_the_blob(two: tuple[Any, Any])
     for call in (a.GetSession(pb.GetSessionRequest(session_id=source)), a.Feed(probe_request(source)),
                  export(a, source)):  # fmt: skip
         assert (await code_of(call))[0] == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as ended:  # its owner hears why it is gone
+        await a.GetSession(pb.GetSessionRequest(session_id=source))
+    assert ("lstmd-session-end", "exported") in tuple(ended.value.trailing_metadata() or ())
+    assert "ImportSession" in (ended.value.details() or "")
     assert (await import_(b, moved.blob, keep_id=True)).session_id == source
     assert seen(await b.Feed(probe_request(source))) == seen(expected)
 
@@ -438,6 +442,28 @@ async def test_sessions_move_in_and_out_of_the_redis_store(
         )  # fmt: skip
     assert (await import_(a, back.blob, keep_id=True)).session_id == source
     assert seen(await a.Feed(probe_request(source))) == seen(expected)
+
+
+async def test_end_session_in_redis_never_loses_a_feed_made_through_another_replica(
+    redis: Redis, make_server: ServerFactory
+) -> None:
+    """The removal compares the position the blob holds: a replica's stale copy is not ended, and the
+    export reads and seals again, so the blob holds every feed."""
+    async with (
+        make_server(session_keys=KEY, session_store=redis.url) as (running, here),
+        make_server(session_keys=KEY, session_store=redis.url) as (_, there),
+    ):
+        session = (await here.CreateSession(pb.CreateSessionRequest())).session_id
+        await here.Feed(pb.FeedRequest(session_id=session, tokens=pb.TokenIds(ids=FEEDS[0])))
+        stale = await running.engine.store.get(session, "")
+        fed = await there.Feed(pb.FeedRequest(session_id=session, tokens=pb.TokenIds(ids=FEEDS[1])))
+        assert not await running.engine.store.end(stale, "exported", at_position=stale.position)
+        assert (await there.GetSession(pb.GetSessionRequest(session_id=session))).position == fed.position
+        moved = await export(here, session, end=True)
+        assert moved.session.position == fed.position
+        assert (await code_of(there.GetSession(pb.GetSessionRequest(session_id=session))))[0] == (
+            grpc.StatusCode.NOT_FOUND
+        )  # fmt: skip
 
 
 # the client library: the README's three uses

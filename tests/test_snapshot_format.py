@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lstmd.server import snapshot_format
+from lstmd.server.endings import Ending
 from lstmd.server.snapshot_format import NotRegularFile, SessionRecord, SnapshotError, UnsupportedVersion
 
 
@@ -79,15 +80,15 @@ def test_other_files_and_versions_are_refused() -> None:
     with pytest.raises(SnapshotError, match="not an lstmd snapshot"):
         snapshot_format.decode(b"PK\x03\x04" + data[4:])
     newer = snapshot_format.MAGIC + struct.pack("<I", snapshot_format.FORMAT_VERSION + 1) + data[12:]
-    with pytest.raises(UnsupportedVersion, match="format version 2; this lstmd reads version 1") as refused:
+    with pytest.raises(UnsupportedVersion, match="format version 3; this lstmd reads versions 1 to 2") as refused:
         snapshot_format.decode(newer)
     assert refused.value.kind == "unsupported"
 
 
 def test_a_payload_that_lies_about_its_shape_is_refused_even_with_a_valid_checksum() -> None:
     header = 8 + 4 + 8 + 32  # magic, version, length, sha256
-    payload = snapshot_format.encode(records()[1:])[header:-4]  # the last array cut short
-    forged = snapshot_format.MAGIC + struct.pack("<IQ", 1, len(payload)) + hashlib.sha256(payload).digest() + payload
+    payload = snapshot_format.encode(records()[1:])[header:-8]  # no ended records' count, the last array cut short
+    forged = snapshot_format.MAGIC + struct.pack("<IQ", 2, len(payload)) + hashlib.sha256(payload).digest() + payload
     with pytest.raises(SnapshotError, match="malformed payload: the payload ends inside a state array"):
         snapshot_format.decode(forged)
 
@@ -165,3 +166,30 @@ def test_write_replaces_whatever_is_left_under_the_temporary_name(tmp_path: Path
     snapshot_format.write(path, records(), 2)
     assert_same(snapshot_format.read(path), records())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sessions.snap"]
+
+
+def test_ended_session_records_round_trip_and_a_version_1_file_still_reads() -> None:
+    """Version 2 adds the records of why sessions ended after the sessions; a version 1 file (sessions
+    only, as lstmd wrote before) reads with none."""
+    endings = [Ending("c" * 32, "deleted", 1.7e9 + 0.25, "key-1"), Ending("d" * 32, "evicted", 1.8e9, "")]
+    data = snapshot_format.encode(records(), endings)
+    got = snapshot_format.decode_all(data)
+    assert_same(got.sessions, records())
+    assert got.endings == endings
+    payload = data[8 + 4 + 8 + 32 :]
+    without = snapshot_format.encode(records())[8 + 4 + 8 + 32 : -4]  # the sessions alone, no records' count
+    assert payload.startswith(without)
+    version_1 = snapshot_format.MAGIC + struct.pack("<IQ", 1, len(without)) + hashlib.sha256(without).digest() + without
+    old = snapshot_format.decode_all(version_1)
+    assert_same(old.sessions, records())
+    assert old.endings == []
+    with pytest.raises(SnapshotError, match="unknown reason 'gone'"):
+        snapshot_format.decode(snapshot_format.encode([], [Ending("e" * 32, "gone", 1.0, "")]))
+
+
+def test_write_keeps_the_ended_session_records(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.snap"
+    endings = [Ending("c" * 32, "expired", 1.7e9, "key-1")]
+    snapshot_format.write(path, records(), 2, endings)
+    assert snapshot_format.read_all(path).endings == endings
+    assert_same(snapshot_format.read(path), records())

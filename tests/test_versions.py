@@ -179,7 +179,7 @@ async def test_at_the_drain_deadline_sessions_end_unloaded_and_the_client_recove
             await stub.Feed(pb.FeedRequest(session_id=raw.session_id, text="sat", expected_position=3))
         assert ended.value.code() == grpc.StatusCode.NOT_FOUND
         assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
-        assert "unloaded after its drain" in (ended.value.details() or "") and "create a new session" in (
+        assert "unloaded after its drain" in (ended.value.details() or "") and "create a new one" in (
             ended.value.details() or ""
         )
 

@@ -18,8 +18,11 @@ Errors (standard gRPC status codes; the message says what to change):
   `lstmd-session-end` holds the reason as SessionEnd names it without its prefix, lowercased
   ("expired", "evicted", "deleted", "lifetime", "restart", "unloaded", "exported"), and
   `lstmd-session-ended-at` the time, RFC 3339 in UTC ("2026-12-02T06:00:00.123Z"). The server
-  keeps these records for a bounded number of ended sessions (LSTMD_ENDED_SESSIONS_KEPT); past
-  that, and for an id it never issued, the answer is the plain NOT_FOUND without the metadata.
+  keeps these records for a bounded number of ended sessions (LSTMD_ENDED_SESSIONS_KEPT; with the
+  Redis store, for a day or the session TTL if longer); past that, and for an id it never issued,
+  the answer is the plain NOT_FOUND without the metadata. "restart" needs a server whose id
+  secret outlives its process (a session key, or a snapshot folder); else such a session is
+  the plain NOT_FOUND too.
   With API keys, another key's session is NOT_FOUND too, always the plain one: it learns nothing.
 - FAILED_PRECONDITION: the server is not set up for the call (ExportSession or ImportSession
   without a session key: LSTMD_SESSION_KEYS; an ImportSession of a model version this server
@@ -303,7 +306,9 @@ class Session(_message.Message):
     VOCABULARY_SHA256_FIELD_NUMBER: _builtins.int
     EXPIRES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """128-bit random id, 32 lowercase hex characters."""
+    """32 lowercase hex characters: 72 random bits, the server run that issued it and a MAC binding it
+    to the caller's API key (so a restarted server can tell an id it lost from one it never issued).
+    """
     model: _builtins.str
     model_version: _builtins.str
     position: _builtins.int

@@ -18,8 +18,11 @@ Errors (standard gRPC status codes; the message says what to change):
   `lstmd-session-end` holds the reason as SessionEnd names it without its prefix, lowercased
   ("expired", "evicted", "deleted", "lifetime", "restart", "unloaded", "exported"), and
   `lstmd-session-ended-at` the time, RFC 3339 in UTC ("2026-12-02T06:00:00.123Z"). The server
-  keeps these records for a bounded number of ended sessions (LSTMD_ENDED_SESSIONS_KEPT); past
-  that, and for an id it never issued, the answer is the plain NOT_FOUND without the metadata.
+  keeps these records for a bounded number of ended sessions (LSTMD_ENDED_SESSIONS_KEPT; with the
+  Redis store, for a day or the session TTL if longer); past that, and for an id it never issued,
+  the answer is the plain NOT_FOUND without the metadata. "restart" needs a server whose id
+  secret outlives its process (a session key, or a snapshot folder); else such a session is
+  the plain NOT_FOUND too.
   With API keys, another key's session is NOT_FOUND too, always the plain one: it learns nothing.
 - FAILED_PRECONDITION: the server is not set up for the call (ExportSession or ImportSession
   without a session key: LSTMD_SESSION_KEYS; an ImportSession of a model version this server
