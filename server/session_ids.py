@@ -3,9 +3,10 @@ the server can tell a session it lost ("restart") from an id it never issued.
 
 An id is still 32 lowercase hex characters (128 bits)::
 
+    random 18 hex (72 bits)   from ``secrets``: what makes an id unguessable (and its first
+                              characters, which log lines show, tell sessions apart)
     run     6 hex (24 bits)   random per server process: the run that issued it
-    random 18 hex (72 bits)   from ``secrets``: what makes an id unguessable
-    mac     8 hex (32 bits)   HMAC-SHA256 of (run, random, owner), keyed by the id secret, cut short
+    mac     8 hex (32 bits)   HMAC-SHA256 of (random, run, owner), keyed by the id secret, cut short
 
 An id whose MAC verifies for the caller was issued to that caller's API key by a server holding the
 secret. The secret lasts across restarts when it can: derived from each session key
@@ -51,17 +52,18 @@ class SessionIds:
         return cls([secrets.token_bytes(SECRET_BYTES)], lasting=False)
 
     def new(self, owner: str) -> str:
-        head = self.run + secrets.token_hex(RANDOM_HEX // 2)
+        head = secrets.token_hex(RANDOM_HEX // 2) + self.run
         return head + _mac(self._keys[0], head, owner)
 
     def issued(self, session_id: str, owner: str) -> bool:
         """Whether ``session_id`` (well-formed) was issued to ``owner`` by a server holding this secret."""
-        head, mac = session_id[: RUN_HEX + RANDOM_HEX], session_id[RUN_HEX + RANDOM_HEX :]
+        head, mac = session_id[: RANDOM_HEX + RUN_HEX], session_id[RANDOM_HEX + RUN_HEX :]
         return any(hmac.compare_digest(_mac(key, head, owner), mac) for key in self._keys)
 
     def from_earlier_run(self, session_id: str, owner: str) -> bool:
         """Whether an earlier run of this server issued ``session_id`` to ``owner``."""
-        return self.lasting and not session_id.startswith(self.run) and self.issued(session_id, owner)
+        run = session_id[RANDOM_HEX : RANDOM_HEX + RUN_HEX]
+        return self.lasting and run != self.run and self.issued(session_id, owner)
 
 
 def _mac(key: bytes, head: str, owner: str) -> str:

@@ -191,7 +191,7 @@ class Versions:
 
 def _check_pin(root: Path, name: str, version: str) -> None:
     """InvalidInput unless ``root`` holds model ``name`` and, unless unpinning (""), its ``version``."""
-    if not (root / name).is_dir():
+    if "/" in name or name.startswith(".") or not (root / name).is_dir():
         raise InvalidInput(f"cannot pin {echo(name)}: the models folder holds no model of that name")
     if version and (version.startswith(".") or "/" in version or not (root / name / version).is_dir()):
         versions = ", ".join(p.name for p in version_folders(root, name))

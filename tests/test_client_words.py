@@ -196,7 +196,7 @@ def test_a_recovered_session_replays_only_real_feeds(server_target: str) -> None
         old_id = session.id
         c.delete_session(old_id)  # lost, behind the session's back
         completion = session.complete("m")
-        assert session.recoveries == [Recovery("not_found", old_id, session.id, 0, 4, 4, True)]
+        assert session.recoveries == [Recovery("not_found", old_id, session.id, 0, 4, 4, True, ended="deleted")]
         assert completion.position == session.position == 4 == c.get_session(session.id).position
         feeds = [pb.FeedRequest(text="the cat"), pb.FeedRequest(text=" sat on"),
                  pb.FeedRequest(word_prefix="m", top_k=4, exclude_special=True)]  # fmt: skip

@@ -231,7 +231,7 @@ async def test_concurrent_sessions_share_beam_steps_and_get_the_same_words(
         for name in ("chars", "bpe", "spm"):
             cases = [(name, text, prefix) for text in texts for prefix in ("", "a")]
             alone = [await words(*case) for case in cases]
-            steps = metrics.batch_size.labels(name, "step")
+            steps = metrics.batch_size.labels(name, "1", "step")
             count, total = _count_and_sum(steps)
             together = await asyncio.gather(*(words(*case) for case in cases))
             count_after, total_after = _count_and_sum(steps)
