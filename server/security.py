@@ -79,19 +79,10 @@ class KeyRing:
 
 def load_keys(settings: Settings) -> KeyRing | None:
     """The keys from ``api_keys_file`` and ``api_keys``; None when neither names any (keys off)."""
-    entries: list[tuple[str, str]] = []  # (where it came from, "[name:]key")
-    if settings.api_keys_file:
-        path = Path(settings.api_keys_file)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SecurityConfigError(f"API keys file {path}: cannot read it: {e}") from None
-        entries += [(f"{path} line {n}", line.strip()) for n, line in enumerate(lines, start=1)
-                    if line.strip() and not line.strip().startswith("#")]  # fmt: skip
-        if not entries:
-            raise SecurityConfigError(f"API keys file {path} holds no keys: add one '[name:]key' a line")
-    items = [item.strip() for item in settings.api_keys.split(",")]
-    entries += [(f"--api-keys (LSTMD_API_KEYS) entry {n}", item) for n, item in enumerate(items, start=1) if item]
+    entries = _file_entries("API keys", settings.api_keys_file)  # (where it came from, "[name:]key")
+    if settings.api_keys_file and not entries:
+        raise SecurityConfigError(f"API keys file {settings.api_keys_file} holds no keys: add one '[name:]key' a line")
+    entries += _listed_entries(settings.api_keys, "--api-keys (LSTMD_API_KEYS)")
     if not entries:
         return None
     keys: list[ApiKey] = []
@@ -103,6 +94,24 @@ def load_keys(settings: Settings) -> KeyRing | None:
             raise SecurityConfigError(f"{where}: the key name {key.id!r} is used twice; names must be unique")
         keys.append(key)
     return KeyRing(keys)
+
+
+def _file_entries(what: str, file: str) -> list[tuple[str, str]]:
+    """(where, key entry) for each line of ``file`` (none when ""), blank lines and ``#`` comments skipped."""
+    if not file:
+        return []
+    try:
+        lines = Path(file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SecurityConfigError(f"{what} file {file}: cannot read it: {e}") from None
+    return [(f"{file} line {n}", line.strip()) for n, line in enumerate(lines, start=1)
+            if line.strip() and not line.strip().startswith("#")]  # fmt: skip
+
+
+def _listed_entries(listed: str, setting: str) -> list[tuple[str, str]]:
+    """(where, key entry) for each entry of the comma-separated ``listed``."""
+    items = [item.strip() for item in listed.split(",")]
+    return [(f"{setting} entry {n}", item) for n, item in enumerate(items, start=1) if item]
 
 
 def _parse(where: str, entry: str) -> ApiKey:
@@ -130,17 +139,8 @@ def load_session_keys(settings: Settings) -> list[bytes]:
     """The session keys (server.session_blob signs exported sessions with the first and accepts any):
     from ``session_keys_file`` (one a line, blank lines and ``#`` comments skipped), then
     ``session_keys`` (comma separated). Empty when none is configured."""
-    entries: list[tuple[str, str]] = []
-    if settings.session_keys_file:
-        path = Path(settings.session_keys_file)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SecurityConfigError(f"session keys file {path}: cannot read it: {e}") from None
-        entries += [(f"{path} line {n}", line.strip()) for n, line in enumerate(lines, start=1)
-                    if line.strip() and not line.strip().startswith("#")]  # fmt: skip
-    items = [item.strip() for item in settings.session_keys.split(",")]
-    entries += [(f"--session-keys (LSTMD_SESSION_KEYS) entry {n}", k) for n, k in enumerate(items, start=1) if k]
+    entries = _file_entries("session keys", settings.session_keys_file)
+    entries += _listed_entries(settings.session_keys, "--session-keys (LSTMD_SESSION_KEYS)")
     keys: list[bytes] = []
     for where, key in entries:
         if not _KEY.fullmatch(key) or len(key) < MIN_SESSION_KEY_CHARS:
