@@ -14,7 +14,7 @@ from pathlib import Path
 from lstmd.client._args import add_connection_arguments, client_options
 from lstmd.client._errors import LstmdError
 from lstmd.client._sync import Client
-from lstmd.client._types import GeneratedToken, Input, Prediction, SamplingOptions
+from lstmd.client._types import GeneratedToken, Input, ModelInfo, Prediction, SamplingOptions
 from lstmd.client.bench import add_bench_arguments, run_bench
 from lstmd.model.tokenizer import detokenize
 
@@ -178,14 +178,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.list_models()
     if args.json:
-        print(json.dumps([m.__dict__ for m in models]))
+        print(json.dumps([m.__dict__ for m in models], default=str))  # unload_at: an ISO 8601 string
         return 0
-    rows = [(m.name + (" (default)" if m.is_default else ""), m.version, m.tokenizer or "?", m.vocab_size,
-             m.num_layers, m.hidden_size, m.state_bytes, m.precision, f"{m.test_perplexity:.1f}")
+    rows = [(m.name + (" (default)" if m.is_default else ""), m.version, _version_state(m),
+             f"{m.unload_at:%Y-%m-%dT%H:%M:%SZ}" if m.unload_at else "-", m.sessions, m.tokenizer or "?",
+             m.vocab_size, m.num_layers, m.hidden_size, m.state_bytes, m.precision, f"{m.test_perplexity:.1f}")
             for m in models]  # fmt: skip
-    print(table(["model", "version", "tokenizer", "words", "layers", "hidden", "state bytes", "precision",
-                 "test ppl"], rows))  # fmt: skip
+    print(table(["model", "version", "state", "unloads", "sessions", "tokenizer", "words", "layers", "hidden",
+                 "state bytes", "precision", "test ppl"], rows))  # fmt: skip
     return 0
+
+
+def _version_state(m: ModelInfo) -> str:
+    """What a loaded version does: serves new sessions, or drains (kept for its own until they end)."""
+    return "draining" if m.draining else "serving" if m.serving else "loaded"
 
 
 def _visible(piece: str) -> str:

@@ -85,7 +85,11 @@ def test_health_and_models(server_target: str) -> None:
     models = lstmd("models", "--target", server_target).stdout
     assert "tiny (default)" in models and "tiny2" in models
     header, _, *rows = models.splitlines()
-    assert header.split()[:3] == ["model", "version", "tokenizer"] and [r.split()[-7] for r in rows] == ["words"] * 2
+    assert header.split()[:5] == ["model", "version", "state", "unloads", "sessions"]
+    assert [r.split()[-7] for r in rows] == ["words"] * 2  # the tokenizer
+    for row in rows:
+        state, unloads, sessions = row.split()[-10:-7]
+        assert state == "serving" and unloads == "-" and sessions.isdigit()
     assert {m["name"] for m in json.loads(lstmd("models", "--json", "--target", server_target).stdout)} == {
         "tiny",
         "tiny2",

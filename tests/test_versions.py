@@ -31,6 +31,7 @@ from lstmd.server.registry import vocabulary_sha256
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 from tests.conftest import HIDDEN, LAYERS, WORDS, Reference, ServerFactory, ServerProcess, serve
+from tests.test_cli import lstmd
 from tests.test_metrics import scrape
 from tests.test_server import assert_matches
 
@@ -290,7 +291,7 @@ async def test_pins_choose_the_served_version_and_pinning_back_drains_the_newer(
     root: Path, version_2: Path, make_server: ServerFactory
 ) -> None:
     shutil.copytree(version_2, root / "tiny" / "2")
-    async with serve(root, model_versions="tiny=1") as (_, stub):
+    async with serve(root, model_versions="tiny=1") as (running, stub):
         assert {v: m.serving for v, m in (await versions(stub)).items()} == {"1": True}
         assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "1"
         unpinned = await stub.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": ""}))
@@ -300,6 +301,11 @@ async def test_pins_choose_the_served_version_and_pinning_back_drains_the_newer(
         assert (list(back.loaded), list(back.draining)) == ([], ["tiny/2"])
         info = {m.version: m for m in back.models}
         assert (info["1"].serving, info["2"].draining, info["2"].sessions) == (True, True, 1)
+        shown = await asyncio.to_thread(lstmd, "models", "--target", f"127.0.0.1:{running.port}")
+        table = [row.replace(" (default)", "").split() for row in shown.stdout.splitlines()[2:]]
+        deadline = info["2"].unload_at.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert {cols[1]: cols[2:5] for cols in table} == {"1": ["serving", "-", str(info["1"].sessions)],
+                                                          "2": ["draining", deadline, "1"]}  # fmt: skip
         assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "1"
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await stub.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": "9"}))
