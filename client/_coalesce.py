@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from lstmd.client._errors import END_KEY, ENDED_AT_KEY, POSITION_KEY
+from lstmd.client._errors import END_KEY, ENDED_AT_KEY, POSITION_KEY, end_reason
 from lstmd.v1 import lstmd_pb2 as pb
 
 IN_FLIGHT = 2  # FeedMany messages unanswered at once: one being answered while the next is sent
@@ -107,6 +107,10 @@ class FeedCoalescer:
             # this error INTERNAL ("Internal error from Core") where the server said UNIMPLEMENTED
             self._unimplemented = grpc.StatusCode.UNIMPLEMENTED in (e.code(), await call.code())
             error: Exception = _Unimplemented() if self._unimplemented else e
+        except Exception as e:  # a response this client cannot read: fail what waits, never leave it hanging
+            call.cancel()
+            error = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                         f"the client could not read a FeedMany response: {e!r}")  # fmt: skip
         else:
             error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                          "the server ended the FeedMany stream")  # fmt: skip
@@ -127,9 +131,11 @@ class FeedCoalescer:
 def _item_error(error: pb.FeedError) -> grpc.aio.AioRpcError:
     """An item's error as the AioRpcError a Feed call with it would have raised."""
     pairs = [(POSITION_KEY, str(error.position))] if error.HasField("position") else []
-    if error.session_end:  # the metadata of a Feed's NOT_FOUND for a session that ended
-        pairs += [(END_KEY, pb.SessionEnd.Name(error.session_end).removeprefix("SESSION_END_").lower()),
-                  (ENDED_AT_KEY, error.ended_at.ToDatetime(UTC).isoformat())]  # fmt: skip
+    reason = end_reason(error)
+    if reason:  # the metadata of a Feed's NOT_FOUND for a session that ended
+        pairs.append((END_KEY, reason))
+    if error.HasField("ended_at"):
+        pairs.append((ENDED_AT_KEY, error.ended_at.ToDatetime(UTC).isoformat()))
     trailing = grpc.aio.Metadata(*pairs)
     code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, error.message)

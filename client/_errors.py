@@ -108,19 +108,32 @@ def _error(code: grpc.StatusCode, details: str, position: int | None, end: str |
     return _BY_CODE.get(code, LstmdError)(code.name, details)
 
 
+def end_reason(error: Any) -> str | None:
+    """A ``pb.FeedError``'s session_end as the metadata names it ("expired"), or None: unset, or a value
+    newer than this client (the enum grows; an old client must not fail on a new reason)."""
+    value = error.DESCRIPTOR.fields_by_name["session_end"].enum_type.values_by_number.get(error.session_end)
+    return value.name.removeprefix("SESSION_END_").lower() if error.session_end and value else None
+
+
 def from_feed_error(error: Any) -> LstmdError:
     """A FeedMany item's error (a ``pb.FeedError``) as the error a Feed of it would raise."""
     code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
-    end = error.DESCRIPTOR.fields_by_name["session_end"].enum_type.values_by_number[error.session_end].name
-    reason = end.removeprefix("SESSION_END_").lower() if error.session_end else None
     ended_at = error.ended_at.ToDatetime(UTC) if error.HasField("ended_at") else None
-    return _error(code, error.message, error.position if error.HasField("position") else None, reason, ended_at)
+    position = error.position if error.HasField("position") else None
+    return _error(code, error.message, position, end_reason(error), ended_at)
 
 
 def from_rpc_error(error: grpc.RpcError) -> LstmdError:
     trailing: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     metadata = {key: value for key, value in trailing or () if isinstance(value, str)}  # (key, value) pairs
-    position = metadata.get(POSITION_KEY)
-    ended_at = metadata.get(ENDED_AT_KEY)
-    return _error(error.code(), error.details() or "", int(position) if position else None,
-                  metadata.get(END_KEY), datetime.fromisoformat(ended_at) if ended_at else None)  # fmt: skip
+    position, ended_at = metadata.get(POSITION_KEY, ""), metadata.get(ENDED_AT_KEY, "")
+    return _error(error.code(), error.details() or "", int(position) if position.isdigit() else None,
+                  metadata.get(END_KEY), _datetime(ended_at))  # fmt: skip
+
+
+def _datetime(text: str) -> datetime | None:
+    """RFC 3339 metadata as an aware datetime; None when absent or not a time (the message still says it)."""
+    try:
+        return datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None

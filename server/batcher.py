@@ -90,6 +90,8 @@ class Batcher:
         self._wake: asyncio.Future[None] | None = None
         self._last_batch = 0
         self._worker: asyncio.Task[None] | None = None
+        self._running: list[_Request] = []  # the batch in ONNX Runtime now
+        self._stopped: Exception | None = None  # what every request gets once stopped
         # labelled metric children, looked up once rather than per step
         name, version = model.name, model.version
         self._queue_wait = metrics.queue_wait.labels(name, version)
@@ -103,10 +105,17 @@ class Batcher:
         name = f"batcher-{self.model.name}/{self.model.version}"
         self._worker = asyncio.get_running_loop().create_task(self._run_forever(), name=name)
 
-    async def stop(self) -> None:
+    async def stop(self, error: Exception | None = None) -> None:
+        """Stop the worker. Every request queued or in ONNX Runtime now, and every later one, fails with
+        ``error`` (a version unloaded under calls that still held its sessions): none is left waiting."""
+        self._stopped = error or RuntimeError(f"the batcher of {self.model.name} version {self.model.version} stopped")
         if self._worker:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+        for request in [*self._running, *self._queue]:
+            if not request.future.done():
+                request.future.set_exception(self._stopped)
+        self._running, self._queue, self._queued_rows = [], [], 0
 
     async def run(
         self, tokens: list[int], state: np.ndarray, top_k: int, sampling: Sampling | None = None, logprobs: bool = False
@@ -128,6 +137,8 @@ class Batcher:
         return await future
 
     def _put(self, request: _Request) -> None:
+        if self._stopped is not None:
+            raise self._stopped
         self._queue.append(request)
         self._queued_rows += request.rows
         if self._wake is not None and self._queued_rows >= self._wanted_rows:
@@ -168,6 +179,7 @@ class Batcher:
             batch = self._take()
             self._last_batch = sum(r.rows for r in batch)
             live = [r for r in batch if not r.future.done()]  # the caller may have been cancelled
+            self._running = live
             for group in _group_by_length(live):
                 results: list[StepResult | Rows | Exception]
                 try:

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -24,11 +25,11 @@ from lstmd.server.errors import (
     InvalidInput,
     LstmdError,
     NotFound,
-    PermissionDenied,
     PositionMismatch,
     SessionEnded,
     StoreUnavailable,
     echo,
+    rfc3339,
 )
 from lstmd.server.registry import NO_TOKEN, Model, ModelRegistry
 from lstmd.server.sessions import Session, SessionStore
@@ -189,6 +190,7 @@ class Engine:
         # long texts being tokenized hold at once; ONNX Runtime's threads never wait behind it
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._batchers: dict[Model, Batcher] = {}  # per loaded version
+        self._unloaded: dict[tuple[str, str], float] = {}  # (name, version) of an unloaded version: when
         self._started = False
         for model in registry.loaded():
             self._add_batcher(model)
@@ -212,17 +214,28 @@ class Engine:
                 batcher.start()
 
     async def remove_model(self, model: Model) -> None:
-        """Stop the batcher of an unloaded version; with it goes the last reference to its ONNX Runtime session."""
+        """Stop the batcher of an unloaded version; with it goes the last reference to its ONNX Runtime session.
+        A call still stepping a session of it (one that held the session across the unload) fails "unloaded"."""
         batcher = self._batchers.pop(model, None)
         if batcher is not None:
-            await batcher.stop()
+            self._unloaded[(model.name, model.version)] = time.time()
+            await batcher.stop(self._unloaded_error(model))
 
     def _batcher(self, model: Model) -> Batcher:
         batcher = self._batchers.get(model)
         if batcher is None:  # a call that held the session across the unload
-            raise NotFound(f"{model.name} version {model.version} was unloaded after its drain: create a new session "
-                           "(on the version served now)")  # fmt: skip
+            raise self._unloaded_error(model)
         return batcher
+
+    def _unloaded_error(self, model: Model) -> SessionEnded:
+        when = self._unloaded.get((model.name, model.version), time.time())
+        return SessionEnded(
+            f"the session's model {model.name} version {model.version} was unloaded after its drain "
+            f"(LSTMD_VERSION_DRAIN_S) at {rfc3339(when)}, while this call ran; create a new session: it goes to the "
+            "version served now",
+            "unloaded",
+            when,
+        )
 
     async def stop(self) -> None:
         for batcher in self._batchers.values():
@@ -283,13 +296,8 @@ class Engine:
     async def import_session(self, blob: bytes, keep_id: bool, owner: str) -> Session:
         """A session made from an exported blob: the caller's own (its API key exported it), on the
         model version it was exported from, with its id when ``keep_id``."""
-        session = self._blobs().open(blob, self._loaded_version, None if keep_id else lambda: self.store.ids.new(owner))
-        if session.owner != owner:  # the message names the caller's key only: the blob's holder learns nothing
-            caller = f"API key {owner!r}" if owner else "no API key (keys are off here)"
-            raise PermissionDenied(
-                f"the blob was exported under another API key than this call's ({caller}): import it with the key "
-                "that exported it"
-            )
+        new_id = None if keep_id else lambda: self.store.ids.new(owner)
+        session = self._blobs().open(blob, owner, self._loaded_version, new_id)
         await self.store.insert(session)
         return session
 
@@ -302,11 +310,14 @@ class Engine:
         return self.blobs
 
     def _loaded_version(self, name: str, version: str) -> Model:
-        """The loaded model ``name`` at ``version``, for an imported session; FailedPrecondition otherwise."""
-        model = self.registry.find(name, version)
+        """The loaded model ``name`` at ``version``, for an imported session; FailedPrecondition otherwise,
+        also for a version past its drain deadline (it unloads at the next check, ending the session)."""
+        now = time.time()
+        usable = [m for m in self.registry.loaded() if m.name == name and (self.registry.draining.get(m) or now) >= now]
+        model = next((m for m in usable if m.version == version), None)
         if model is None:
-            versions = [repr(m.version) for m in self.registry.loaded() if m.name == name]
-            loaded = f"has versions {', '.join(versions)} loaded" if versions else f"serves no model {name!r}"
+            versions = ", ".join(repr(m.version) for m in usable)
+            loaded = f"has versions {versions} loaded" if versions else f"serves no model {name!r}"
             raise FailedPrecondition(
                 f"the blob's session is on model {name!r} version {version!r}, and this server {loaded}: import it "
                 "on a server that has that version loaded (a session never moves to another version)"

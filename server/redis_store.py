@@ -67,7 +67,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from lstmd.server import metrics
-from lstmd.server.errors import CapacityExceeded, NotFound, StoreUnavailable
+from lstmd.server.errors import CapacityExceeded, NotFound, StoreUnavailable, Unavailable
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model, ModelRegistry
 from lstmd.server.session_ids import SessionIds
@@ -102,7 +102,7 @@ local id = string.sub(KEYS[1], #KEYS[1] - 31)
 redis.call('ZADD', KEYS[2], 'XX', ARGV[7], id)
 local owner, model, ver = unpack(redis.call('HMGET', KEYS[1], 'owner', 'model', 'ver'))
 if owner ~= '' then redis.call('ZADD', KEYS[2] .. ':' .. owner, 'XX', ARGV[7], id) end
-redis.call('ZADD', 'lstmd:version:' .. model .. '/' .. ver, 'XX', ARGV[7], id)
+redis.call('ZADD', 'lstmd:version:' .. model .. '/' .. ver, ARGV[7], id)  -- not XX: a live session is always in it
 return -2
 """
 # Drops the ids whose expiry (score) is before ``now`` from INDEX, leaving an "expired" record for each
@@ -134,6 +134,7 @@ if ARGV[7] ~= '' then
 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return -4 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+redis.call('DEL', 'lstmd:ended:' .. ARGV[6])  -- an id imported again: its old ending is over
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[6])
@@ -170,12 +171,19 @@ local ended = 0
 for _, id in ipairs(ids) do
   local key = 'lstmd:session:' .. id
   local owner = redis.call('HGET', key, 'owner')
+  local ended_key = 'lstmd:ended:' .. id
   if owner then
     redis.call('DEL', key)
     if owner ~= '' then redis.call('ZREM', KEYS[2] .. ':' .. owner, id) end
-    redis.call('HSET', 'lstmd:ended:' .. id, 'reason', 'unloaded', 'when', ARGV[1], 'owner', owner)
-    redis.call('PEXPIRE', 'lstmd:ended:' .. id, ARGV[2])
+    redis.call('HSET', ended_key, 'reason', 'unloaded', 'when', ARGV[1], 'owner', owner)
+    redis.call('PEXPIRE', ended_key, ARGV[2])
     ended = ended + 1
+  elseif redis.call('EXISTS', ended_key) == 0 then  -- Redis expired it: recorded as the prune would
+    local expiry = redis.call('ZSCORE', KEYS[2], id)
+    if expiry then
+      redis.call('HSET', ended_key, 'reason', 'expired', 'when', tostring(tonumber(expiry) / 1000))
+      redis.call('PEXPIRE', ended_key, ARGV[2])
+    end
   end
   redis.call('ZREM', KEYS[2], id)
 end
@@ -470,10 +478,11 @@ class RedisSessionStore(SessionStore):
     def _decode(self, session_id: str, fields: dict[bytes, bytes]) -> Session:
         name, version = fields[b"model"].decode(), fields[b"ver"].decode()
         model = self._registry.find(name, version)
-        if model is None:
-            raise NotFound(
+        if model is None:  # the session lives: another replica serves it, or this one has yet to be reloaded
+            raise Unavailable(
                 f"session {session_id} belongs to model {name!r} version {version!r}, which this replica has not "
-                "loaded: all replicas sharing a session store must load the same versions (reload each one)"
+                "loaded: retry (through another replica); every replica sharing a session store must load the same "
+                "versions (reload each one)"
             )
         form, last_token, top_k, created, last_used = _HEADER.unpack(fields[b"hdr"])
         if form != FORMAT:

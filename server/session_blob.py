@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from lstmd.server.errors import InvalidInput
+from lstmd.server.errors import InvalidInput, PermissionDenied
 from lstmd.server.exactly_once import record_from_json, record_to_json
 from lstmd.server.registry import Model
 from lstmd.server.sessions import Session, check_id, unfit
@@ -128,9 +128,13 @@ class SessionBlobs:
         signed = header + body
         return signed + hmac.digest(key.mac, signed, "sha256")
 
-    def open(self, blob: bytes, find_model: Callable[[str, str], Model], new_id: Callable[[], str] | None) -> Session:
-        """The session in ``blob``, on the model ``find_model(name, version)`` returns (it raises when
-        this server has not loaded that version), with the id ``new_id()`` makes, or the blob's id when None.
+    def open(
+        self, blob: bytes, owner: str, find_model: Callable[[str, str], Model], new_id: Callable[[], str] | None
+    ) -> Session:
+        """The session in ``blob``, if ``owner`` (the caller's API key id) exported it, on the model
+        ``find_model(name, version)`` returns (it raises when this server has not loaded that version),
+        with the id ``new_id()`` makes, or the blob's id when None. PermissionDenied for another key's
+        blob, before anything of the blob is looked up: its holder learns nothing of its model.
         Raises BlobError for anything that is not a blob sealed by one of the keys."""
         key, header, body = self._verified(blob)
         flags = _HEADER.unpack_from(header)[2]
@@ -145,6 +149,10 @@ class SessionBlobs:
             meta, state, prev_state = _parse(memoryview(body))
         except (ValueError, TypeError, KeyError, struct.error) as e:  # only a writer's bug gets here past the MAC
             raise BlobError(f"the blob's contents are malformed ({e}): export the session again") from None
+        if meta["owner"] != owner:  # the message names the caller's key only
+            caller = f"API key {owner!r}" if owner else "no API key (keys are off here)"
+            raise PermissionDenied(f"the blob was exported under another API key than this call's ({caller}): "
+                                   "import it with the key that exported it")  # fmt: skip
         model = find_model(meta["model"], meta["model_version"])
         fault = unfit(model, state.shape, meta["last_token"], meta["position"])
         if meta["top_k"] < 1:

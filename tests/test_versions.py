@@ -401,3 +401,72 @@ async def test_with_redis_sessions_of_both_versions_are_served_and_counted(
             await stub.Feed(pb.FeedRequest(session_id=two.session_id, text="sat"))
     finally:
         redis.stop()
+
+
+async def test_a_call_stepping_a_session_when_its_version_unloads_ends_unloaded_and_never_hangs(
+    root: Path, version_2: Path
+) -> None:
+    """The last v1 session is deleted while a long feed on it runs, so v1 unloads under the feed: its
+    batcher stops with the feed's steps in it, and the feed must end (NOT_FOUND, "unloaded"), not wait."""
+    async with serve(root, version_drain_s=600) as (running, stub):
+        session = await stub.CreateSession(pb.CreateSessionRequest())
+        shutil.copytree(version_2, root / "tiny" / "2")
+        await stub.ReloadModels(pb.ReloadModelsRequest())
+        long = pb.FeedRequest(session_id=session.session_id, tokens=pb.TokenIds(ids=[2] * 4000),
+                              return_token_logprobs=True)  # fmt: skip
+        feed = asyncio.ensure_future(stub.Feed(long))
+        await asyncio.sleep(0.2)
+        assert not feed.done(), "the feed is still stepping"
+        await stub.DeleteSession(pb.DeleteSessionRequest(session_id=session.session_id))
+        await running.versions.check()  # what the loop does every second
+        assert list(await versions(stub)) == ["2"], "v1 unloaded with the feed in flight"
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(feed, 10)
+        assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+        new = await stub.CreateSession(pb.CreateSessionRequest())
+        assert (await stub.Feed(pb.FeedRequest(session_id=new.session_id, text="the"))).position == 1
+
+
+async def test_in_redis_a_stream_across_the_deadline_and_a_session_missing_from_the_version_index(
+    root: Path, version_2: Path, tmp_path: Path
+) -> None:
+    """A stream holding a v1 session in Redis past the deadline gets NOT_FOUND "unloaded" on its next
+    feed; a live session missing from its version's index (written by an older lstmd) is put back in it
+    by its next step, so the drain counts it."""
+    (tmp_path / "redis").mkdir()
+    redis = Redis(tmp_path / "redis")
+    try:
+        async with serve(root, session_store=redis.url, version_drain_s=1.0) as (_, stub):
+            streamed, unindexed = [await stub.CreateSession(pb.CreateSessionRequest()) for _ in range(2)]
+            redis.cli("ZREM", "lstmd:version:tiny/1", unindexed.session_id)
+            await stub.Feed(pb.FeedRequest(session_id=unindexed.session_id, text="the cat"))
+            assert redis.cli("ZSCORE", "lstmd:version:tiny/1", unindexed.session_id).strip(), "back in the index"
+            requests: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+
+            async def sent() -> Any:
+                while (request := await requests.get()) is not None:
+                    yield request
+
+            stream = stub.Stream(sent())
+            await requests.put(pb.StreamRequest(session_id=streamed.session_id, text="the"))
+            assert (await stream.read()).position == 1
+            shutil.copytree(version_2, root / "tiny" / "2")
+            await stub.ReloadModels(pb.ReloadModelsRequest())
+            assert (await versions(stub))["1"].sessions == 2
+
+            async def v1_unloaded() -> bool:
+                return list(await versions(stub)) == ["2"]
+
+            await eventually(v1_unloaded)
+            await requests.put(pb.StreamRequest(text="cat"))
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(stream.read(), 10)
+            assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+            assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+            await requests.put(None)
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                await stub.GetSession(pb.GetSessionRequest(session_id=unindexed.session_id))
+            assert (END_KEY, "unloaded") in tuple(gone.value.trailing_metadata() or ())
+    finally:
+        redis.stop()
