@@ -28,6 +28,9 @@ from lstmd.client._errors import DeadlineExceeded, LstmdError, NotFound, Positio
 log = logging.getLogger("lstmd.client")
 DEFAULT_TAIL = 4096  # tokens kept per session: 16 KB each
 DEFAULT_WAIT_FOR_RESTART_S = 30.0
+# Sessions ended on purpose are not recreated: deleted (by this key, through any handle), moved into a
+# blob (ExportSession with end_session: the blob holds it, elsewhere), past the operator's lifetime limit.
+NOT_RECOVERED = frozenset({"deleted", "exported", "lifetime"})
 MAX_RECOVERIES = 3  # per call: a server that keeps losing the session is an error, not a loop
 
 
@@ -124,8 +127,10 @@ class Tail:
         """How to recover a session the client holds at ``position`` from ``error``; None when it cannot."""
         if self.limit <= 0 or self.end != position:
             return None
+        if isinstance(error, NotFound) and error.reason in NOT_RECOVERED:
+            return None
         if isinstance(error, NotFound) and error.reason == "unloaded":  # another version's weights: approximate
-            return Plan("unloaded", True, 0, self.since(self.start), False)
+            return Plan("unloaded", True, 0, self.since(self.start), False, error.reason)
         if isinstance(error, NotFound):
             return Plan("not_found", True, 0, self.since(self.start), self.start == 0, error.reason)
         if isinstance(error, PositionMismatch) and error.actual_position is not None:

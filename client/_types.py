@@ -47,10 +47,12 @@ class SessionInfo:
     position: int
     top_k: int
     vocabulary_sha256: str = ""  # of the session's model version (see ModelInfo); "" from older servers
+    expires: datetime | None = None  # when the server's maximum lifetime ends it (aware, UTC); None: no limit
 
     @classmethod
     def from_pb(cls, s: pb.Session) -> SessionInfo:
-        return cls(s.session_id, s.model, s.model_version, s.position, s.top_k, s.vocabulary_sha256)
+        expires = s.expires.ToDatetime(UTC) if s.HasField("expires") else None
+        return cls(s.session_id, s.model, s.model_version, s.position, s.top_k, s.vocabulary_sha256, expires)
 
 
 @dataclass(frozen=True)

@@ -467,7 +467,9 @@ class Engine:
         try:
             session = await self.store.get(session_id, owner)
             wanted = self._wanted(session.model, args, session.top_k)
-            if wanted.search or session.lock.locked() or args.expected_position not in (None, session.position):
+            # busy: a call holds it or waits for it (the lock's acquire below would then suspend, and that
+            # waiter move the session first)
+            if wanted.search or session.busy() or args.expected_position not in (None, session.position):
                 return None
             tokens = await self._tokens(session.model, args.text, args.token_ids)
         except LstmdError:

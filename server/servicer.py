@@ -196,11 +196,11 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Context) -> pb.ExportSessionResponse:
         blob, session = await self.engine.export_session(request.session_id, caller.get(), request.encrypt,
                                                          request.end_session)  # fmt: skip
-        return pb.ExportSessionResponse(blob=blob, session=convert.session(session))
+        return pb.ExportSessionResponse(blob=blob, session=self._session(session))
 
     @unary
     async def ImportSession(self, request: pb.ImportSessionRequest, context: Context) -> pb.Session:
-        return convert.session(await self.engine.import_session(request.blob, request.keep_id, caller.get()))
+        return self._session(await self.engine.import_session(request.blob, request.keep_id, caller.get()))
 
 
 def _check_later(request: pb.StreamRequest, first: pb.StreamRequest) -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,28 @@ def test_a_deleted_session_is_not_recreated(server_target: str) -> None:
         session.delete()
         with pytest.raises(client.NotFound):
             session.feed("sat")
+
+
+def test_a_session_deleted_moved_or_past_its_lifetime_through_another_handle_is_not_recreated(
+    models_dir: Path, servers: list[ServerProcess]
+) -> None:
+    """Endings on purpose reach the caller (NotFound with the reason); only losses are recovered."""
+    servers.append(ServerProcess(models_dir, "--session-keys", "k" * 40, "--session-max-lifetime-s", "3"))
+    with Client(servers[0].target) as c, Client(servers[0].target) as other:
+        deleted, exported, aged = (c.create_session() for _ in range(3))
+        for session in (deleted, exported, aged):
+            session.feed("the cat")
+        other.delete_session(deleted.id)
+        other.export_session(exported.id, end_session=True)
+        ids = (deleted.id, exported.id, aged.id)
+        time_left = aged.info.expires.timestamp() - time.time() if aged.info.expires else 0
+        assert time_left > 0, "SessionInfo.expires says when the lifetime ends"
+        time.sleep(time_left + 0.2)
+        for session, reason in ((deleted, "deleted"), (exported, "exported"), (aged, "lifetime")):
+            with pytest.raises(client.NotFound) as ended:
+                session.feed("sat")
+            assert ended.value.reason == reason and not session.recoveries
+        assert (deleted.id, exported.id, aged.id) == ids
 
 
 async def test_a_session_is_not_recreated_on_another_model_version(make_server: ServerFactory, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,7 +18,7 @@ from lstmd.client import AsyncClient, Client, Recovery
 from lstmd.server.settings import BUNDLED_MODELS
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
-from tests.conftest import WORDS, Reference, start_process
+from tests.conftest import WORDS, Reference, ServerProcess, start_process
 from tests.test_cli import LSTMD, lstmd
 
 SPECIAL = {"<unk>", "<eos>"}
@@ -184,19 +185,22 @@ async def test_async_complete_moves_no_position(server_target: str) -> None:
             assert (await stream.feed(" sat")).position == 3
 
 
-def test_a_recovered_session_replays_only_real_feeds(server_target: str) -> None:
+def test_a_recovered_session_replays_only_real_feeds(
+    models_dir: Path, servers: list[ServerProcess], server_target: str
+) -> None:
     """Completions between feeds leave nothing in the recovery tail: after the server lost the
     session, the first call (a completion) recreates it from the real feeds only, exactly."""
-    with Client(server_target) as c:
+    servers.append(ServerProcess(models_dir, "--max-sessions", "1"))
+    with Client(servers[0].target) as c:
         session = c.create_session(top_k=4)
         session.feed("the cat")
         session.complete("s")
         session.feed(" sat on")
         session.complete("t")
         old_id = session.id
-        c.delete_session(old_id)  # lost, behind the session's back
+        c.create_session().delete()  # evicts it, behind the session's back
         completion = session.complete("m")
-        assert session.recoveries == [Recovery("not_found", old_id, session.id, 0, 4, 4, True, ended="deleted")]
+        assert session.recoveries == [Recovery("not_found", old_id, session.id, 0, 4, 4, True, ended="evicted")]
         assert completion.position == session.position == 4 == c.get_session(session.id).position
         feeds = [pb.FeedRequest(text="the cat"), pb.FeedRequest(text=" sat on"),
                  pb.FeedRequest(word_prefix="m", top_k=4, exclude_special=True)]  # fmt: skip

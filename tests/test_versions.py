@@ -192,7 +192,7 @@ async def test_at_the_drain_deadline_sessions_end_unloaded_and_the_client_recove
         prediction = await session.feed("on")
         assert session.info.model_version == "2" and session.id != old
         [recovery] = session.recoveries
-        assert recovery == Recovery("unloaded", old, session.id, 0, 3, 3, False) and not session.exact
+        assert recovery == Recovery("unloaded", old, session.id, 0, 3, 3, False, "unloaded") and not session.exact
         v2 = Reference(version_2)
         assert_matches(_as_pb(prediction), v2.logprobs(v2.ids("the cat sat on")), TOLERANCE)
 
