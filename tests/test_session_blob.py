@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from bench.cluster import Redis
-from lstmd.client import AlreadyExists, AsyncClient, Client, FailedPrecondition, InvalidInput, NotFound
+from lstmd.client import AlreadyExists, AsyncClient, Client, FailedPrecondition, InvalidInput, LstmdError, NotFound
 from lstmd.export.model import LSTMLanguageModel, ModelConfig
 from lstmd.export.onnx_export import write_model_dir
 from lstmd.model import graph
@@ -516,13 +516,21 @@ def test_readme_a_session_moves_to_another_cluster(clusters: tuple[str, str]) ->
     with Client(here) as client:
         session = client.create_session()
         session.feed("the clouds are in the")
-    names: dict[str, Any] = {"Client": Client, "session_id": session.id}
+    names: dict[str, Any] = {"Client": Client, "LstmdError": LstmdError, "session_id": session.id}
     exec(readme_snippets(here, there)[2], names)
     assert names["moved"].id == session.id and names["moved"].position == session.position
     with Client(here) as client, pytest.raises(NotFound):
         client.get_session(session.id)
     with Client(there) as client:
         assert seen_client(client.feed(session.id, " sky")) == seen_client(twin(here, "the clouds are in the", " sky"))
+    with Client(here) as client, Client(there) as other:  # refused there: the session goes back, nothing lost
+        kept = client.create_session()
+        kept.feed("the clouds")
+        other.import_session(client.export_session(kept.id), keep_id=True)  # its id is taken there
+        names["session_id"] = kept.id
+        with pytest.raises(AlreadyExists):
+            exec(readme_snippets(here, there)[2], names)
+        assert client.get_session(kept.id).position == kept.position
 
 
 def test_readme_a_replica_is_drained_without_a_shared_store(clusters: tuple[str, str]) -> None:
@@ -532,7 +540,8 @@ def test_readme_a_replica_is_drained_without_a_shared_store(clusters: tuple[str,
         sessions = [client.create_session() for _ in texts]
         for session, text in zip(sessions, texts, strict=True):
             session.feed(text)
-    exec(readme_snippets(leaving, staying)[3], {"Client": Client, "session_ids": [s.id for s in sessions]})
+    names = {"Client": Client, "LstmdError": LstmdError, "session_ids": [s.id for s in sessions]}
+    exec(readme_snippets(leaving, staying)[3], names)
     with Client(leaving) as old, Client(staying) as new:
         for session, text in zip(sessions, texts, strict=True):
             with pytest.raises(NotFound):

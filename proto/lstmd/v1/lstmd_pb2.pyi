@@ -232,7 +232,7 @@ class ModelInfo(_message.Message):
     """True for the version new sessions of this model go to (its newest, or the operator's pin)."""
     draining: _builtins.bool
     """True for a version no longer served that is kept for its sessions until they end, or until
-    `unload_at` (unset: no deadline).
+    `unload_at` (its drain deadline: LSTMD_VERSION_DRAIN_S after it stopped being served).
     """
     vocabulary_sha256: _builtins.str
     """SHA-256 of the vocabulary (its tokens in id order), hex: two versions with the same one give
