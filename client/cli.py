@@ -178,7 +178,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.list_models()
     if args.json:
-        print(json.dumps([m.__dict__ for m in models], default=str))  # unload_at: an ISO 8601 string
+        print(json.dumps([m.__dict__ for m in models], default=lambda t: t.isoformat()))  # unload_at: ISO 8601
         return 0
     rows = [(m.name + (" (default)" if m.is_default else ""), m.version, _version_state(m),
              f"{m.unload_at:%Y-%m-%dT%H:%M:%SZ}" if m.unload_at else "-", m.sessions, m.tokenizer or "?",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         return missing_extra(e, "lstmd-server", "server")
     configure_logging(settings)
+    # a SIGHUP (reload) that comes while the models load would end the process: ignored until run() handles it
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         registry = load_models(settings)
     except ModelError as e:

@@ -127,7 +127,8 @@ class Versions:
         """At start, before serving: the draining version ``version`` of ``name`` loaded from its
         folder, for sessions a snapshot holds on it; None when the folder is gone or broken (logged)."""
         folder = Path(self.settings.models_dir) / name / version
-        if not folder.is_dir() or name not in self.registry.models:
+        unsafe = any("/" in part or part.startswith(".") for part in (name, version))  # the snapshot names a folder
+        if unsafe or not folder.is_dir() or name not in self.registry.models:
             return None
         try:
             model = load_model(folder, self.settings)
@@ -195,5 +196,5 @@ def _check_pin(root: Path, name: str, version: str) -> None:
         raise InvalidInput(f"cannot pin {echo(name)}: the models folder holds no model of that name")
     if version and (version.startswith(".") or "/" in version or not (root / name / version).is_dir()):
         versions = ", ".join(p.name for p in version_folders(root, name))
-        raise InvalidInput(f"cannot pin {name} to version {echo(version)}: {root / name} holds no such folder "
-                           f"(it holds {versions})")  # fmt: skip
+        raise InvalidInput(f"cannot pin {name} to version {echo(version)}: the models folder's {name}/ holds no "
+                           f"such folder (it holds {versions})")  # fmt: skip
