@@ -81,6 +81,17 @@ async def versions(stub: Any) -> dict[str, pb.ModelInfo]:
     return {m.version: m for m in (await stub.ListModels(pb.ListModelsRequest())).models if m.name == "tiny"}
 
 
+def open_stream(stub: Any) -> tuple[asyncio.Queue[pb.StreamRequest | None], Any]:
+    """A Stream call fed from a queue: put requests on it, and None to end the stream."""
+    requests: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+
+    async def sent() -> Any:
+        while (request := await requests.get()) is not None:
+            yield request
+
+    return requests, stub.Stream(sent())
+
+
 def assert_history(ref: Reference, history: list[int], predictions: list[pb.Prediction]) -> None:
     """Each prediction is what the model computes after the session's tokens up to it."""
     for n, prediction in enumerate(predictions, start=len(history) - len(predictions) + 1):
@@ -202,13 +213,7 @@ async def test_a_session_streaming_at_the_deadline_ends_when_its_stream_ends(
 ) -> None:
     async with serve(root, version_drain_s=0.3) as (_, stub):
         session = await stub.CreateSession(pb.CreateSessionRequest())
-        requests: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
-
-        async def sent() -> Any:
-            while (request := await requests.get()) is not None:
-                yield request
-
-        stream = stub.Stream(sent())
+        requests, stream = open_stream(stub)
         await requests.put(pb.StreamRequest(session_id=session.session_id, text="the"))
         assert (await stream.read()).position == 1
         shutil.copytree(version_2, root / "tiny" / "2")
@@ -442,13 +447,7 @@ async def test_in_redis_a_stream_across_the_deadline_and_a_session_missing_from_
             redis.cli("ZREM", "lstmd:version:tiny/1", unindexed.session_id)
             await stub.Feed(pb.FeedRequest(session_id=unindexed.session_id, text="the cat"))
             assert redis.cli("ZSCORE", "lstmd:version:tiny/1", unindexed.session_id).strip(), "back in the index"
-            requests: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
-
-            async def sent() -> Any:
-                while (request := await requests.get()) is not None:
-                    yield request
-
-            stream = stub.Stream(sent())
+            requests, stream = open_stream(stub)
             await requests.put(pb.StreamRequest(session_id=streamed.session_id, text="the"))
             assert (await stream.read()).position == 1
             shutil.copytree(version_2, root / "tiny" / "2")
