@@ -222,14 +222,19 @@ class RedisSessionStore(SessionStore):
         self._counter: asyncio.Task[None] | None = None
         self._pending: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
+        self._closed = False
 
     async def start(self) -> None:
         self._counter = asyncio.get_running_loop().create_task(self._count_forever())  # connections open on first use
 
     async def close(self) -> None:
+        """Finish the round trips already queued, refuse any later, then close the connections: a
+        round trip after the pool closed would open a connection nothing closes."""
+        self._closed = True
         if self._counter:
             self._counter.cancel()
             await asyncio.gather(self._counter, return_exceptions=True)
+        await asyncio.gather(*self._flushes, return_exceptions=True)
         await self._redis.aclose()
 
     async def _count_forever(self) -> None:
@@ -260,6 +265,10 @@ class RedisSessionStore(SessionStore):
         are sent together by one task that starts on the next turn."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if self._closed:
+            stopping = "the server is stopping: its session store is closed; retry on another replica"
+            future.set_exception(StoreUnavailable(stopping))
+            return future
         self._pending.append((op, add, future))
         if len(self._pending) == 1:
             task = loop.create_task(self._flush())
