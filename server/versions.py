@@ -161,9 +161,11 @@ class Versions:
         metrics.model_info.labels(model.name, model.version, model.card.precision, default).set(1)
 
     async def _unload(self, model: Model) -> None:
+        # Forgotten in the same turn as the registry, so ListModels and a scrape never disagree; the
+        # batcher holds its own series, so steps finishing while it stops bring none back.
         self.registry.unload(model)
-        await self.engine.remove_model(model)
         metrics.forget(model.name, model.version, model.card.precision, model.name == self.registry.default)
+        await self.engine.remove_model(model)
         log.info("unloaded %s version %s: its sessions have ended", model.name, model.version)
 
     async def infos(self) -> list[VersionInfo]:
