@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lstmd.model import graph
-from lstmd.model.folder import ONNX_FILE, ModelFormatError, read_model_dir
+from lstmd.model.folder import CARD_FILE, ONNX_FILE, ModelFormatError, read_model_dir
 from lstmd.model.tokenizer import Vocab, WordsTokenizer
 from lstmd.server.errors import NotFound, echo
 from lstmd.server.settings import Settings
@@ -199,6 +199,10 @@ def load_model(folder: Path, settings: Settings) -> Model:
         raise ModelError(f"cannot serve {folder}: {e}") from e
     if model.name != folder.parent.name:
         raise ModelError(f"{folder}: the card names the model {model.name!r}, its folder {folder.parent.name!r}")
+    if model.version != folder.name:  # a version folder copied under a new name keeps its card's version
+        raise ModelError(f"{folder}: the card ({CARD_FILE}) says version {model.version!r}, its folder "
+                         f"{folder.name!r}; set the card's \"version\" to {folder.name!r} (lstmd-export --version "
+                         "writes both)")  # fmt: skip
     log.info("loaded model %s version %s from %s (%d words, %d x %d)", model.name, model.version, folder,
              model.vocab_size, model.layers, model.hidden)  # fmt: skip
     return model

@@ -351,6 +351,12 @@ async def test_reload_is_for_admin_keys_and_a_broken_folder_fails_it_and_changes
         assert [(m.version, m.serving) for m in listed if m.name == "tiny"] == [("1", True)]
         await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the"), metadata=user)
         shutil.rmtree(root / "tiny" / "3")
+        shutil.copytree(root / "tiny" / "1", root / "tiny" / "3")  # its card still says version 1
+        with pytest.raises(grpc.aio.AioRpcError) as copied:
+            await stub.ReloadModels(pb.ReloadModelsRequest(), metadata=admin)
+        assert copied.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "says version '1', its folder '3'" in (copied.value.details() or "")
+        shutil.rmtree(root / "tiny" / "3")
         reloaded = await stub.ReloadModels(pb.ReloadModelsRequest(), metadata=admin)
         assert list(reloaded.loaded) == ["tiny/2"]
 
