@@ -18,7 +18,16 @@ from lstmd.client._errors import (
 )
 from lstmd.client._recovery import Recovery
 from lstmd.client._sync import Client, Session, Stream
-from lstmd.client._types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo, Token, Tokenization
+from lstmd.client._types import (
+    Candidate,
+    GeneratedToken,
+    ModelInfo,
+    Prediction,
+    Reload,
+    SessionInfo,
+    Token,
+    Tokenization,
+)
 
 __all__ = [
     "AlreadyExists",
@@ -39,6 +48,7 @@ __all__ = [
     "PositionMismatch",
     "Prediction",
     "Recovery",
+    "Reload",
     "Session",
     "SessionInfo",
     "Stream",

@@ -35,6 +35,7 @@ from lstmd.client._types import (
     Input,
     ModelInfo,
     Prediction,
+    Reload,
     SamplingOptions,
     SessionInfo,
     Tokenization,
@@ -103,6 +104,10 @@ class AsyncClient(BaseClient):
 
     async def list_models(self) -> list[ModelInfo]:
         return await self._run(self._list_models())
+
+    async def reload_models(self, pins: dict[str, str] | None = None) -> Reload:
+        """As ``Client.reload_models``."""
+        return await self._run(self._reload(pins))
 
     async def tokenize(self, text: str, model: str = "") -> Tokenization:
         return await self._run(self._tokenize(text, model))

@@ -34,6 +34,7 @@ from lstmd.client._types import (
     Input,
     ModelInfo,
     Prediction,
+    Reload,
     SessionInfo,
     Tokenization,
     feed_request,
@@ -161,6 +162,11 @@ class BaseClient:
     def _list_models(self) -> Flow[list[ModelInfo]]:
         reply = yield from self._unary(self._stub.ListModels, pb.ListModelsRequest())
         return [ModelInfo.from_pb(m) for m in reply.models]
+
+    def _reload(self, pins: dict[str, str] | None) -> Flow[Reload]:
+        """Not retried: the retry of a reload that took effect would report nothing loaded."""
+        request = pb.ReloadModelsRequest(pins=pins or {})
+        return Reload.from_pb((yield from self._unary(self._stub.ReloadModels, request, retry=False)))
 
     def _tokenize(self, text: str, model: str) -> Flow[Tokenization]:
         """Retried: it changes nothing on the server."""

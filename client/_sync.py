@@ -33,6 +33,7 @@ from lstmd.client._types import (
     Input,
     ModelInfo,
     Prediction,
+    Reload,
     SamplingOptions,
     SessionInfo,
     Tokenization,
@@ -111,6 +112,13 @@ class Client(BaseClient):
 
     def list_models(self) -> list[ModelInfo]:
         return self._run(self._list_models())
+
+    def reload_models(self, pins: dict[str, str] | None = None) -> Reload:
+        """Load the new version folders in the server's models folder and serve each model's newest
+        version, or the one ``pins`` names ({"tiny": "1"}; "" unpins); the versions no longer served
+        drain. An admin call: PermissionDenied for an API key not in the server's LSTMD_ADMIN_KEYS;
+        FailedPrecondition, with nothing changed, when a folder cannot be served."""
+        return self._run(self._reload(pins))
 
     def tokenize(self, text: str, model: str = "") -> Tokenization:
         """The tokens ``text`` becomes on ``model`` (the server's default when empty), as a feed of

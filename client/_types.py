@@ -40,6 +40,20 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class Reload:
+    """What ``reload_models`` did: every loaded version after it, and the versions it loaded and set
+    draining ("name/version")."""
+
+    models: list[ModelInfo]
+    loaded: list[str]
+    draining: list[str]
+
+    @classmethod
+    def from_pb(cls, r: pb.ReloadModelsResponse) -> Reload:
+        return cls([ModelInfo.from_pb(m) for m in r.models], list(r.loaded), list(r.draining))
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     session_id: str
     model: str

@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from lstmd.client._args import add_connection_arguments, client_options
@@ -178,15 +179,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.list_models()
     if args.json:
-        print(json.dumps([m.__dict__ for m in models], default=lambda t: t.isoformat()))  # unload_at: ISO 8601
+        print(json.dumps([m.__dict__ for m in models], default=_iso))
+    else:
+        print(_models_table(models))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    pins = dict(args.pin) | dict.fromkeys(args.unpin, "")
+    with _client(args) as client:
+        reload = client.reload_models(pins)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(reload), default=_iso))
         return 0
+    print(f"loaded: {', '.join(reload.loaded) or 'nothing new'}; draining: {', '.join(reload.draining) or 'none'}")
+    print(_models_table(reload.models))
+    return 0
+
+
+def _iso(t: datetime) -> str:
+    """A ModelInfo's unload_at in JSON: ISO 8601."""
+    return t.isoformat()
+
+
+def _pin(text: str) -> tuple[str, str]:
+    name, equals, version = text.partition("=")
+    if not (name and equals and version):
+        raise argparse.ArgumentTypeError(f"expected NAME=VERSION (such as tiny=2), got {text!r}")
+    return name, version
+
+
+def _models_table(models: list[ModelInfo]) -> str:
     rows = [(m.name + (" (default)" if m.is_default else ""), m.version, _version_state(m),
              f"{m.unload_at:%Y-%m-%dT%H:%M:%SZ}" if m.unload_at else "-", m.sessions, m.tokenizer or "?",
              m.vocab_size, m.num_layers, m.hidden_size, m.state_bytes, m.precision, f"{m.test_perplexity:.1f}")
             for m in models]  # fmt: skip
-    print(table(["model", "version", "state", "unloads", "sessions", "tokenizer", "words", "layers", "hidden",
-                 "state bytes", "precision", "test ppl"], rows))  # fmt: skip
-    return 0
+    return table(["model", "version", "state", "unloads", "sessions", "tokenizer", "words", "layers", "hidden",
+                  "state bytes", "precision", "test ppl"], rows)  # fmt: skip
 
 
 def _version_state(m: ModelInfo) -> str:
@@ -272,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
 
     p = command("models", cmd_models, "list the served models")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("reload", cmd_reload, "load new model version folders; new sessions go to each model's newest "
+                "version or the pinned one, the others drain (an admin call: LSTMD_ADMIN_KEYS)")  # fmt: skip
+    p.add_argument("--pin", action="append", type=_pin, default=[], metavar="NAME=VERSION",
+                   help="serve this version of the model to new sessions (repeatable)")  # fmt: skip
+    p.add_argument("--unpin", action="append", default=[], metavar="NAME",
+                   help="serve the model's newest version again (repeatable)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     add_bench_arguments(command("bench", run_bench, "load generator: concurrent streams, per-token latency"))

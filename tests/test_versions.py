@@ -9,6 +9,7 @@ the server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import time
@@ -322,6 +323,33 @@ async def test_pins_choose_the_served_version_and_pinning_back_drains_the_newer(
         assert "tiny to version '9'" in (missing.value.details() or "")
         assert "holds 1, 2" in (missing.value.details() or "")
         assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "1", "nothing changed"
+
+
+async def test_lstmd_reload_and_the_client_library_load_pin_and_report(root: Path, version_2: Path) -> None:
+    async with serve(root) as (running, _), AsyncClient(f"127.0.0.1:{running.port}") as client:
+        target = ("--target", f"127.0.0.1:{running.port}")
+        nothing = (await asyncio.to_thread(lstmd, "reload", *target)).stdout
+        assert nothing.startswith("loaded: nothing new; draining: none")
+        await client.create_session()  # keeps version 1 loaded while it drains
+        shutil.copytree(version_2, root / "tiny" / "2")
+        shown = (await asyncio.to_thread(lstmd, "reload", *target)).stdout.splitlines()
+        assert shown[0] == "loaded: tiny/2; draining: tiny/1"
+        rows = [row.replace(" (default)", "").split() for row in shown[3:]]
+        assert [cols[1:3] + cols[4:5] for cols in rows] == [["1", "draining", "1"], ["2", "serving", "0"]]
+        assert (await client.create_session()).info.model_version == "2"
+        pinned = await client.reload_models({"tiny": "1"})
+        assert (pinned.loaded, pinned.draining) == ([], ["tiny/2"])
+        assert {m.version: (m.serving, m.draining, m.sessions) for m in pinned.models} == {
+            "1": (True, False, 1), "2": (False, True, 1)}  # fmt: skip
+        assert (await client.create_session()).info.model_version == "1"
+        unpinned = json.loads((await asyncio.to_thread(lstmd, "reload", *target, "--unpin", "tiny", "--json")).stdout)
+        assert (unpinned["loaded"], unpinned["draining"]) == ([], ["tiny/1"])
+        assert {m["version"]: m["serving"] for m in unpinned["models"]} == {"1": False, "2": True}
+        refused = await asyncio.to_thread(lstmd, "reload", *target, "--pin", "tiny=9", check=False)
+        assert refused.returncode == 1 and refused.stderr.startswith("lstmd: INVALID_ARGUMENT:")
+        assert "holds 1, 2" in refused.stderr
+        bad = await asyncio.to_thread(lstmd, "reload", *target, "--pin", "tiny", check=False)
+        assert bad.returncode == 2 and "expected NAME=VERSION" in bad.stderr
 
 
 async def test_reload_is_for_admin_keys_and_a_broken_folder_fails_it_and_changes_nothing(
