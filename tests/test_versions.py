@@ -417,7 +417,10 @@ async def test_with_redis_sessions_of_both_versions_are_served_and_counted(
     (tmp_path / "redis").mkdir()
     redis = Redis(tmp_path / "redis")
     try:
-        async with serve(root, session_store=redis.url, version_drain_s=2.0) as (_, stub):
+        async with (
+            serve(root, session_store=redis.url, version_drain_s=2.0) as (_, stub),
+            serve(root, session_store=redis.url, version_drain_s=2.0) as (_, other),  # another replica
+        ):
             one = await stub.CreateSession(pb.CreateSessionRequest())
             shutil.copytree(version_2, root / "tiny" / "2")
             await stub.ReloadModels(pb.ReloadModelsRequest())
@@ -428,6 +431,13 @@ async def test_with_redis_sessions_of_both_versions_are_served_and_counted(
                 assert_matches(prediction, reference[version].logprobs(reference[version].ids("the cat")), TOLERANCE)
             info = await versions(stub)
             assert (info["1"].sessions, info["1"].draining, info["2"].sessions) == (1, True, 1)
+            with pytest.raises(grpc.aio.AioRpcError) as not_yet:  # the other replica is not reloaded yet
+                await other.Feed(pb.FeedRequest(session_id=two.session_id, text="sat"))
+            assert not_yet.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "version '2', which this replica has not loaded" in (not_yet.value.details() or "")
+            await other.ReloadModels(pb.ReloadModelsRequest())
+            prediction = await other.Feed(pb.FeedRequest(session_id=two.session_id, text="sat", expected_position=2))
+            assert_matches(prediction, reference["2"].logprobs(reference["2"].ids("the cat sat")), TOLERANCE)
 
             async def v1_unloaded() -> bool:
                 return list(await versions(stub)) == ["2"]
@@ -437,7 +447,7 @@ async def test_with_redis_sessions_of_both_versions_are_served_and_counted(
                 await stub.GetSession(pb.GetSessionRequest(session_id=one.session_id))
             assert ended.value.code() == grpc.StatusCode.NOT_FOUND
             assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
-            await stub.Feed(pb.FeedRequest(session_id=two.session_id, text="sat"))
+            await stub.Feed(pb.FeedRequest(session_id=two.session_id, text="on"))
     finally:
         redis.stop()
 

@@ -42,8 +42,10 @@ Errors (standard gRPC status codes; the message says what to change):
 - ALREADY_EXISTS: an ImportSession with `keep_id` of an id a session here already holds.
 - UNAUTHENTICATED: the server requires an API key (metadata `authorization: Bearer <key>`)
   and the call had none or a wrong one. Health and reflection need none unless configured.
-- UNAVAILABLE: the server is shutting down or overloaded; safe to retry a request that
-  carries `expected_position`.
+- UNAVAILABLE: the server is shutting down or overloaded, its shared session store (Redis) is
+  unreachable, or, with Redis, the session's model version is not loaded on this replica yet
+  (another replica, or this one once reloaded, serves it); safe to retry a request that carries
+  `expected_position`.
 - DEADLINE_EXCEEDED / CANCELLED: as usual; a feed, and a Generate, is either applied whole or
   not at all. DEADLINE_EXCEEDED also ends a Generate whose client left a token unread for
   longer than the server's write timeout (see Generate).
