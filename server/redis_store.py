@@ -430,6 +430,19 @@ class RedisSessionStore(SessionStore):
         count: int = await self._submit("count", lambda pipe: _script(pipe, self._count, keys, args))
         return count
 
+    async def versions_held(self) -> set[tuple[str, str]]:
+        """From the version indexes: each one holding an id not yet expired. Once, at start."""
+        try:
+            keys = [key async for key in self._redis.scan_iter(match=VERSION + "*", count=1000)]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zcount(key, _now_ms(), "+inf")
+                counts = await pipe.execute()
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(f"the session store ({self.describe()}) is unreachable: {e}") from e
+        held = [key.decode()[len(VERSION) :].rpartition("/") for key, n in zip(keys, counts, strict=True) if n]
+        return {(name, version) for name, _, version in held}
+
     async def end_version(self, model: Model, when: float) -> int:
         """Ends every session of the version on every replica: this replica cannot tell which ones others
         are using (their next write finds the session gone and answers that it ended)."""

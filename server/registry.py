@@ -130,7 +130,7 @@ class ModelRegistry:
 
     def loaded(self) -> list[Model]:
         """Every loaded version, by name, oldest version first."""
-        return sorted([*self.models.values(), *self.draining], key=lambda m: (m.name, _version_key(Path(m.version))))
+        return sorted([*self.models.values(), *self.draining], key=lambda m: (m.name, version_order(m.version)))
 
     def serve(self, model: Model, drain_s: float, now: float) -> Model | None:
         """Serve ``model`` for its name; the version served before drains (deadline ``drain_s`` from
@@ -154,8 +154,9 @@ def _folders(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
-def _version_key(path: Path) -> tuple[int, str]:
-    return (int(path.name), "") if path.name.isdigit() else (-1, path.name)
+def version_order(version: str) -> tuple[int, str]:
+    """Sorts versions as the newest-wins rule sees them: numbers by value, after any other name."""
+    return (int(version), "") if version.isdigit() else (-1, version)
 
 
 def parse_pins(text: str) -> dict[str, str]:
@@ -166,7 +167,7 @@ def parse_pins(text: str) -> dict[str, str]:
 def version_folders(root: Path, name: str) -> list[Path]:
     """The version folders of model ``name`` under ``root``, oldest first."""
     folder = root / name
-    return sorted(_folders(folder), key=_version_key) if folder.is_dir() else []
+    return sorted(_folders(folder), key=lambda p: version_order(p.name)) if folder.is_dir() else []
 
 
 def choose(root: Path, pins: dict[str, str]) -> dict[str, Path]:

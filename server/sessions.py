@@ -215,6 +215,11 @@ class SessionStore(ABC):
         """End the sessions of this model version that no call is using (reason "unloaded": a later
         lookup of one raises ``unloaded``); returns how many are left, in use (ended once free)."""
 
+    async def versions_held(self) -> set[tuple[str, str]]:
+        """(model name, version) of every version a live session in the store is on. In memory every
+        session is on a loaded version, so none needs asking for; a shared store (Redis) says."""
+        return set()
+
     @abstractmethod
     async def start(self) -> None:
         """Start background work, once the event loop runs."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from lstmd.server import metrics
 from lstmd.server.engine import Engine
 from lstmd.server.errors import FailedPrecondition, InvalidInput, PermissionDenied, StoreUnavailable, echo
-from lstmd.server.registry import Model, ModelError, choose, load_model, version_folders
+from lstmd.server.registry import Model, ModelError, choose, load_model, version_folders, version_order
 from lstmd.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Versions:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self._load_held()
         for model in self.registry.loaded():
             self.publish(model)
         self._task = asyncio.get_running_loop().create_task(self._check_forever(), name="model-versions")
@@ -139,6 +140,26 @@ class Versions:
         self.engine.add_model(model)
         self.publish(model)
         return model
+
+    async def _load_held(self) -> None:
+        """At start, before serving: with a shared store, load (draining) each older version that
+        sessions there are still on, as a snapshot's are, so that a replica restarted after an upgrade
+        serves them. A newer one is left alone: draining it here would end, at its deadline, the
+        sessions of replicas that serve it."""
+        try:
+            held = await self.engine.store.versions_held()
+        except StoreUnavailable as e:
+            log.warning("cannot learn which model versions the sessions in the store are on: %s; a session on a "
+                        "version not loaded here answers UNAVAILABLE", e)  # fmt: skip
+            return
+        for name, version in sorted(held):
+            served = self.registry.models.get(name)
+            if served is None or self.registry.find(name, version) is not None:
+                continue
+            if version_order(version) > version_order(served.version) or not self.load_draining(name, version):
+                log.warning("sessions in the store are on %s version %s, which this replica does not load (it "
+                            "serves %s, and that folder is newer, gone or broken): they answer UNAVAILABLE here",
+                            name, version, served.version)  # fmt: skip
 
     async def check(self) -> None:
         """Unload the draining versions whose sessions have all ended, ending those of a version past

@@ -513,3 +513,40 @@ async def test_in_redis_a_stream_across_the_deadline_and_a_session_missing_from_
             assert (END_KEY, "unloaded") in tuple(gone.value.trailing_metadata() or ())
     finally:
         redis.stop()
+
+
+async def test_in_redis_a_replica_restarted_after_an_upgrade_serves_the_older_versions_sessions(
+    root: Path, version_2: Path, models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica started with version 2 newest loads version 1 too, draining, while sessions in Redis
+    are on it (a rolling restart after an upgrade), and leaves a newer version than it serves alone."""
+    (tmp_path / "redis").mkdir()
+    redis = Redis(tmp_path / "redis")
+    reference = refs(root, version_2, models_dir)
+    try:
+        async with serve(root, session_store=redis.url) as (_, stub):
+            old = await stub.CreateSession(pb.CreateSessionRequest())
+            await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="the cat"))
+        shutil.copytree(version_2, root / "tiny" / "2")
+        async with serve(root, session_store=redis.url) as (_, stub):  # restarted with both folders
+            info = await versions(stub)
+            assert (info["1"].draining, info["1"].sessions, info["2"].serving) == (True, 1, True)
+            prediction = await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="sat", expected_position=2))
+            assert_matches(prediction, reference["1"].logprobs(reference["1"].ids("the cat sat")), TOLERANCE)
+            new = await stub.CreateSession(pb.CreateSessionRequest())
+            assert new.model_version == "2"
+            await stub.DeleteSession(pb.DeleteSessionRequest(session_id=old.session_id))
+
+            async def v1_unloaded() -> bool:
+                return list(await versions(stub)) == ["2"]
+
+            await eventually(v1_unloaded)
+        with caplog.at_level("WARNING", logger="lstmd.server.versions"):
+            async with serve(root, session_store=redis.url, model_versions="tiny=1") as (_, stub):
+                assert list(await versions(stub)) == ["1"], "version 2, newer than served, is not loaded"
+                with pytest.raises(grpc.aio.AioRpcError) as elsewhere:
+                    await stub.GetSession(pb.GetSessionRequest(session_id=new.session_id))
+                assert elsewhere.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "sessions in the store are on tiny version 2, which this replica does not load" in caplog.text
+    finally:
+        redis.stop()
