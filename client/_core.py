@@ -253,6 +253,7 @@ class BaseSession(Generic[C]):
         self.recoveries: list[Recovery] = []
         self._tail = tail or Tail(client.recovery_tail, info.position)
         self._deleted = False
+        self._moved = False  # exported with end_session: its id may be an imported copy's now, never deleted here
 
     @property
     def exact(self) -> bool:
@@ -325,11 +326,13 @@ class BaseSession(Generic[C]):
 
     def _delete(self) -> Flow[None]:
         self._deleted = True
-        yield from self.client._delete(self.id)
+        if not self._moved:
+            yield from self.client._delete(self.id)
 
     def _export(self, encrypt: bool, end_session: bool) -> Flow[bytes]:
         blob = yield from self.client._export(self.id, encrypt, end_session)
-        self._deleted = self._deleted or end_session  # moved into the blob: nothing here to recover
+        if end_session:  # moved into the blob: nothing here to recover, or to delete
+            self._deleted = self._moved = True
         return blob
 
 

@@ -577,6 +577,16 @@ async def test_async_client_exports_and_imports(clusters: tuple[str, str], share
             await keyless.import_session(blob)
 
 
+def test_a_session_moved_into_its_blob_is_not_deleted_on_leaving_its_with_block(clusters: tuple[str, str]) -> None:
+    """Its id is the imported copy's now (keep_id): the block's DeleteSession would delete that."""
+    with Client(clusters[0]) as client:
+        with client.create_session() as session:
+            session.feed("the sun")
+            moved = client.import_session(session.export(end_session=True), keep_id=True)
+            session.delete()  # as leaving the block does: nothing to delete here
+        assert moved.id == session.id and client.get_session(moved.id).position == 2
+
+
 def seen_client(p: Any) -> tuple[Any, ...]:
     return p.position, p.tokens, p.candidates, p.token_logprobs
 
