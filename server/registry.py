@@ -155,8 +155,9 @@ def _folders(path: Path) -> list[Path]:
 
 
 def version_order(version: str) -> tuple[int, str]:
-    """Sorts versions as the newest-wins rule sees them: numbers by value, after any other name."""
-    return (int(version), "") if version.isdigit() else (-1, version)
+    """Sorts versions as the newest-wins rule sees them: numbers by value, after any other name;
+    equal numbers ("01", "1") by name, so that every replica picks the same newest."""
+    return (int(version), version) if version.isascii() and version.isdigit() else (-1, version)
 
 
 def parse_pins(text: str) -> dict[str, str]:

@@ -28,7 +28,7 @@ from lstmd.export.model import LSTMLanguageModel, ModelConfig
 from lstmd.export.onnx_export import write_model_dir
 from lstmd.model.tokenizer import EOS, UNK, Vocab
 from lstmd.server.errors import END_KEY
-from lstmd.server.registry import vocabulary_sha256
+from lstmd.server.registry import version_folders, vocabulary_sha256
 from lstmd.v1 import lstmd_pb2 as pb
 from lstmd.v1 import lstmd_pb2_grpc
 from tests.conftest import HIDDEN, LAYERS, WORDS, Reference, ServerFactory, ServerProcess, serve
@@ -117,6 +117,13 @@ class Streamer:
             prediction = await self.stub.Feed(request)
             assert prediction.position == len(self.history) and not prediction.replayed
             self.predictions.append(prediction)
+
+
+def test_version_folders_sort_numbers_by_value_and_every_other_name_first(tmp_path: Path) -> None:
+    """The newest is the last: the same on every replica, whatever the folder names."""
+    for name in ["2", "10", "1", "01", "\u00b2", "beta", ".staging"]:  # "²" is a digit to str.isdigit
+        (tmp_path / "m" / name).mkdir(parents=True)
+    assert [p.name for p in version_folders(tmp_path, "m")] == ["beta", "\u00b2", "01", "1", "2", "10"]
 
 
 async def test_a_version_added_under_streaming_load_serves_new_sessions_and_the_old_one_drains(
