@@ -60,9 +60,15 @@ class Versions:
         self.admins = admins
         self._changing = asyncio.Lock()  # one reload or check at a time: neither sees the other half done
         self._task: asyncio.Task[None] | None = None
+        self._held_loaded = False  # the versions a shared store's sessions are on: loaded, or asked again each round
 
     async def start(self) -> None:
-        await self._load_held()
+        try:
+            await self._load_held()
+        except StoreUnavailable as e:
+            log.warning("cannot learn which model versions the sessions in the store are on: %s; asking again "
+                        "every %g s, and until then a session on an older version answers UNAVAILABLE here", e,
+                        CHECK_S)  # fmt: skip
         for model in self.registry.loaded():
             self.publish(model)
         self._task = asyncio.get_running_loop().create_task(self._check_forever(), name="model-versions")
@@ -127,39 +133,48 @@ class Versions:
     def load_draining(self, name: str, version: str) -> Model | None:
         """At start, before serving: the draining version ``version`` of ``name`` loaded from its
         folder, for sessions a snapshot holds on it; None when the folder is gone or broken (logged)."""
+        model = self._load_old(name, version)
+        return self._drain(model) if model else None
+
+    def _load_old(self, name: str, version: str) -> Model | None:
+        """Version ``version`` of served model ``name`` from its folder, for sessions still on it; None
+        when the folder is gone or broken (logged). Blocking."""
         folder = Path(self.settings.models_dir) / name / version
-        unsafe = any("/" in part or part.startswith(".") for part in (name, version))  # the snapshot names a folder
+        unsafe = any("/" in part or part.startswith(".") for part in (name, version))  # a stored name, not a path
         if unsafe or not folder.is_dir() or name not in self.registry.models:
             return None
         try:
-            model = load_model(folder, self.settings)
+            return load_model(folder, self.settings)
         except ModelError as e:
-            log.error("cannot load %s for the snapshot's sessions on it: %s", folder, e)
+            log.error("cannot load %s for the sessions still on it: %s", folder, e)
             return None
+
+    def _drain(self, model: Model) -> Model:
         self.registry.draining[model] = time.time() + self.settings.version_drain_s
         self.engine.add_model(model)
         self.publish(model)
         return model
 
     async def _load_held(self) -> None:
-        """At start, before serving: with a shared store, load (draining) each older version that
-        sessions there are still on, as a snapshot's are, so that a replica restarted after an upgrade
-        serves them. A newer one is left alone: draining it here would end, at its deadline, the
-        sessions of replicas that serve it."""
-        try:
-            held = await self.engine.store.versions_held()
-        except StoreUnavailable as e:
-            log.warning("cannot learn which model versions the sessions in the store are on: %s; a session on a "
-                        "version not loaded here answers UNAVAILABLE", e)  # fmt: skip
-            return
-        for name, version in sorted(held):
-            served = self.registry.models.get(name)
-            if served is None or self.registry.find(name, version) is not None:
-                continue
-            if version_order(version) > version_order(served.version) or not self.load_draining(name, version):
-                log.warning("sessions in the store are on %s version %s, which this replica does not load (it "
-                            "serves %s, and that folder is newer, gone or broken): they answer UNAVAILABLE here",
-                            name, version, served.version)  # fmt: skip
+        """With a shared store, load (draining) each older version that sessions there are still on, as
+        a snapshot's are, so that a replica restarted after an upgrade serves them: at start, and each
+        round until the store has answered once (StoreUnavailable until then). A newer one is left alone:
+        draining it here would end, at its deadline, the sessions of replicas that serve it."""
+        held = await self.engine.store.versions_held()
+        async with self._changing:
+            for name, version in sorted(held):
+                served = self.registry.models.get(name)
+                if served is None or self.registry.find(name, version) is not None:
+                    continue
+                older = version_order(version) < version_order(served.version)
+                model = await asyncio.to_thread(self._load_old, name, version) if older else None
+                if model:
+                    self._drain(model)
+                else:
+                    log.warning("sessions in the store are on %s version %s, which this replica does not load (it "
+                                "serves %s, and that folder is newer, gone or broken): they answer UNAVAILABLE "
+                                "here", name, version, served.version)  # fmt: skip
+            self._held_loaded = True
 
     async def check(self) -> None:
         """Unload the draining versions whose sessions have all ended, ending those of a version past
@@ -205,6 +220,8 @@ class Versions:
                 if poll_s and time.monotonic() - polled >= poll_s:
                     polled = time.monotonic()
                     await self.reload_logged("the folder poll")
+                if not self._held_loaded:
+                    await self._load_held()
                 await self.check()
             except StoreUnavailable as e:  # counted in lstmd_store_errors_total; the next round tries again
                 log.warning("cannot count the sessions of the model versions: %s", e)

@@ -574,3 +574,34 @@ async def test_in_redis_a_replica_restarted_after_an_upgrade_serves_the_older_ve
         assert "sessions in the store are on tiny version 2, which this replica does not load" in caplog.text
     finally:
         redis.stop()
+
+
+async def test_in_redis_a_replica_started_while_redis_is_down_loads_the_older_version_once_it_is_back(
+    root: Path, version_2: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "redis").mkdir()
+    redis = Redis(tmp_path / "redis")
+    reference = refs(root, version_2, models_dir)
+    try:
+        async with serve(root, session_store=redis.url) as (_, stub):
+            old = await stub.CreateSession(pb.CreateSessionRequest())
+            await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="the cat"))
+        shutil.copytree(version_2, root / "tiny" / "2")
+        redis.stop()
+        async with serve(root, session_store=redis.url) as (_, stub):
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await stub.GetSession(pb.GetSessionRequest(session_id=old.session_id))
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            redis.start()  # its data kept (append-only file)
+
+            async def v1_draining() -> bool:
+                try:
+                    return (await versions(stub)).get("1", pb.ModelInfo()).draining
+                except grpc.aio.AioRpcError:
+                    return False
+
+            await eventually(v1_draining)
+            prediction = await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="sat", expected_position=2))
+            assert_matches(prediction, reference["1"].logprobs(reference["1"].ids("the cat sat")), TOLERANCE)
+    finally:
+        redis.stop()
