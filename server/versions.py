@@ -60,6 +60,7 @@ class Versions:
         self.admins = admins
         self._changing = asyncio.Lock()  # one reload or check at a time: neither sees the other half done
         self._task: asyncio.Task[None] | None = None
+        self._counts: dict[tuple[str, str], int] = {}  # each version's sessions, as the store last said
         self._held_loaded = False  # the versions a shared store's sessions are on: loaded, or asked again each round
 
     async def start(self) -> None:
@@ -205,13 +206,19 @@ class Versions:
         log.info("unloaded %s version %s: its sessions have ended", model.name, model.version)
 
     async def infos(self) -> list[VersionInfo]:
-        """Every loaded version, by name, oldest first."""
-        registry, infos = self.registry, []
-        for m in registry.loaded():
-            sessions = await self.engine.store.count(m)
-            infos.append(VersionInfo(m, m.name == registry.default, sessions, registry.models[m.name] is m,
-                                     registry.draining.get(m)))  # fmt: skip
-        return infos
+        """Every loaded version, by name, oldest first: the registry as of one moment, and the session
+        counts asked together (one round trip to a shared store; while it is unreachable, the counts
+        it gave last)."""
+        registry = self.registry
+        loaded = [(m, m.name == registry.default, registry.models[m.name] is m, registry.draining.get(m))
+                  for m in registry.loaded()]  # fmt: skip
+        try:
+            counts = await asyncio.gather(*(self.engine.store.count(m) for m, *_ in loaded))
+            self._counts = {(m.name, m.version): n for (m, *_), n in zip(loaded, counts, strict=True)}
+        except StoreUnavailable:
+            counts = [self._counts.get((m.name, m.version), 0) for m, *_ in loaded]
+        return [VersionInfo(m, default, sessions, serving, deadline)
+                for (m, default, serving, deadline), sessions in zip(loaded, counts, strict=True)]  # fmt: skip
 
     async def _check_forever(self) -> None:
         poll_s, polled = self.settings.models_poll_s, time.monotonic()

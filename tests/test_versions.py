@@ -592,16 +592,18 @@ async def test_in_redis_a_replica_started_while_redis_is_down_loads_the_older_ve
             with pytest.raises(grpc.aio.AioRpcError) as down:
                 await stub.GetSession(pb.GetSessionRequest(session_id=old.session_id))
             assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert list(await versions(stub)) == ["2"]  # ListModels answers all the same
             redis.start()  # its data kept (append-only file)
 
             async def v1_draining() -> bool:
-                try:
-                    return (await versions(stub)).get("1", pb.ModelInfo()).draining
-                except grpc.aio.AioRpcError:
-                    return False
+                return (await versions(stub)).get("1", pb.ModelInfo()).draining
 
             await eventually(v1_draining)
             prediction = await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="sat", expected_position=2))
             assert_matches(prediction, reference["1"].logprobs(reference["1"].ids("the cat sat")), TOLERANCE)
+            redis.stop()
+            pinned = await stub.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": "1"}))  # took effect: says so
+            assert (list(pinned.loaded), list(pinned.draining)) == ([], ["tiny/2"])
+            assert {m.version: (m.serving, m.sessions) for m in pinned.models} == {"1": (True, 1), "2": (False, 0)}
     finally:
         redis.stop()

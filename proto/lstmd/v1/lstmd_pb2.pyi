@@ -228,7 +228,7 @@ class ModelInfo(_message.Message):
     """
     sessions: _builtins.int
     """Sessions of this version held now (by this server; with sessions shared in Redis, by all
-    replicas).
+    replicas; while Redis is unreachable, the count it gave last).
     """
     serving: _builtins.bool
     """True for the version new sessions of this model go to (its newest, or the operator's pin)."""
