@@ -88,7 +88,11 @@ def test_sigterm_keeps_serving_calls_while_health_says_not_serving(models_dir: P
     assert not_serving[-1] - not_serving[0] >= drain - 0.5, seen
     answered_while_draining = [t - signalled for t in fed if not_serving[0] < t - signalled < not_serving[-1]]
     assert len(answered_while_draining) >= 10
-    assert failures in ([], [failures[0]]) and all("UNAVAILABLE" in f for f in failures), failures
+    # The one call that may fail is one the listener's close refused: UNAVAILABLE, or CANCELLED when it had
+    # reached gRPC core but not yet the event loop (a busy machine), which gRPC then cancels unstarted; the
+    # client library retries both (client._recovery.Backoff).
+    assert failures in ([], [failures[0]]), failures
+    assert all(f.startswith(("UNAVAILABLE", "CANCELLED")) for f in failures), failures
     assert "draining: health NOT_SERVING" in server.log()
 
 
