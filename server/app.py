@@ -200,14 +200,7 @@ async def run(settings: Settings, registry: ModelRegistry) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     running = await start(settings, registry)
-    reloads: set[asyncio.Task[None]] = set()  # referenced until done
-
-    def reload() -> None:
-        task = loop.create_task(running.versions.reload_logged("SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, running.versions.reload_soon, "SIGHUP")
     await stopping.wait()
     log.info("shutting down: health NOT_SERVING; in-flight calls get up to %g s once the listener closes",
              settings.grace_s)  # fmt: skip

@@ -60,6 +60,7 @@ class Versions:
         self.admins = admins
         self._changing = asyncio.Lock()  # one reload or check at a time: neither sees the other half done
         self._task: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()  # reload_soon's, referenced until done
         self._counts: dict[tuple[str, str], int] = {}  # each version's sessions, as the store last said
         self._held_loaded = False  # the versions a shared store's sessions are on: loaded, or asked again each round
 
@@ -75,9 +76,17 @@ class Versions:
         self._task = asyncio.get_running_loop().create_task(self._check_forever(), name="model-versions")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop the checks and any reload still running: none may add a version to a stopped engine."""
+        tasks = [*self._reloads, *([self._task] if self._task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def reload_soon(self, why: str) -> None:
+        """``reload_logged`` in a task of its own (a signal handler cannot wait for it)."""
+        task = asyncio.get_running_loop().create_task(self.reload_logged(why))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     def allow(self, caller: str) -> None:
         """PermissionDenied unless ``caller`` may make admin calls."""
