@@ -23,7 +23,10 @@ refuses new sessions whatever ``--at-capacity`` says: it cannot tell which sessi
 are streaming, so it evicts none. ``lstmd_sessions_active`` is the index's size, refreshed on every
 create and delete and every ``sweep_interval_s``, so every replica reports the shared count. A
 version unloaded at its drain deadline ends its sessions on every replica at once (one script;
-reason "unloaded").
+reason "unloaded"), but only once no other replica serves it: ``lstmd:serving:<model>/<version>``
+is a sorted set of the ids of the replicas serving that version, scored by when each announcement
+expires (Unix ms); every replica renews its own each second (server.versions) and removes it when
+it stops serving the version.
 
 A step is written by one Lua script that compares ``pos`` with the position the step was computed
 from and writes the new state only if they are equal, so two replicas can never both apply a step
@@ -54,6 +57,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import secrets
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -82,6 +88,7 @@ _HEADER = struct.Struct("<BiIdd")  # format, last token (signed: -1 is NO_TOKEN)
 
 INDEX = "lstmd:index"  # every session id, scored by when it expires (Unix ms); INDEX:<owner> per API key
 VERSION = "lstmd:version:"  # + "<model>/<version>": that version's session ids, scored likewise
+SERVING = "lstmd:serving:"  # + "<model>/<version>": ids of the replicas serving it, scored by expiry (Unix ms)
 # The scripts name the owner's index themselves (INDEX .. ':' .. owner): lstmd's Redis is one instance,
 # not a cluster, so keys computed in a script are fine.
 
@@ -190,6 +197,14 @@ end
 redis.call('DEL', KEYS[1])
 return ended
 """
+# KEYS[1] a version's serving set; ARGV: this replica's id, now, expiry (Unix ms), the set's TTL in ms.
+# Renews this replica's announcement, dropping the expired ones (replicas gone); the set expires
+# when no replica renews it.
+_ANNOUNCE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+"""
 _WRITTEN, _GONE = -2, -1
 _OWNER_FULL, _STORE_FULL, _TAKEN, _MOVED = -3, -4, -5, -6
 
@@ -206,6 +221,8 @@ class RedisSessionStore(SessionStore):
         self._registry = registry
         self.ttl_s, self.lifetime_s = ttl_s, lifetime_s
         self.ids = ids or SessionIds.per_process()
+        # which replica announces a version: readable in the log, unique even for stores in one process (tests)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._ttl_ms = str(int(ttl_s * 1000))
         self._ended_ttl_ms = str(int(max(ttl_s, ENDED_TTL_S) * 1000))
         self.max_sessions, self.max_per_owner, self._count_interval_s = max_sessions, max_per_owner, count_interval_s
@@ -219,6 +236,7 @@ class RedisSessionStore(SessionStore):
         self._delete = self._redis.register_script(_DELETE)
         self._count = self._redis.register_script(_PRUNE + _COUNT)
         self._end_version = self._redis.register_script(_END_VERSION)
+        self._announce = self._redis.register_script(_ANNOUNCE)
         self._counter: asyncio.Task[None] | None = None
         self._pending: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
@@ -443,9 +461,24 @@ class RedisSessionStore(SessionStore):
         held = [key.decode()[len(VERSION) :].rpartition("/") for key, n in zip(keys, counts, strict=True) if n]
         return {(name, version) for name, _, version in held}
 
+    async def announce(self, serving: list[Model], stopped: list[Model], for_s: float) -> None:
+        """One round trip: renew this replica's entry in each served version's serving set, and remove
+        it from the sets of the versions it stopped serving."""
+        now, ttl_ms = _now_ms(), int(for_s * 1000)
+        args = (self.replica, now, now + ttl_ms, ttl_ms)
+        renew = [lambda pipe, key=key: _script(pipe, self._announce, key, args) for key in map(_serving_key, serving)]
+        drop = [lambda pipe, key=key: pipe.zrem(key, self.replica) for key in map(_serving_key, stopped)]
+        await asyncio.gather(*(self._submit("announce", add) for add in [*renew, *drop]))
+
+    async def others_serving(self, model: Model) -> list[str]:
+        key, now = _serving_key(model), _now_ms()
+        ids = await self._submit("read", lambda pipe: pipe.zrangebyscore(key, now, "+inf"))
+        return sorted(replica for replica in (i.decode() for i in ids) if replica != self.replica)
+
     async def end_version(self, model: Model, when: float) -> int:
         """Ends every session of the version on every replica: this replica cannot tell which ones others
-        are using (their next write finds the session gone and answers that it ended)."""
+        are using (their next write finds the session gone and answers that it ended). Called only once
+        no other replica serves the version (``others_serving``)."""
         keys, args = (_version_key(model), INDEX), (repr(when), self._ended_ttl_ms)
         ended = await self._submit("delete", lambda pipe: _script(pipe, self._end_version, keys, args))
         if ended:
@@ -525,6 +558,10 @@ def _script(pipe: Any, script: Any, keys: str | tuple[str, ...], args: tuple[Any
 
 def _version_key(model: Model) -> str:
     return f"{VERSION}{model.name}/{model.version}"
+
+
+def _serving_key(model: Model) -> str:
+    return f"{SERVING}{model.name}/{model.version}"
 
 
 def _now_ms() -> int:

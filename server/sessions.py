@@ -220,6 +220,16 @@ class SessionStore(ABC):
         session is on a loaded version, so none needs asking for; a shared store (Redis) says."""
         return set()
 
+    async def announce(self, serving: list[Model], stopped: list[Model], for_s: float) -> None:
+        """Record, for the next ``for_s`` seconds, that this replica serves the versions ``serving``,
+        and that it no longer serves ``stopped``. Alone (in memory) there is nobody to tell; a shared
+        store (Redis) records it for the other replicas."""
+        return None
+
+    async def others_serving(self, model: Model) -> list[str]:
+        """The other live replicas that serve this version (their ids): in memory none."""
+        return []
+
     @abstractmethod
     async def start(self) -> None:
         """Start background work, once the event loop runs."""

@@ -9,7 +9,9 @@ version that stops being served drains: new sessions go to the served one, its o
 their forks) stay on it. Every CHECK_S it unloads when it holds no session, or, at its deadline
 (``version_drain_s`` after it stopped being served), its sessions no call is using end ("unloaded")
 and any in use end as soon as their call or stream ends; then it unloads, freeing its batcher and
-its ONNX Runtime session.
+its ONNX Runtime session. With a shared store each replica announces every CHECK_S the versions it
+serves, and a deadline ends a version's sessions only once no other replica serves it (a canary
+reloaded alone must not end the sessions the others still create on it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from lstmd.server.settings import Settings
 
 log = logging.getLogger(__name__)
 CHECK_S = 1.0  # how often draining versions are checked (and their session counts published)
+# How long a replica's announcement that it serves a version lasts: many rounds, since a reload loading
+# big models holds up the check; a replica that stops serving a version removes its announcement.
+ANNOUNCE_S = 10 * CHECK_S
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Versions:
         self._reloads: set[asyncio.Task[None]] = set()  # reload_soon's, referenced until done
         self._counts: dict[tuple[str, str], int] = {}  # each version's sessions, as the store last said
         self._held_loaded = False  # the versions a shared store's sessions are on: loaded, or asked again each round
+        self._kept_for_others: set[Model] = set()  # past their deadline, kept by other replicas serving them (warned)
 
     async def start(self) -> None:
         try:
@@ -187,19 +193,32 @@ class Versions:
             self._held_loaded = True
 
     async def check(self) -> None:
-        """Unload the draining versions whose sessions have all ended, ending those of a version past
-        its deadline first; publish every version's session count."""
+        """Announce the versions served here (to a shared store's other replicas); unload the draining
+        versions whose sessions have all ended, ending those of a version past its deadline first
+        unless another replica still serves it; publish every version's session count."""
         async with self._changing:
-            now = time.time()
+            now, store = time.time(), self.engine.store
+            await store.announce(list(self.registry.models.values()), list(self.registry.draining), ANNOUNCE_S)
             for model, deadline in list(self.registry.draining.items()):
-                if deadline is not None and now >= deadline:
-                    left = await self.engine.store.end_version(model, now)
+                if deadline is not None and now >= deadline and not await self._served_elsewhere(model):
+                    left = await store.end_version(model, now)
                 else:
-                    left = await self.engine.store.count(model)
+                    left = await store.count(model)
                 if not left:
                     await self._unload(model)
             for info in await self.infos():
                 metrics.model_sessions.labels(info.model.name, info.model.version).set(info.sessions)
+
+    async def _served_elsewhere(self, model: Model) -> bool:
+        """Whether another replica still serves ``model`` (draining here, past its deadline): then its
+        sessions live on, and it unloads here once they have all ended. Warned once per version."""
+        others = await self.engine.store.others_serving(model)
+        if others and model not in self._kept_for_others:
+            self._kept_for_others.add(model)
+            log.warning("%s version %s is past its drain deadline here, but other replicas still serve it (%s): its "
+                        "sessions are not ended while they do; reload them too", model.name, model.version,
+                        ", ".join(others))  # fmt: skip
+        return bool(others)
 
     def publish(self, model: Model) -> None:
         """``lstmd_model_info`` of a loaded version."""
@@ -210,6 +229,7 @@ class Versions:
         # Forgotten in the same turn as the registry, so ListModels and a scrape never disagree; the
         # batcher holds its own series, so steps finishing while it stops bring none back.
         self.registry.unload(model)
+        self._kept_for_others.discard(model)
         metrics.forget(model.name, model.version, model.card.precision, model.name == self.registry.default)
         await self.engine.remove_model(model)
         log.info("unloaded %s version %s: its sessions have ended", model.name, model.version)

@@ -607,3 +607,49 @@ async def test_in_redis_a_replica_started_while_redis_is_down_loads_the_older_ve
             assert {m.version: (m.serving, m.sessions) for m in pinned.models} == {"1": (True, 1), "2": (False, 0)}
     finally:
         redis.stop()
+
+
+async def test_in_redis_a_canary_reload_ends_no_session_of_a_version_another_replica_still_serves(
+    root: Path, version_2: Path, models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only replica A is reloaded (a canary): past A's deadline for version 1 the sessions replica B
+    creates and feeds on it live on, and A keeps it draining; once B is reloaded too, the deadline
+    ends them and both unload it."""
+    (tmp_path / "redis").mkdir()
+    redis = Redis(tmp_path / "redis")
+    v1 = Reference(models_dir / "tiny" / "1")
+    try:
+        with caplog.at_level("WARNING", logger="lstmd.server.versions"):
+            async with (
+                serve(root, session_store=redis.url, version_drain_s=1.0) as (_, a),
+                serve(root, session_store=redis.url, version_drain_s=1.0) as (_, b),
+            ):
+                shutil.copytree(version_2, root / "tiny" / "2")
+                reloaded = await a.ReloadModels(pb.ReloadModelsRequest())
+                unload_at = next(m for m in reloaded.models if m.version == "1").unload_at.ToNanoseconds() / 1e9
+                before = await b.CreateSession(pb.CreateSessionRequest())  # on v1, after A's reload
+                await asyncio.sleep(max(0.0, unload_at - time.time()) + 2.5)  # A's deadline, and checks after it
+                after = await b.CreateSession(pb.CreateSessionRequest())
+                for session in (before, after):
+                    prediction = await b.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat"))
+                    assert_matches(prediction, v1.logprobs(v1.ids("the cat")), TOLERANCE)
+                    got = await b.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+                    assert (got.model_version, got.position) == ("1", 2)
+                info = await versions(a)
+                assert (info["1"].draining, info["1"].sessions) == (True, 2), "A keeps v1 draining past its deadline"
+                assert caplog.text.count("other replicas still serve it") == 1, "warned once"
+                assert len(redis.cli("ZRANGE", "lstmd:serving:tiny/1", "0", "-1").split()) == 1, "A took its own out"
+
+                await b.ReloadModels(pb.ReloadModelsRequest())
+
+                async def v1_unloaded() -> bool:
+                    return list(await versions(a)) == list(await versions(b)) == ["2"]
+
+                await eventually(v1_unloaded)
+                for session in (before, after):
+                    with pytest.raises(grpc.aio.AioRpcError) as ended:
+                        await b.Feed(pb.FeedRequest(session_id=session.session_id, text="sat"))
+                    assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+                    assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+    finally:
+        redis.stop()
