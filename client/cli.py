@@ -186,6 +186,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    names = [name for name, _ in args.pin] + args.unpin
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        print(f"lstmd reload: error: {', '.join(twice)} pinned or unpinned more than once", file=sys.stderr)
+        return 2
     pins = dict(args.pin) | dict.fromkeys(args.unpin, "")
     with _client(args) as client:
         reload = client.reload_models(pins)
@@ -306,10 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reload", cmd_reload, "load new model version folders; new sessions go to each model's newest "
                 "version or the pinned one, the others drain (an admin call: LSTMD_ADMIN_KEYS)")  # fmt: skip
     p.add_argument("--pin", action="append", type=_pin, default=[], metavar="NAME=VERSION",
-                   help="serve this version of the model to new sessions (repeatable)")  # fmt: skip
+                   help="serve this version of the model to new sessions, until the server restarts "
+                   "(LSTMD_MODEL_VERSIONS keeps a pin across restarts; repeatable)")  # fmt: skip
     p.add_argument("--unpin", action="append", default=[], metavar="NAME",
                    help="serve the model's newest version again (repeatable)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(timeout=300.0)  # the server answers once the new versions are loaded
 
     add_bench_arguments(command("bench", run_bench, "load generator: concurrent streams, per-token latency"))
     return parser

@@ -374,6 +374,8 @@ async def test_lstmd_reload_and_the_client_library_load_pin_and_report(root: Pat
         assert "holds 1, 2" in refused.stderr
         bad = await asyncio.to_thread(lstmd, "reload", *target, "--pin", "tiny", check=False)
         assert bad.returncode == 2 and "expected NAME=VERSION" in bad.stderr
+        both = await asyncio.to_thread(lstmd, "reload", *target, "--pin", "tiny=1", "--unpin", "tiny", check=False)
+        assert both.returncode == 2 and "tiny pinned or unpinned more than once" in both.stderr
 
 
 async def test_reload_is_for_admin_keys_and_a_broken_folder_fails_it_and_changes_nothing(
