@@ -292,8 +292,8 @@ class BaseSession(Generic[C]):
             info = yield from self.client._create(self.info.model, self.info.top_k)
             if not _same_meaning(self.info, info, plan.reason):  # token ids may mean other words now
                 yield from self.client._delete(info.session_id)
-                log.warning("session %s not recreated: its model version %s is gone and the served one, %s, has "
-                            "another vocabulary, so its tail would mean other words", self.id, self.info.model_version,
+                log.warning("session %s, on version %s, not recreated: a new one goes to version %s, where its "
+                            "tail's token ids may mean other words", self.id, self.info.model_version,
                             info.model_version)  # fmt: skip
                 return False
             self.info, self.id = info, info.session_id

@@ -59,7 +59,9 @@ class PositionMismatch(FailedPrecondition):
 
 
 class Unavailable(LstmdError):
-    """The server cannot be reached or is shutting down (UNAVAILABLE)."""
+    """The server cannot be reached, is shutting down, or cannot serve the session right now: its
+    shared session store is unreachable, or this replica has yet to load the session's model version
+    (UNAVAILABLE). Retried by the library where that is safe."""
 
 
 class DeadlineExceeded(LstmdError):

@@ -212,8 +212,9 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def end_version(self, model: Model, when: float) -> int:
-        """End the sessions of this model version that no call is using (reason "unloaded": a later
-        lookup of one raises ``unloaded``); returns how many are left, in use (ended once free)."""
+        """End the sessions of this model version (reason "unloaded": a later lookup of one raises
+        ``unloaded``); returns how many are left. In memory those in use are left, and end once free;
+        a shared store cannot tell what other replicas use, so it ends them all and returns 0."""
 
     async def versions_held(self) -> set[tuple[str, str]]:
         """(model name, version) of every version a live session in the store is on. In memory every

@@ -8,10 +8,11 @@ event loop keeps serving. All or nothing: a folder that cannot be served fails t
 version that stops being served drains: new sessions go to the served one, its own sessions (and
 their forks) stay on it. Every CHECK_S it unloads when it holds no session, or, at its deadline
 (``version_drain_s`` after it stopped being served), its sessions no call is using end ("unloaded")
-and any in use end as soon as their call or stream ends; then it unloads, freeing its batcher and
-its ONNX Runtime session. With a shared store each replica announces every CHECK_S the versions it
-serves, and a deadline ends a version's sessions only once no other replica serves it (a canary
-reloaded alone must not end the sessions the others still create on it).
+and any in use end as soon as their call or stream ends (with Redis: all at once); then it
+unloads, freeing its batcher and its ONNX Runtime session. With a shared store each replica
+announces every CHECK_S the versions it serves, and a deadline ends a version's sessions only once
+no other replica serves it (a canary reloaded alone must not end the sessions the others still
+create on it).
 """
 
 from __future__ import annotations
