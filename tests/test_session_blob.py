@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+import lstmd.client
 from bench.cluster import Redis
-from lstmd.client import AlreadyExists, AsyncClient, Client, FailedPrecondition, InvalidInput, LstmdError, NotFound
+from lstmd.client import AlreadyExists, AsyncClient, Client, FailedPrecondition, InvalidInput, NotFound
 from lstmd.export.model import LSTMLanguageModel, ModelConfig
 from lstmd.export.onnx_export import write_model_dir
 from lstmd.model import graph
@@ -516,7 +517,7 @@ def test_readme_a_session_moves_to_another_cluster(clusters: tuple[str, str]) ->
     with Client(here) as client:
         session = client.create_session()
         session.feed("the clouds are in the")
-    names: dict[str, Any] = {"Client": Client, "LstmdError": LstmdError, "session_id": session.id}
+    names: dict[str, Any] = {**vars(lstmd.client), "session_id": session.id}  # the README's import
     exec(readme_snippets(here, there)[2], names)
     assert names["moved"].id == session.id and names["moved"].position == session.position
     with Client(here) as client, pytest.raises(NotFound):
@@ -540,7 +541,7 @@ def test_readme_a_replica_is_drained_without_a_shared_store(clusters: tuple[str,
         sessions = [client.create_session() for _ in texts]
         for session, text in zip(sessions, texts, strict=True):
             session.feed(text)
-    names = {"Client": Client, "LstmdError": LstmdError, "session_ids": [s.id for s in sessions]}
+    names = {**vars(lstmd.client), "session_ids": [s.id for s in sessions]}
     exec(readme_snippets(leaving, staying)[3], names)
     with Client(leaving) as old, Client(staying) as new:
         for session, text in zip(sessions, texts, strict=True):
