@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
         except OSError as e:
             raise SystemExit(f"lstmd: {flag} {name}: {e.strerror}") from None
 
-    if bool(args.tls_cert_file) != bool(args.tls_key_file):
-        raise SystemExit("lstmd: --tls-cert-file and --tls-key-file go together (mutual TLS): give both")
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):  # a usage error: exit 2, as argparse's are
+        print("lstmd: --tls-cert-file and --tls-key-file go together (mutual TLS): give both", file=sys.stderr)
+        raise SystemExit(2)
     return {
         "target": args.target,
         "timeout": args.timeout,

@@ -139,7 +139,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.ids is not None:
         inputs = [args.ids]
     else:
-        inputs = list(_whole_lines(Path(args.file).read_text(encoding="utf-8", errors="replace")))
+        try:
+            text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            print(f"lstmd: {args.file}: {e.strerror}", file=sys.stderr)
+            return 1
+        inputs = list(_whole_lines(text))
     total, count, unknown, fed = 0.0, 0, 0, 0
     with _client(args) as client:
         # token candidates, one: scoring reads the log-probabilities and pays for no word search

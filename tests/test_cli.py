@@ -154,6 +154,8 @@ def test_tokenize_table_and_json(server_target: str) -> None:
         (["generate", "the", "--max-tokens", "0"], 1, "INVALID_ARGUMENT: max_tokens"),
         (["tokenize", ""], 1, "INVALID_ARGUMENT: the input is empty"),
         (["tokenize", "the", "--model", "nope"], 1, "NOT_FOUND: no model named 'nope'"),
+        (["score", "no-such-file.txt"], 1, "lstmd: no-such-file.txt: No such file or directory"),
+        (["models", "--tls-cert-file", "client.pem"], 2, "--tls-cert-file and --tls-key-file go together"),
     ],
 )
 def test_errors_exit_non_zero_with_a_message(server_target: str, args: list[str], code: int, message: str) -> None:
