@@ -26,7 +26,7 @@ version unloaded at its drain deadline ends its sessions on every replica at onc
 reason "unloaded"), but only once no other replica serves it: ``lstmd:serving:<model>/<version>``
 is a sorted set of the ids of the replicas serving that version, scored by when each announcement
 expires (Unix ms); every replica renews its own each second (server.versions) and removes it when
-it stops serving the version.
+it stops serving the version, or stops.
 
 A step is written by one Lua script that compares ``pos`` with the position the step was computed
 from and writes the new state only if they are equal, so two replicas can never both apply a step

@@ -18,6 +18,7 @@ create on it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ from lstmd.server.settings import Settings
 
 log = logging.getLogger(__name__)
 CHECK_S = 1.0  # how often draining versions are checked (and their session counts published)
-# How long a replica's announcement that it serves a version lasts: many rounds, since a reload loading
-# big models holds up the check; a replica that stops serving a version removes its announcement.
-ANNOUNCE_S = 10 * CHECK_S
+# How long a replica's announcement that it serves a version lasts: a few rounds (announced every CHECK_S
+# by a task of its own, which no reload holds up); a replica that stops serving a version, or stops,
+# removes its announcement.
+ANNOUNCE_S = 5 * CHECK_S
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Versions:
         self.registry = engine.registry
         self.admins = admins
         self._changing = asyncio.Lock()  # one reload or check at a time: neither sees the other half done
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()  # reload_soon's, referenced until done
         self._counts: dict[tuple[str, str], int] = {}  # each version's sessions, as the store last said
         self._held_loaded = False  # the versions a shared store's sessions are on: loaded, or asked again each round
@@ -80,14 +82,19 @@ class Versions:
                         CHECK_S)  # fmt: skip
         for model in self.registry.loaded():
             self.publish(model)
-        self._task = asyncio.get_running_loop().create_task(self._check_forever(), name="model-versions")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._check_forever(), name="model-versions"),
+                       loop.create_task(self._announce_forever(), name="model-versions-announce")]  # fmt: skip
 
     async def stop(self) -> None:
-        """Stop the checks and any reload still running: none may add a version to a stopped engine."""
-        tasks = [*self._reloads, *([self._task] if self._task else [])]
+        """Stop the checks and any reload still running (none may add a version to a stopped engine),
+        and take this replica's announcements back: it serves nothing now."""
+        tasks = [*self._reloads, *self._tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(StoreUnavailable):
+            await self.engine.store.announce([], self.registry.loaded(), 0)
 
     def reload_soon(self, why: str) -> None:
         """``reload_logged`` in a task of its own (a signal handler cannot wait for it)."""
@@ -194,12 +201,10 @@ class Versions:
             self._held_loaded = True
 
     async def check(self) -> None:
-        """Announce the versions served here (to a shared store's other replicas); unload the draining
-        versions whose sessions have all ended, ending those of a version past its deadline first
-        unless another replica still serves it; publish every version's session count."""
+        """Unload the draining versions whose sessions have all ended, ending those of a version past
+        its deadline first unless another replica still serves it; publish every version's session count."""
         async with self._changing:
             now, store = time.time(), self.engine.store
-            await store.announce(list(self.registry.models.values()), list(self.registry.draining), ANNOUNCE_S)
             for model, deadline in list(self.registry.draining.items()):
                 if deadline is not None and now >= deadline and not await self._served_elsewhere(model):
                     left = await store.end_version(model, now)
@@ -249,6 +254,18 @@ class Versions:
             counts = [self._counts.get((m.name, m.version), 0) for m, *_ in loaded]
         return [VersionInfo(m, default, sessions, serving, deadline)
                 for (m, default, serving, deadline), sessions in zip(loaded, counts, strict=True)]  # fmt: skip
+
+    async def _announce_forever(self) -> None:
+        """Tell a shared store's other replicas, every CHECK_S, which versions this one serves."""
+        while True:
+            try:
+                await self.engine.store.announce(list(self.registry.models.values()), list(self.registry.draining),
+                                                 ANNOUNCE_S)  # fmt: skip
+            except StoreUnavailable:
+                pass  # counted in lstmd_store_errors_total; the check loop logs the outage
+            except Exception as e:  # a bug: logged, and the next round tries again
+                log.exception("announcing the served model versions failed", exc_info=e)
+            await asyncio.sleep(CHECK_S)
 
     async def _check_forever(self) -> None:
         poll_s, polled = self.settings.models_poll_s, time.monotonic()

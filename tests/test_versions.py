@@ -653,5 +653,7 @@ async def test_in_redis_a_canary_reload_ends_no_session_of_a_version_another_rep
                         await b.Feed(pb.FeedRequest(session_id=session.session_id, text="sat"))
                     assert ended.value.code() == grpc.StatusCode.NOT_FOUND
                     assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+                assert len(redis.cli("ZRANGE", "lstmd:serving:tiny/2", "0", "-1").split()) == 2
+        assert redis.cli("ZRANGE", "lstmd:serving:tiny/2", "0", "-1").split() == [], "stopped replicas serve nothing"
     finally:
         redis.stop()
