@@ -71,13 +71,13 @@ class FeedCoalescer:
             call = self._stub.FeedMany(metadata=self._metadata)
             reader = asyncio.create_task(self._read(call))
             try:
-                while not reader.done():
-                    await self._wake.wait()
-                    self._wake.clear()
+                while not reader.done():  # send first: the feeds that made this stream may be all there is
                     while self._queue and len(self._sent) < IN_FLIGHT and not reader.done():
                         batch, self._queue = self._queue[:MAX_ITEMS], self._queue[MAX_ITEMS:]
                         self._sent.append([future for _, future in batch])
                         await call.write(pb.FeedManyRequest(items=[request for request, _ in batch]))
+                    await self._wake.wait()
+                    self._wake.clear()
             except grpc.RpcError:
                 pass  # the reader sees the same end of the stream and fails what was sent
             except asyncio.CancelledError:  # the client is closing

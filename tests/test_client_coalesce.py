@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
+from bench.cluster import free_port
 from lstmd.client import AsyncClient, Client, InvalidInput, NotFound, PositionMismatch
 from lstmd.server import metrics
 from lstmd.v1 import lstmd_pb2 as pb
-from tests.conftest import Reference
+from tests.conftest import Reference, serve
 
 
 def calls(method: str) -> float:
@@ -112,3 +115,18 @@ async def test_the_async_client_sends_feed_many_directly(shared: Any) -> None:
         a = await client.create_session()
         [p, q] = await client.feed_many([(a.id, "the"), (a.id, [3, 4], {"top_k": 2, "tokens": True})])
         assert (p.position, q.position, len(q.candidates)) == (1, 3, 2)  # type: ignore[union-attr]
+
+
+async def test_a_lone_feed_after_the_stream_ended_is_sent_at_once(models_dir: Path) -> None:
+    """The server the FeedMany stream went to stopped, and another took its port: the next feed, the
+    only one waiting, opens a new stream and is answered, not left queued until the client's timeout."""
+    port = free_port()
+    async with AsyncClient(f"127.0.0.1:{port}", timeout=5) as client:
+        async with serve(models_dir, port=port):
+            await (await client.create_session()).feed("the")  # the coalescer's stream opens
+        async with serve(models_dir, port=port):
+            session = await client.create_session()  # unary: reconnects the channel
+            started = time.monotonic()
+            prediction = await session.feed("the")
+            assert prediction.position == 1
+            assert time.monotonic() - started < 2.5, "answered well within the client's 5 s timeout"
