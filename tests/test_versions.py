@@ -13,7 +13,7 @@ import json
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,25 @@ def root(models_dir: Path, tmp_path: Path) -> Path:
     """A models folder holding "tiny" version 1 only."""
     shutil.copytree(models_dir / "tiny" / "1", tmp_path / "models" / "tiny" / "1")
     return tmp_path / "models"
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    """A real redis-server of this test's own, restartable (its data in an append-only file)."""
+    (tmp_path / "redis").mkdir()
+    server = Redis(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+async def a_v1_session_left_in(redis: Redis, root: Path, version_2: Path) -> str:
+    """The id of a session on version 1, fed "the cat", that a replica which then stopped left in
+    ``redis``; version 2 is added to ``root`` after."""
+    async with serve(root, session_store=redis.url) as (_, stub):
+        session = await stub.CreateSession(pb.CreateSessionRequest())
+        await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat"))
+    shutil.copytree(version_2, root / "tiny" / "2")
+    return str(session.session_id)
 
 
 def refs(root: Path, version_2: Path, models_dir: Path) -> dict[str, Reference]:
@@ -438,44 +457,39 @@ async def test_a_snapshot_with_sessions_of_two_versions_restores_both(
 
 
 async def test_with_redis_sessions_of_both_versions_are_served_and_counted(
-    root: Path, version_2: Path, models_dir: Path, tmp_path: Path
+    root: Path, version_2: Path, models_dir: Path, redis: Redis
 ) -> None:
-    (tmp_path / "redis").mkdir()
-    redis = Redis(tmp_path / "redis")
-    try:
-        async with (
-            serve(root, session_store=redis.url, version_drain_s=2.0) as (_, stub),
-            serve(root, session_store=redis.url, version_drain_s=2.0) as (_, other),  # another replica
-        ):
-            one = await stub.CreateSession(pb.CreateSessionRequest())
-            shutil.copytree(version_2, root / "tiny" / "2")
-            await stub.ReloadModels(pb.ReloadModelsRequest())
-            two = await stub.CreateSession(pb.CreateSessionRequest())
-            reference = refs(root, version_2, models_dir)
-            for session, version in ((one, "1"), (two, "2")):
-                prediction = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat"))
-                assert_matches(prediction, reference[version].logprobs(reference[version].ids("the cat")), TOLERANCE)
-            info = await versions(stub)
-            assert (info["1"].sessions, info["1"].draining, info["2"].sessions) == (1, True, 1)
-            with pytest.raises(grpc.aio.AioRpcError) as not_yet:  # the other replica is not reloaded yet
-                await other.Feed(pb.FeedRequest(session_id=two.session_id, text="sat"))
-            assert not_yet.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "version '2', which this replica has not loaded" in (not_yet.value.details() or "")
-            await other.ReloadModels(pb.ReloadModelsRequest())
-            prediction = await other.Feed(pb.FeedRequest(session_id=two.session_id, text="sat", expected_position=2))
-            assert_matches(prediction, reference["2"].logprobs(reference["2"].ids("the cat sat")), TOLERANCE)
+    async with (
+        serve(root, session_store=redis.url, version_drain_s=2.0) as (_, stub),
+        serve(root, session_store=redis.url, version_drain_s=2.0) as (_, other),  # another replica
+    ):
+        one = await stub.CreateSession(pb.CreateSessionRequest())
+        shutil.copytree(version_2, root / "tiny" / "2")
+        await stub.ReloadModels(pb.ReloadModelsRequest())
+        two = await stub.CreateSession(pb.CreateSessionRequest())
+        reference = refs(root, version_2, models_dir)
+        for session, version in ((one, "1"), (two, "2")):
+            prediction = await stub.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat"))
+            assert_matches(prediction, reference[version].logprobs(reference[version].ids("the cat")), TOLERANCE)
+        info = await versions(stub)
+        assert (info["1"].sessions, info["1"].draining, info["2"].sessions) == (1, True, 1)
+        with pytest.raises(grpc.aio.AioRpcError) as not_yet:  # the other replica is not reloaded yet
+            await other.Feed(pb.FeedRequest(session_id=two.session_id, text="sat"))
+        assert not_yet.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "version '2', which this replica has not loaded" in (not_yet.value.details() or "")
+        await other.ReloadModels(pb.ReloadModelsRequest())
+        prediction = await other.Feed(pb.FeedRequest(session_id=two.session_id, text="sat", expected_position=2))
+        assert_matches(prediction, reference["2"].logprobs(reference["2"].ids("the cat sat")), TOLERANCE)
 
-            async def v1_unloaded() -> bool:
-                return list(await versions(stub)) == ["2"]
+        async def v1_unloaded() -> bool:
+            return list(await versions(stub)) == ["2"]
 
-            await eventually(v1_unloaded)
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                await stub.GetSession(pb.GetSessionRequest(session_id=one.session_id))
-            assert ended.value.code() == grpc.StatusCode.NOT_FOUND
-            assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
-            await stub.Feed(pb.FeedRequest(session_id=two.session_id, text="on"))
-    finally:
-        redis.stop()
+        await eventually(v1_unloaded)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await stub.GetSession(pb.GetSessionRequest(session_id=one.session_id))
+        assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+        await stub.Feed(pb.FeedRequest(session_id=two.session_id, text="on"))
 
 
 async def test_a_call_stepping_a_session_when_its_version_unloads_ends_unloaded_and_never_hangs(
@@ -504,156 +518,130 @@ async def test_a_call_stepping_a_session_when_its_version_unloads_ends_unloaded_
 
 
 async def test_in_redis_a_stream_across_the_deadline_and_a_session_missing_from_the_version_index(
-    root: Path, version_2: Path, tmp_path: Path
+    root: Path, version_2: Path, redis: Redis
 ) -> None:
     """A stream holding a v1 session in Redis past the deadline gets NOT_FOUND "unloaded" on its next
     feed; a live session missing from its version's index (written by an older lstmd) is put back in it
     by its next step, so the drain counts it."""
-    (tmp_path / "redis").mkdir()
-    redis = Redis(tmp_path / "redis")
-    try:
-        async with serve(root, session_store=redis.url, version_drain_s=1.0) as (_, stub):
-            streamed, unindexed = [await stub.CreateSession(pb.CreateSessionRequest()) for _ in range(2)]
-            redis.cli("ZREM", "lstmd:version:tiny/1", unindexed.session_id)
-            await stub.Feed(pb.FeedRequest(session_id=unindexed.session_id, text="the cat"))
-            assert redis.cli("ZSCORE", "lstmd:version:tiny/1", unindexed.session_id).strip(), "back in the index"
-            requests, stream = open_stream(stub)
-            await requests.put(pb.StreamRequest(session_id=streamed.session_id, text="the"))
-            assert (await stream.read()).position == 1
-            shutil.copytree(version_2, root / "tiny" / "2")
-            await stub.ReloadModels(pb.ReloadModelsRequest())
-            assert (await versions(stub))["1"].sessions == 2
+    async with serve(root, session_store=redis.url, version_drain_s=1.0) as (_, stub):
+        streamed, unindexed = [await stub.CreateSession(pb.CreateSessionRequest()) for _ in range(2)]
+        redis.cli("ZREM", "lstmd:version:tiny/1", unindexed.session_id)
+        await stub.Feed(pb.FeedRequest(session_id=unindexed.session_id, text="the cat"))
+        assert redis.cli("ZSCORE", "lstmd:version:tiny/1", unindexed.session_id).strip(), "back in the index"
+        requests, stream = open_stream(stub)
+        await requests.put(pb.StreamRequest(session_id=streamed.session_id, text="the"))
+        assert (await stream.read()).position == 1
+        shutil.copytree(version_2, root / "tiny" / "2")
+        await stub.ReloadModels(pb.ReloadModelsRequest())
+        assert (await versions(stub))["1"].sessions == 2
 
-            async def v1_unloaded() -> bool:
-                return list(await versions(stub)) == ["2"]
+        async def v1_unloaded() -> bool:
+            return list(await versions(stub)) == ["2"]
 
-            await eventually(v1_unloaded)
-            await requests.put(pb.StreamRequest(text="cat"))
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                await asyncio.wait_for(stream.read(), 10)
-            assert ended.value.code() == grpc.StatusCode.NOT_FOUND
-            assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
-            await requests.put(None)
-            with pytest.raises(grpc.aio.AioRpcError) as gone:
-                await stub.GetSession(pb.GetSessionRequest(session_id=unindexed.session_id))
-            assert (END_KEY, "unloaded") in tuple(gone.value.trailing_metadata() or ())
-    finally:
-        redis.stop()
+        await eventually(v1_unloaded)
+        await requests.put(pb.StreamRequest(text="cat"))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(stream.read(), 10)
+        assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+        await requests.put(None)
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await stub.GetSession(pb.GetSessionRequest(session_id=unindexed.session_id))
+        assert (END_KEY, "unloaded") in tuple(gone.value.trailing_metadata() or ())
 
 
 async def test_in_redis_a_replica_restarted_after_an_upgrade_serves_the_older_versions_sessions(
-    root: Path, version_2: Path, models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    root: Path, version_2: Path, models_dir: Path, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A replica started with version 2 newest loads version 1 too, draining, while sessions in Redis
     are on it (a rolling restart after an upgrade), and leaves a newer version than it serves alone."""
-    (tmp_path / "redis").mkdir()
-    redis = Redis(tmp_path / "redis")
     reference = refs(root, version_2, models_dir)
-    try:
-        async with serve(root, session_store=redis.url) as (_, stub):
-            old = await stub.CreateSession(pb.CreateSessionRequest())
-            await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="the cat"))
-        shutil.copytree(version_2, root / "tiny" / "2")
-        async with serve(root, session_store=redis.url) as (_, stub):  # restarted with both folders
-            info = await versions(stub)
-            assert (info["1"].draining, info["1"].sessions, info["2"].serving) == (True, 1, True)
-            prediction = await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="sat", expected_position=2))
-            assert_matches(prediction, reference["1"].logprobs(reference["1"].ids("the cat sat")), TOLERANCE)
-            new = await stub.CreateSession(pb.CreateSessionRequest())
-            assert new.model_version == "2"
-            await stub.DeleteSession(pb.DeleteSessionRequest(session_id=old.session_id))
+    old = await a_v1_session_left_in(redis, root, version_2)
+    async with serve(root, session_store=redis.url) as (_, stub):  # restarted with both folders
+        info = await versions(stub)
+        assert (info["1"].draining, info["1"].sessions, info["2"].serving) == (True, 1, True)
+        prediction = await stub.Feed(pb.FeedRequest(session_id=old, text="sat", expected_position=2))
+        assert_matches(prediction, reference["1"].logprobs(reference["1"].ids("the cat sat")), TOLERANCE)
+        new = await stub.CreateSession(pb.CreateSessionRequest())
+        assert new.model_version == "2"
+        await stub.DeleteSession(pb.DeleteSessionRequest(session_id=old))
 
-            async def v1_unloaded() -> bool:
-                return list(await versions(stub)) == ["2"]
+        async def v1_unloaded() -> bool:
+            return list(await versions(stub)) == ["2"]
 
-            await eventually(v1_unloaded)
-        with caplog.at_level("WARNING", logger="lstmd.server.versions"):
-            async with serve(root, session_store=redis.url, model_versions="tiny=1") as (_, stub):
-                assert list(await versions(stub)) == ["1"], "version 2, newer than served, is not loaded"
-                with pytest.raises(grpc.aio.AioRpcError) as elsewhere:
-                    await stub.GetSession(pb.GetSessionRequest(session_id=new.session_id))
-                assert elsewhere.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "sessions in the store are on tiny version 2, which this replica does not load" in caplog.text
-    finally:
-        redis.stop()
+        await eventually(v1_unloaded)
+    with caplog.at_level("WARNING", logger="lstmd.server.versions"):
+        async with serve(root, session_store=redis.url, model_versions="tiny=1") as (_, stub):
+            assert list(await versions(stub)) == ["1"], "version 2, newer than served, is not loaded"
+            with pytest.raises(grpc.aio.AioRpcError) as elsewhere:
+                await stub.GetSession(pb.GetSessionRequest(session_id=new.session_id))
+            assert elsewhere.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "sessions in the store are on tiny version 2, which this replica does not load" in caplog.text
 
 
 async def test_in_redis_a_replica_started_while_redis_is_down_loads_the_older_version_once_it_is_back(
-    root: Path, version_2: Path, models_dir: Path, tmp_path: Path
+    root: Path, version_2: Path, models_dir: Path, redis: Redis
 ) -> None:
-    (tmp_path / "redis").mkdir()
-    redis = Redis(tmp_path / "redis")
     reference = refs(root, version_2, models_dir)
-    try:
-        async with serve(root, session_store=redis.url) as (_, stub):
-            old = await stub.CreateSession(pb.CreateSessionRequest())
-            await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="the cat"))
-        shutil.copytree(version_2, root / "tiny" / "2")
-        redis.stop()
-        async with serve(root, session_store=redis.url) as (_, stub):
-            with pytest.raises(grpc.aio.AioRpcError) as down:
-                await stub.GetSession(pb.GetSessionRequest(session_id=old.session_id))
-            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert list(await versions(stub)) == ["2"]  # ListModels answers all the same
-            redis.start()  # its data kept (append-only file)
+    old = await a_v1_session_left_in(redis, root, version_2)
+    redis.stop()
+    async with serve(root, session_store=redis.url) as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as down:
+            await stub.GetSession(pb.GetSessionRequest(session_id=old))
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert list(await versions(stub)) == ["2"]  # ListModels answers all the same
+        redis.start()  # its data kept (append-only file)
 
-            async def v1_draining() -> bool:
-                return (await versions(stub)).get("1", pb.ModelInfo()).draining
+        async def v1_draining() -> bool:
+            return (await versions(stub)).get("1", pb.ModelInfo()).draining
 
-            await eventually(v1_draining)
-            prediction = await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="sat", expected_position=2))
-            assert_matches(prediction, reference["1"].logprobs(reference["1"].ids("the cat sat")), TOLERANCE)
-            redis.stop()
-            pinned = await stub.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": "1"}))  # took effect: says so
-            assert (list(pinned.loaded), list(pinned.draining)) == ([], ["tiny/2"])
-            assert {m.version: (m.serving, m.sessions) for m in pinned.models} == {"1": (True, 1), "2": (False, 0)}
-    finally:
+        await eventually(v1_draining)
+        prediction = await stub.Feed(pb.FeedRequest(session_id=old, text="sat", expected_position=2))
+        assert_matches(prediction, reference["1"].logprobs(reference["1"].ids("the cat sat")), TOLERANCE)
         redis.stop()
+        pinned = await stub.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": "1"}))  # took effect: says so
+        assert (list(pinned.loaded), list(pinned.draining)) == ([], ["tiny/2"])
+        assert {m.version: (m.serving, m.sessions) for m in pinned.models} == {"1": (True, 1), "2": (False, 0)}
 
 
 async def test_in_redis_a_canary_reload_ends_no_session_of_a_version_another_replica_still_serves(
-    root: Path, version_2: Path, models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    root: Path, version_2: Path, models_dir: Path, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Only replica A is reloaded (a canary): past A's deadline for version 1 the sessions replica B
     creates and feeds on it live on, and A keeps it draining; once B is reloaded too, the deadline
     ends them and both unload it."""
-    (tmp_path / "redis").mkdir()
-    redis = Redis(tmp_path / "redis")
     v1 = Reference(models_dir / "tiny" / "1")
-    try:
-        with caplog.at_level("WARNING", logger="lstmd.server.versions"):
-            async with (
-                serve(root, session_store=redis.url, version_drain_s=1.0) as (_, a),
-                serve(root, session_store=redis.url, version_drain_s=1.0) as (_, b),
-            ):
-                shutil.copytree(version_2, root / "tiny" / "2")
-                reloaded = await a.ReloadModels(pb.ReloadModelsRequest())
-                unload_at = next(m for m in reloaded.models if m.version == "1").unload_at.ToNanoseconds() / 1e9
-                before = await b.CreateSession(pb.CreateSessionRequest())  # on v1, after A's reload
-                await asyncio.sleep(max(0.0, unload_at - time.time()) + 2.5)  # A's deadline, and checks after it
-                after = await b.CreateSession(pb.CreateSessionRequest())
-                for session in (before, after):
-                    prediction = await b.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat"))
-                    assert_matches(prediction, v1.logprobs(v1.ids("the cat")), TOLERANCE)
-                    got = await b.GetSession(pb.GetSessionRequest(session_id=session.session_id))
-                    assert (got.model_version, got.position) == ("1", 2)
-                info = await versions(a)
-                assert (info["1"].draining, info["1"].sessions) == (True, 2), "A keeps v1 draining past its deadline"
-                assert caplog.text.count("other replicas still serve it") == 1, "warned once"
-                assert len(redis.cli("ZRANGE", "lstmd:serving:tiny/1", "0", "-1").split()) == 1, "A took its own out"
+    with caplog.at_level("WARNING", logger="lstmd.server.versions"):
+        async with (
+            serve(root, session_store=redis.url, version_drain_s=1.0) as (_, a),
+            serve(root, session_store=redis.url, version_drain_s=1.0) as (_, b),
+        ):
+            shutil.copytree(version_2, root / "tiny" / "2")
+            reloaded = await a.ReloadModels(pb.ReloadModelsRequest())
+            unload_at = next(m for m in reloaded.models if m.version == "1").unload_at.ToNanoseconds() / 1e9
+            before = await b.CreateSession(pb.CreateSessionRequest())  # on v1, after A's reload
+            await asyncio.sleep(max(0.0, unload_at - time.time()) + 2.5)  # A's deadline, and checks after it
+            after = await b.CreateSession(pb.CreateSessionRequest())
+            for session in (before, after):
+                prediction = await b.Feed(pb.FeedRequest(session_id=session.session_id, text="the cat"))
+                assert_matches(prediction, v1.logprobs(v1.ids("the cat")), TOLERANCE)
+                got = await b.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+                assert (got.model_version, got.position) == ("1", 2)
+            info = await versions(a)
+            assert (info["1"].draining, info["1"].sessions) == (True, 2), "A keeps v1 draining past its deadline"
+            assert caplog.text.count("other replicas still serve it") == 1, "warned once"
+            assert len(redis.cli("ZRANGE", "lstmd:serving:tiny/1", "0", "-1").split()) == 1, "A took its own out"
 
-                await b.ReloadModels(pb.ReloadModelsRequest())
+            await b.ReloadModels(pb.ReloadModelsRequest())
 
-                async def v1_unloaded() -> bool:
-                    return list(await versions(a)) == list(await versions(b)) == ["2"]
+            async def v1_unloaded() -> bool:
+                return list(await versions(a)) == list(await versions(b)) == ["2"]
 
-                await eventually(v1_unloaded)
-                for session in (before, after):
-                    with pytest.raises(grpc.aio.AioRpcError) as ended:
-                        await b.Feed(pb.FeedRequest(session_id=session.session_id, text="sat"))
-                    assert ended.value.code() == grpc.StatusCode.NOT_FOUND
-                    assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
-                assert len(redis.cli("ZRANGE", "lstmd:serving:tiny/2", "0", "-1").split()) == 2
-        assert redis.cli("ZRANGE", "lstmd:serving:tiny/2", "0", "-1").split() == [], "stopped replicas serve nothing"
-    finally:
-        redis.stop()
+            await eventually(v1_unloaded)
+            for session in (before, after):
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await b.Feed(pb.FeedRequest(session_id=session.session_id, text="sat"))
+                assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+                assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
+            assert len(redis.cli("ZRANGE", "lstmd:serving:tiny/2", "0", "-1").split()) == 2
+    assert redis.cli("ZRANGE", "lstmd:serving:tiny/2", "0", "-1").split() == [], "stopped replicas serve nothing"
