@@ -449,7 +449,8 @@ class RedisSessionStore(SessionStore):
         return count
 
     async def versions_held(self) -> set[tuple[str, str]]:
-        """From the version indexes: each one holding an id not yet expired. Once, at start."""
+        """From the version indexes: each one holding an id not yet expired. At start, and each round
+        after until Redis answers (server.versions)."""
         try:
             keys = [key async for key in self._redis.scan_iter(match=VERSION + "*", count=1000)]
             async with self._redis.pipeline(transaction=False) as pipe:
