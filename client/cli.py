@@ -184,7 +184,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.list_models()
     if args.json:
-        print(json.dumps([m.__dict__ for m in models], default=_iso))
+        print(json.dumps([dataclasses.asdict(m) for m in models], default=_iso))
     else:
         print(_models_table(models))
     return 0
