@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command("reload", cmd_reload, "load new model version folders; new sessions go to each model's newest "
-                "version or the pinned one, the others drain (an admin call: LSTMD_ADMIN_KEYS)")  # fmt: skip
+                "version or the pinned one, the others drain; with Redis on every replica (an admin call: "
+                "LSTMD_ADMIN_KEYS)")  # fmt: skip
     p.add_argument("--pin", action="append", type=_pin, default=[], metavar="NAME=VERSION",
                    help="serve this version of the model to new sessions, until the server restarts "
                    "(LSTMD_MODEL_VERSIONS keeps a pin across restarts; repeatable)")  # fmt: skip

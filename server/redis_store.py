@@ -26,7 +26,9 @@ version unloaded at its drain deadline ends its sessions on every replica at onc
 reason "unloaded"), but only once no other replica serves it: ``lstmd:serving:<model>/<version>``
 is a sorted set of the ids of the replicas serving that version, scored by when each announcement
 expires (Unix ms); every replica renews its own each second (server.versions) and removes it when
-it stops serving the version, or stops.
+it stops serving the version, or stops. ``lstmd:reload`` (gen, pins, by) is the newest ReloadModels
+made on any replica: a counter each one raises with its pins, and every replica follows a higher
+one than it last saw.
 
 A step is written by one Lua script that compares ``pos`` with the position the step was computed
 from and writes the new state only if they are equal, so two replicas can never both apply a step
@@ -89,6 +91,7 @@ _HEADER = struct.Struct("<BiIdd")  # format, last token (signed: -1 is NO_TOKEN)
 INDEX = "lstmd:index"  # every session id, scored by when it expires (Unix ms); INDEX:<owner> per API key
 VERSION = "lstmd:version:"  # + "<model>/<version>": that version's session ids, scored likewise
 SERVING = "lstmd:serving:"  # + "<model>/<version>": ids of the replicas serving it, scored by expiry (Unix ms)
+RELOAD = "lstmd:reload"  # the newest ReloadModels on any replica: its number ("gen"), its pins (JSON), by whom
 # The scripts name the owner's index themselves (INDEX .. ':' .. owner): lstmd's Redis is one instance,
 # not a cluster, so keys computed in a script are fine.
 
@@ -205,6 +208,12 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 """
+# KEYS[1] RELOAD; ARGV: the pins as JSON, this replica's id. Returns the reload's number.
+_PUBLISH_RELOAD = """
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('HSET', KEYS[1], 'pins', ARGV[1], 'by', ARGV[2])
+return gen
+"""
 _WRITTEN, _GONE = -2, -1
 _OWNER_FULL, _STORE_FULL, _TAKEN, _MOVED = -3, -4, -5, -6
 
@@ -237,6 +246,7 @@ class RedisSessionStore(SessionStore):
         self._count = self._redis.register_script(_PRUNE + _COUNT)
         self._end_version = self._redis.register_script(_END_VERSION)
         self._announce = self._redis.register_script(_ANNOUNCE)
+        self._publish_reload = self._redis.register_script(_PUBLISH_RELOAD)
         self._counter: asyncio.Task[None] | None = None
         self._pending: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
@@ -471,6 +481,15 @@ class RedisSessionStore(SessionStore):
         drop = [lambda pipe, key=key: pipe.zrem(key, self.replica) for key in map(_serving_key, stopped)]
         await asyncio.gather(*(self._submit("announce", add) for add in [*renew, *drop]))
 
+    async def publish_reload(self, pins: dict[str, str]) -> int:
+        args = (json.dumps(pins, sort_keys=True), self.replica)
+        gen: int = await self._submit("write", lambda pipe: _script(pipe, self._publish_reload, RELOAD, args))
+        return gen
+
+    async def last_reload(self) -> tuple[int, dict[str, str]]:
+        gen, pins = await self._submit("read", lambda pipe: pipe.hmget(RELOAD, "gen", "pins"))
+        return int(gen or 0), json.loads(pins) if pins else {}
+
     async def others_serving(self, model: Model) -> list[str]:
         key, now = _serving_key(model), _now_ms()
         ids = await self._submit("read", lambda pipe: pipe.zrangebyscore(key, now, "+inf"))
@@ -538,7 +557,7 @@ class RedisSessionStore(SessionStore):
             raise Unavailable(
                 f"session {session_id} belongs to model {name!r} version {version!r}, which this replica has not "
                 "loaded: retry (through another replica); every replica sharing a session store must load the same "
-                "versions (reload each one)"
+                "versions (ReloadModels on any replica reloads them all)"
             )
         form, last_token, top_k, created, last_used = _HEADER.unpack(fields[b"hdr"])
         if form != FORMAT:

@@ -83,7 +83,7 @@ class LstmdServicer(lstmd_pb2_grpc.LstmdServicer):
     @unary
     async def ReloadModels(self, request: pb.ReloadModelsRequest, context: Context) -> pb.ReloadModelsResponse:
         self.versions.allow(caller.get())
-        done = await self.versions.reload(dict(request.pins))
+        done = await self.versions.admin_reload(dict(request.pins))
         return pb.ReloadModelsResponse(models=[convert.model_info(v) for v in await self.versions.infos()],
                                        loaded=done.loaded, draining=done.draining)  # fmt: skip
 

@@ -227,6 +227,15 @@ class SessionStore(ABC):
         store (Redis) records it for the other replicas."""
         return None
 
+    async def publish_reload(self, pins: dict[str, str]) -> int:
+        """Tell the other replicas that an admin reloaded, with these pins: returns the reload's number
+        (in memory there are no others: 0)."""
+        return 0
+
+    async def last_reload(self) -> tuple[int, dict[str, str]]:
+        """The number and the pins of the newest reload ``publish_reload`` told of ((0, {}): none)."""
+        return 0, {}
+
     async def others_serving(self, model: Model) -> list[str]:
         """The other live replicas that serve this version (their ids): in memory none."""
         return []

@@ -72,6 +72,7 @@ class Versions:
         self._counts: dict[tuple[str, str], int] = {}  # each version's sessions, as the store last said
         self._held_loaded = False  # the versions a shared store's sessions are on: loaded, or asked again each round
         self._kept_for_others: set[Model] = set()  # past their deadline, kept by other replicas serving them (warned)
+        self._reload_number: int | None = None  # the newest ReloadModels of the fleet this replica followed or made
 
     async def start(self) -> None:
         try:
@@ -80,6 +81,8 @@ class Versions:
             log.warning("cannot learn which model versions the sessions in the store are on: %s; asking again "
                         "every %g s, and until then a session on an older version answers UNAVAILABLE here", e,
                         CHECK_S)  # fmt: skip
+        with contextlib.suppress(StoreUnavailable):  # else the first look of the check loop
+            self._reload_number, _ = await self.engine.store.last_reload()
         for model in self.registry.loaded():
             self.publish(model)
         loop = asyncio.get_running_loop()
@@ -95,6 +98,33 @@ class Versions:
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(StoreUnavailable):
             await self.engine.store.announce([], self.registry.loaded(), 0)
+
+    async def admin_reload(self, pins: dict[str, str]) -> Reloaded:
+        """ReloadModels: reload here, then tell the replicas sharing the session store, which follow
+        within a check round or two, with the same pins (server.redis_store: ``lstmd:reload``)."""
+        done = await self.reload(pins)
+        try:
+            self._reload_number = await self.engine.store.publish_reload(self.registry.pins)
+        except StoreUnavailable as e:
+            log.warning("reloaded here, but the other replicas were not told (%s): reload each of them", e)
+        return done
+
+    async def _follow_reloads(self) -> None:
+        """Reload as the newest ReloadModels on another replica did, with its pins exactly; one made
+        before this replica started (the first look) is not followed: it chose its versions at start."""
+        number, pins = await self.engine.store.last_reload()
+        if self._reload_number is None:
+            self._reload_number = number
+        if number <= self._reload_number:
+            return
+        self._reload_number = number
+        try:
+            done = await self.reload(dict.fromkeys(self.registry.pins, "") | pins)
+        except (FailedPrecondition, InvalidInput) as e:
+            log.error("could not follow another replica's reload (ReloadModels %d): %s", number, e)
+            return
+        log.info("followed another replica's reload (ReloadModels %d): loaded %s; draining %s", number,
+                 ", ".join(done.loaded) or "nothing", ", ".join(done.draining) or "nothing")  # fmt: skip
 
     def reload_soon(self, why: str) -> None:
         """``reload_logged`` in a task of its own (a signal handler cannot wait for it)."""
@@ -276,6 +306,7 @@ class Versions:
                     await self.reload_logged("the folder poll")
                 if not self._held_loaded:
                     await self._load_held()
+                await self._follow_reloads()
                 await self.check()
             except StoreUnavailable as e:  # counted in lstmd_store_errors_total; the next round tries again
                 log.warning("cannot count the sessions of the model versions: %s", e)

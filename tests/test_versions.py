@@ -101,6 +101,11 @@ async def versions(stub: Any) -> dict[str, pb.ModelInfo]:
     return {m.version: m for m in (await stub.ListModels(pb.ListModelsRequest())).models if m.name == "tiny"}
 
 
+async def serves(stub: Any, version: str) -> bool:
+    """Whether ``stub``'s server serves ``version`` of "tiny" to new sessions."""
+    return (await versions(stub)).get(version, pb.ModelInfo()).serving
+
+
 def open_stream(stub: Any) -> tuple[asyncio.Queue[pb.StreamRequest | None], Any]:
     """A Stream call fed from a queue: put requests on it, and None to end the stream."""
     requests: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
@@ -317,10 +322,7 @@ async def test_sighup_loads_a_new_version_and_a_broken_one_is_logged_and_changes
         shutil.copytree(version_2, root / "tiny" / "2")
         server.process.send_signal(signal.SIGHUP)
 
-        async def serving_2() -> bool:
-            return (await versions(stub)).get("2", pb.ModelInfo()).serving
-
-        await eventually(serving_2)
+        await eventually(lambda: serves(stub, "2"))
         assert (await stub.CreateSession(pb.CreateSessionRequest())).model_version == "2"
         assert (await stub.GetSession(pb.GetSessionRequest(session_id=old.session_id))).model_version == "1"
         await stub.Feed(pb.FeedRequest(session_id=old.session_id, text="the"))
@@ -460,12 +462,12 @@ async def test_with_redis_sessions_of_both_versions_are_served_and_counted(
     root: Path, version_2: Path, models_dir: Path, redis: Redis
 ) -> None:
     async with (
-        serve(root, session_store=redis.url, version_drain_s=2.0) as (_, stub),
+        serve(root, session_store=redis.url, version_drain_s=2.0) as (first, stub),
         serve(root, session_store=redis.url, version_drain_s=2.0) as (_, other),  # another replica
     ):
         one = await stub.CreateSession(pb.CreateSessionRequest())
         shutil.copytree(version_2, root / "tiny" / "2")
-        await stub.ReloadModels(pb.ReloadModelsRequest())
+        await first.versions.reload()  # as SIGHUP does: this replica only
         two = await stub.CreateSession(pb.CreateSessionRequest())
         reference = refs(root, version_2, models_dir)
         for session, version in ((one, "1"), (two, "2")):
@@ -607,18 +609,18 @@ async def test_in_redis_a_replica_started_while_redis_is_down_loads_the_older_ve
 async def test_in_redis_a_canary_reload_ends_no_session_of_a_version_another_replica_still_serves(
     root: Path, version_2: Path, models_dir: Path, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Only replica A is reloaded (a canary): past A's deadline for version 1 the sessions replica B
+    """Only replica A is reloaded (a canary, by SIGHUP): past A's deadline for version 1 the sessions replica B
     creates and feeds on it live on, and A keeps it draining; once B is reloaded too, the deadline
     ends them and both unload it."""
     v1 = Reference(models_dir / "tiny" / "1")
     with caplog.at_level("WARNING", logger="lstmd.server.versions"):
         async with (
-            serve(root, session_store=redis.url, version_drain_s=1.0) as (_, a),
+            serve(root, session_store=redis.url, version_drain_s=1.0) as (canary, a),
             serve(root, session_store=redis.url, version_drain_s=1.0) as (_, b),
         ):
             shutil.copytree(version_2, root / "tiny" / "2")
-            reloaded = await a.ReloadModels(pb.ReloadModelsRequest())
-            unload_at = next(m for m in reloaded.models if m.version == "1").unload_at.ToNanoseconds() / 1e9
+            await canary.versions.reload()  # as SIGHUP does: this replica only
+            unload_at = (await versions(a))["1"].unload_at.ToNanoseconds() / 1e9
             before = await b.CreateSession(pb.CreateSessionRequest())  # on v1, after A's reload
             await asyncio.sleep(max(0.0, unload_at - time.time()) + 2.5)  # A's deadline, and checks after it
             after = await b.CreateSession(pb.CreateSessionRequest())
@@ -645,3 +647,25 @@ async def test_in_redis_a_canary_reload_ends_no_session_of_a_version_another_rep
                 assert (END_KEY, "unloaded") in tuple(ended.value.trailing_metadata() or ())
             assert len(redis.cli("ZRANGE", "lstmd:serving:tiny/2", "0", "-1").split()) == 2
     assert redis.cli("ZRANGE", "lstmd:serving:tiny/2", "0", "-1").split() == [], "stopped replicas serve nothing"
+
+
+async def test_in_redis_reload_models_on_one_replica_reloads_them_all_with_its_pins(
+    root: Path, version_2: Path, redis: Redis
+) -> None:
+    """The others follow within a check round or two; a replica started later chooses by its own settings."""
+    async with (
+        serve(root, session_store=redis.url) as (_, a),
+        serve(root, session_store=redis.url) as (_, b),
+    ):
+        shutil.copytree(version_2, root / "tiny" / "2")
+        assert list((await a.ReloadModels(pb.ReloadModelsRequest())).loaded) == ["tiny/2"]
+        await eventually(lambda: serves(b, "2"))
+        assert (await b.CreateSession(pb.CreateSessionRequest())).model_version == "2"
+        await a.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": "1"}))
+        await eventually(lambda: serves(b, "1"))
+        assert (await b.CreateSession(pb.CreateSessionRequest())).model_version == "1"
+        await b.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": ""}))  # and back, from the other one
+        await eventually(lambda: serves(a, "2"))
+        async with serve(root, session_store=redis.url, model_versions="tiny=1") as (_, c):
+            await asyncio.sleep(2.5)  # rounds of its check
+            assert (await c.CreateSession(pb.CreateSessionRequest())).model_version == "1", "its own pin"

@@ -179,7 +179,9 @@ class LstmdStub:
     fails the call with FAILED_PRECONDITION naming it, and nothing changes), and every other loaded
     version of the model drains (see *versions* above). Sessions are never dropped by a reload. SIGHUP
     does the same without pins (the pins already set stay), and so does the folder watch
-    (LSTMD_MODELS_POLL_S). With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
+    (LSTMD_MODELS_POLL_S). With sessions shared in Redis, the other replicas follow this call within a
+    second or two, with the same pins (SIGHUP and the watch reload one replica only); the response
+    tells what this replica did. With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
     Errors: PERMISSION_DENIED, FAILED_PRECONDITION, INVALID_ARGUMENT (a pin of an unknown model or a
     version its folder lacks).
     """
@@ -304,7 +306,9 @@ class LstmdAsyncStub(LstmdStub):
     fails the call with FAILED_PRECONDITION naming it, and nothing changes), and every other loaded
     version of the model drains (see *versions* above). Sessions are never dropped by a reload. SIGHUP
     does the same without pins (the pins already set stay), and so does the folder watch
-    (LSTMD_MODELS_POLL_S). With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
+    (LSTMD_MODELS_POLL_S). With sessions shared in Redis, the other replicas follow this call within a
+    second or two, with the same pins (SIGHUP and the watch reload one replica only); the response
+    tells what this replica did. With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
     Errors: PERMISSION_DENIED, FAILED_PRECONDITION, INVALID_ARGUMENT (a pin of an unknown model or a
     version its folder lacks).
     """
@@ -492,7 +496,9 @@ class LstmdServicer(metaclass=_abc_1.ABCMeta):
         fails the call with FAILED_PRECONDITION naming it, and nothing changes), and every other loaded
         version of the model drains (see *versions* above). Sessions are never dropped by a reload. SIGHUP
         does the same without pins (the pins already set stay), and so does the folder watch
-        (LSTMD_MODELS_POLL_S). With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
+        (LSTMD_MODELS_POLL_S). With sessions shared in Redis, the other replicas follow this call within a
+        second or two, with the same pins (SIGHUP and the watch reload one replica only); the response
+        tells what this replica did. With API keys, only the keys named in LSTMD_ADMIN_KEYS may call it.
         Errors: PERMISSION_DENIED, FAILED_PRECONDITION, INVALID_ARGUMENT (a pin of an unknown model or a
         version its folder lacks).
         """
