@@ -486,9 +486,9 @@ class RedisSessionStore(SessionStore):
         gen: int = await self._submit("write", lambda pipe: _script(pipe, self._publish_reload, RELOAD, args))
         return gen
 
-    async def last_reload(self) -> tuple[int, dict[str, str]]:
-        gen, pins = await self._submit("read", lambda pipe: pipe.hmget(RELOAD, "gen", "pins"))
-        return int(gen or 0), json.loads(pins) if pins else {}
+    async def last_reload(self) -> tuple[int, dict[str, str], bool]:
+        gen, pins, by = await self._submit("read", lambda pipe: pipe.hmget(RELOAD, "gen", "pins", "by"))
+        return int(gen or 0), json.loads(pins) if pins else {}, by == self.replica.encode()
 
     async def others_serving(self, model: Model) -> list[str]:
         key, now = _serving_key(model), _now_ms()

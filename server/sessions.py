@@ -232,9 +232,10 @@ class SessionStore(ABC):
         (in memory there are no others: 0)."""
         return 0
 
-    async def last_reload(self) -> tuple[int, dict[str, str]]:
-        """The number and the pins of the newest reload ``publish_reload`` told of ((0, {}): none)."""
-        return 0, {}
+    async def last_reload(self) -> tuple[int, dict[str, str], bool]:
+        """The number and the pins of the newest reload ``publish_reload`` told of, and whether this
+        replica made it ((0, {}, False): none)."""
+        return 0, {}, False
 
     async def others_serving(self, model: Model) -> list[str]:
         """The other live replicas that serve this version (their ids): in memory none."""

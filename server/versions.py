@@ -82,7 +82,7 @@ class Versions:
                         "every %g s, and until then a session on an older version answers UNAVAILABLE here", e,
                         CHECK_S)  # fmt: skip
         with contextlib.suppress(StoreUnavailable):  # else the first look of the check loop
-            self._reload_number, _ = await self.engine.store.last_reload()
+            self._reload_number, _, _ = await self.engine.store.last_reload()
         for model in self.registry.loaded():
             self.publish(model)
         loop = asyncio.get_running_loop()
@@ -112,12 +112,14 @@ class Versions:
     async def _follow_reloads(self) -> None:
         """Reload as the newest ReloadModels on another replica did, with its pins exactly; one made
         before this replica started (the first look) is not followed: it chose its versions at start."""
-        number, pins = await self.engine.store.last_reload()
+        number, pins, mine = await self.engine.store.last_reload()
         if self._reload_number is None:
             self._reload_number = number
         if number <= self._reload_number:
             return
         self._reload_number = number
+        if mine:  # read before admin_reload had noted its number
+            return
         try:
             done = await self.reload(dict.fromkeys(self.registry.pins, "") | pins)
         except (FailedPrecondition, InvalidInput) as e:
