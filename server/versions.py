@@ -110,15 +110,13 @@ class Versions:
         return done
 
     async def _follow_reloads(self) -> None:
-        """Reload as the newest ReloadModels on another replica did, with its pins exactly; one made
-        before this replica started (the first look) is not followed: it chose its versions at start."""
+        """Reload as the newest ReloadModels on another replica did, with its pins exactly. Not followed:
+        one made before this replica started (the first look: it chose its versions at start), its own
+        (read before admin_reload noted its number), and none at all (0: Redis lost its data). Any
+        other change of the number is a new one, also after Redis restarted without its data."""
         number, pins, mine = await self.engine.store.last_reload()
-        if self._reload_number is None:
-            self._reload_number = number
-        if number <= self._reload_number:
-            return
-        self._reload_number = number
-        if mine:  # read before admin_reload had noted its number
+        seen, self._reload_number = self._reload_number, number
+        if seen is None or number in (0, seen) or mine:
             return
         try:
             done = await self.reload(dict.fromkeys(self.registry.pins, "") | pins)

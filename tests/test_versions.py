@@ -669,3 +669,8 @@ async def test_in_redis_reload_models_on_one_replica_reloads_them_all_with_its_p
         async with serve(root, session_store=redis.url, model_versions="tiny=1") as (_, c):
             await asyncio.sleep(2.5)  # rounds of its check
             assert (await c.CreateSession(pb.CreateSessionRequest())).model_version == "1", "its own pin"
+        redis.cli("DEL", "lstmd:reload")  # as when Redis restarts without its data: the count starts again
+        await asyncio.sleep(2.5)
+        assert await serves(b, "2"), "no reload record is no reload"
+        await a.ReloadModels(pb.ReloadModelsRequest(pins={"tiny": "1"}))  # number 1, below what b saw
+        await eventually(lambda: serves(b, "1"))
