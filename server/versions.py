@@ -73,6 +73,7 @@ class Versions:
         self._held_loaded = False  # the versions a shared store's sessions are on: loaded, or asked again each round
         self._kept_for_others: set[Model] = set()  # past their deadline, kept by other replicas serving them (warned)
         self._reload_number: int | None = None  # the newest ReloadModels of the fleet this replica followed or made
+        self._fleet = asyncio.Lock()  # a ReloadModels made here and one followed never interleave
 
     async def start(self) -> None:
         try:
@@ -102,27 +103,29 @@ class Versions:
     async def admin_reload(self, pins: dict[str, str]) -> Reloaded:
         """ReloadModels: reload here, then tell the replicas sharing the session store, which follow
         within a check round or two, with the same pins (server.redis_store: ``lstmd:reload``)."""
-        done = await self.reload(pins)
-        try:
-            self._reload_number = await self.engine.store.publish_reload(self.registry.pins)
-        except StoreUnavailable as e:
-            log.warning("reloaded here, but the other replicas were not told (%s): reload each of them", e)
-        return done
+        async with self._fleet:
+            done = await self.reload(pins)
+            try:
+                self._reload_number = await self.engine.store.publish_reload(self.registry.pins)
+            except StoreUnavailable as e:
+                log.warning("reloaded here, but the other replicas were not told (%s): reload each of them", e)
+            return done
 
     async def _follow_reloads(self) -> None:
         """Reload as the newest ReloadModels on another replica did, with its pins exactly. Not followed:
-        one made before this replica started (the first look: it chose its versions at start), its own
-        (read before admin_reload noted its number), and none at all (0: Redis lost its data). Any
-        other change of the number is a new one, also after Redis restarted without its data."""
-        number, pins, mine = await self.engine.store.last_reload()
-        seen, self._reload_number = self._reload_number, number
-        if seen is None or number in (0, seen) or mine:
-            return
-        try:
-            done = await self.reload(dict.fromkeys(self.registry.pins, "") | pins)
-        except (FailedPrecondition, InvalidInput) as e:
-            log.error("could not follow another replica's reload (ReloadModels %d): %s", number, e)
-            return
+        one made before this replica started (the first look: it chose its versions at start), one
+        made here, and none at all (0: Redis lost its data). Any other change of the number is a new
+        one, also after Redis restarted without its data. Never at once with admin_reload."""
+        async with self._fleet:
+            number, pins, mine = await self.engine.store.last_reload()
+            seen, self._reload_number = self._reload_number, number
+            if seen is None or number in (0, seen) or mine:
+                return
+            try:
+                done = await self.reload(dict.fromkeys(self.registry.pins, "") | pins)
+            except (FailedPrecondition, InvalidInput) as e:
+                log.error("could not follow another replica's reload (ReloadModels %d): %s", number, e)
+                return
         log.info("followed another replica's reload (ReloadModels %d): loaded %s; draining %s", number,
                  ", ".join(done.loaded) or "nothing", ", ".join(done.draining) or "nothing")  # fmt: skip
 
