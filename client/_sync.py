@@ -117,11 +117,10 @@ class Client(BaseClient):
         """Load the new version folders in the server's models folder and serve each model's newest
         version, or the one ``pins`` names ({"tiny": "1"}; "" unpins); the versions no longer served
         drain; with sessions in Redis every replica follows. Pins last until the server restarts
-        (LSTMD_MODEL_VERSIONS sets them at start). An admin
-        call: PermissionDenied for an API key not in the server's LSTMD_ADMIN_KEYS; InvalidInput for a
-        pin of a model or version the models folder lacks; FailedPrecondition, with nothing changed,
-        when a folder cannot be served. The server loads a version before it answers: the client's
-        ``timeout`` must allow for that."""
+        (LSTMD_MODEL_VERSIONS sets them at start). An admin call: PermissionDenied for an API key not
+        in the server's LSTMD_ADMIN_KEYS; InvalidInput for a pin of a model or version the models
+        folder lacks; FailedPrecondition, with nothing changed, when a folder cannot be served. The
+        server loads a version before it answers: the client's ``timeout`` must allow for that."""
         return self._run(self._reload(pins))
 
     def tokenize(self, text: str, model: str = "") -> Tokenization:

@@ -27,8 +27,8 @@ reason "unloaded"), but only once no other replica serves it: ``lstmd:serving:<m
 is a sorted set of the ids of the replicas serving that version, scored by when each announcement
 expires (Unix ms); every replica renews its own each second (server.versions) and removes it when
 it stops serving the version, or stops. ``lstmd:reload`` (gen, pins, by) is the newest ReloadModels
-made on any replica: a counter each one raises with its pins, and every replica follows a higher
-one than it last saw.
+made on any replica: a counter each one raises with its pins, and every replica follows a number
+other than the one it last saw (server.versions).
 
 A step is written by one Lua script that compares ``pos`` with the position the step was computed
 from and writes the new state only if they are equal, so two replicas can never both apply a step
@@ -317,10 +317,7 @@ class RedisSessionStore(SessionStore):
                 results = await self._execute(batch)
         except (RedisError, OSError) as e:
             metrics.store_errors.inc(len(batch))
-            error = StoreUnavailable(
-                f"the session store ({self.describe()}) is unreachable: {e}; sessions cannot be read or written "
-                "until it is back; retry shortly"
-            )
+            error = self._unreachable(e)
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(error)
@@ -335,6 +332,10 @@ class RedisSessionStore(SessionStore):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    def _unreachable(self, e: Exception) -> StoreUnavailable:
+        return StoreUnavailable(f"the session store ({self.describe()}) is unreachable: {e}; sessions cannot be "
+                                "read or written until it is back; retry shortly")  # fmt: skip
 
     async def _execute(self, batch: list[tuple[str, Callable[[Any], None], asyncio.Future[Any]]]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -468,7 +469,7 @@ class RedisSessionStore(SessionStore):
                     pipe.zcount(key, _now_ms(), "+inf")
                 counts = await pipe.execute()
         except (RedisError, OSError) as e:
-            raise StoreUnavailable(f"the session store ({self.describe()}) is unreachable: {e}") from e
+            raise self._unreachable(e) from e
         held = [key.decode()[len(VERSION) :].rpartition("/") for key, n in zip(keys, counts, strict=True) if n]
         return {(name, version) for name, _, version in held}
 
